@@ -1,0 +1,46 @@
+"""The ``llmfeat`` command line: a thin shell over library functions.
+
+Each subcommand lives in its own module and exposes a click ``command``; modules are imported
+only when their command runs, so ``llmfeat --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import click
+
+# name -> module that defines `command`
+COMMANDS: dict[str, str] = {
+    "ingest": "llm_features.cli.ingest",
+    "encode": "llm_features.cli.encode",
+    "feast": "llm_features.cli.feast",
+    "finetune": "llm_features.cli.finetune",
+    "embed-users": "llm_features.cli.embed_users",
+    "ranker": "ranker.cli",
+    "demo": "llm_features.cli.demo",
+    "bench": "llm_features.cli.bench",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, mod in COMMANDS.items() if importlib.util.find_spec(mod) is not None]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        mod = COMMANDS.get(name)
+        if mod is None or importlib.util.find_spec(mod) is None:
+            return None
+        return importlib.import_module(mod).command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(verbose: bool) -> None:
+    """llmfeat: LLM-derived user and item features (BAHE + DTI) for Feast and TorchRec."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")

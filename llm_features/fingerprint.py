@@ -1,0 +1,70 @@
+"""The model fingerprint: what identifies every embedding a backbone makes.
+
+Two embeddings are comparable only if their fingerprints' ``digest`` is equal. The digest covers
+the identity of the weights (a hash of the weight and config files, not the path), the split
+layer, the pooling, the token limit and the dtype. It is written into every parquet part file's
+metadata, into ``manifest.json`` of the workspace, and into the Feast feature views' tags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+FINGERPRINT_METADATA_KEY = "llmfeat.fingerprint"
+FINGERPRINT_TAG = "llmfeat_fingerprint"
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    model_name: str
+    """Human-readable name or path of the model; not part of the digest."""
+    weights_sha256: str
+    """sha256 over the model's weight and config files."""
+    split_layer: int
+    pooling: str
+    max_tokens: int
+    dtype: str
+    hidden_size: int
+
+    @property
+    def digest(self) -> str:
+        """16 hex characters identifying the embedding space."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "model_name"}
+        blob = json.dumps(fields, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "digest": self.digest}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelFingerprint":
+        names = {f.name for f in dataclasses.fields(cls)}
+        fp = cls(**{k: v for k, v in d.items() if k in names})
+        if "digest" in d and d["digest"] != fp.digest:
+            raise ValueError(f"fingerprint digest mismatch: stored {d['digest']}, recomputed {fp.digest}")
+        return fp
+
+    @classmethod
+    def from_json(cls, s: str | bytes) -> "ModelFingerprint":
+        return cls.from_dict(json.loads(s))
+
+    def as_tags(self) -> dict[str, str]:
+        """Feast tags (string to string) describing this fingerprint."""
+        return {
+            FINGERPRINT_TAG: self.digest,
+            "llmfeat_model": self.model_name,
+            "llmfeat_split_layer": str(self.split_layer),
+            "llmfeat_pooling": self.pooling,
+            "llmfeat_dim": str(self.hidden_size),
+        }
+
+
+class FingerprintMismatchError(RuntimeError):
+    """Embeddings of two different models (or settings) would be mixed."""
