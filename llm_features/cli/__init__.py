@@ -7,6 +7,7 @@ only when their command runs, so ``llmfeat --help`` stays fast.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 

@@ -1,0 +1,98 @@
+"""The global-time train/valid/test split, recorded once in ``split.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llm_features.ingest.errors import IngestError
+
+SPLITS = ("train", "valid", "test")
+
+
+def parse_ratios(spec: str) -> tuple[float, float, float]:
+    """``"0.8,0.1,0.1"`` or ``"8:1:1"`` to three fractions summing to 1."""
+    try:
+        vals = [float(v) for v in re.split(r"[,:/\s]+", spec.strip()) if v]
+    except ValueError:
+        vals = []
+    if len(vals) != 3 or min(vals) < 0 or sum(vals) <= 0 or vals[0] == 0:
+        raise IngestError(
+            f"--split-ratios {spec!r} is not three non-negative numbers with train > 0",
+            fix="For example --split-ratios 0.8,0.1,0.1 or 8:1:1.",
+        )
+    total = sum(vals)
+    r = [round(v / total, 10) for v in vals]
+    return r[0], r[1], r[2]
+
+
+def iso_us(us: int) -> str:
+    return datetime.fromtimestamp(us / 1e6, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class SplitBoundaries:
+    ratios: tuple[float, float, float]
+    valid_start_us: int
+    test_start_us: int
+
+    @classmethod
+    def compute(cls, ts_us: np.ndarray, ratios: tuple[float, float, float]) -> SplitBoundaries:
+        """Boundaries at the 80% / 90% row positions of the time order; a boundary is a timestamp, so
+        rows with equal timestamps always land on the same side."""
+        s = np.sort(np.asarray(ts_us, dtype=np.int64))
+        n = len(s)
+
+        def at(frac: float) -> int:
+            k = int(round(frac * n))
+            return int(s[k]) if k < n else int(s[-1]) + 1
+
+        valid = at(ratios[0])
+        test = max(at(ratios[0] + ratios[1]), valid)
+        return cls(tuple(ratios), valid, test)  # type: ignore[arg-type]
+
+    def assign(self, ts_us: np.ndarray) -> np.ndarray:
+        """Split codes 0/1/2 (train/valid/test) for each timestamp."""
+        ts = np.asarray(ts_us, dtype=np.int64)
+        return (ts >= self.valid_start_us).astype(np.int8) + (ts >= self.test_start_us).astype(np.int8)
+
+    def to_json(self, counts: dict[str, int], recorded_at: str, rows_when_recorded: int) -> dict[str, Any]:
+        return {
+            "method": "global_time",
+            "ratios": list(self.ratios),
+            "valid_start": iso_us(self.valid_start_us),
+            "test_start": iso_us(self.test_start_us),
+            "valid_start_us": self.valid_start_us,
+            "test_start_us": self.test_start_us,
+            "rule": "train: ts < valid_start; valid: valid_start <= ts < test_start; test: ts >= test_start",
+            "recorded_at": recorded_at,
+            "rows_when_recorded": rows_when_recorded,
+            "counts": counts,
+        }
+
+    @classmethod
+    def from_json(cls, path: Path) -> SplitBoundaries:
+        try:
+            d = json.loads(path.read_text())
+            r0, r1, r2 = (float(r) for r in d["ratios"])
+            return cls((r0, r1, r2), int(d["valid_start_us"]), int(d["test_start_us"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise IngestError(
+                f"cannot read the recorded split ({e!r})",
+                file=path,
+                fix="Pass --resplit to compute and record it again.",
+            ) from None
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
