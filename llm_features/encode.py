@@ -1,0 +1,356 @@
+"""The atomic encoding stage (BAHE, offline half): every distinct text once through the frozen shallow layers.
+
+Reads ``canonical/interactions.parquet`` and ``canonical/items.parquet`` and writes
+
+- ``atomic_behavior_embeddings/``: behavior_id, behavior_embedding, event_timestamp (first time seen),
+- ``item_embeddings/``: item_id, item_embedding, event_timestamp (the item's, else first time seen),
+
+as parquet part files carrying the model fingerprint. Texts are keyed by ``stable_id`` of their normalised
+text, so a behaviour that occurs a thousand times, or an item whose text equals a behaviour text, is
+encoded once.
+
+The stage is incremental and restartable. Ids already present in parts of the same fingerprint are
+skipped; the texts left are encoded in chunks of ``part_size`` and each chunk is written as soon as it is
+done, under a name derived from its content. A killed run therefore keeps its finished parts, and the
+next run picks up where it stopped without duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from llm_features.backbone import Backbone, BackboneConfig, configure_threads
+from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, FingerprintMismatchError, ModelFingerprint
+from llm_features.ids import normalize_text, stable_id
+from llm_features.parquet_io import (
+    embedding_array,
+    embedding_matrix,
+    file_metadata,
+    list_parts,
+    utc_us,
+    write_part,
+)
+from llm_features.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "encode_report.json"
+
+
+@dataclass
+class EncodeConfig(BackboneConfig):
+    """``llmfeat encode``: the backbone options plus where and how to encode."""
+
+    data_dir: Path | None = field(default=None, metadata={
+        "help": "Workspace directory (default: $LLMFEAT_DATA_DIR or feast_repo/data)."})
+    batch_size: int = field(default=64, metadata={"help": "Texts per forward pass."})
+    part_size: int = field(default=4096, metadata={
+        "help": "Texts per part file (the unit a killed run resumes from)."})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N, or auto (cuda when available)."})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "CPU threads for torch (default: the cores this process may use)."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+
+
+@dataclass
+class EncodeStats:
+    """What one encode run saw and did."""
+
+    fingerprint: str
+    occurrences: int
+    """Behaviour occurrences: rows of interactions."""
+    distinct_behaviors: int
+    dedup_ratio: float
+    """occurrences / distinct_behaviors: how many encodings the dedup saves per encoded behaviour."""
+    distinct_items: int
+    distinct_texts: int
+    """Distinct texts over behaviours and items together."""
+    shared_item_texts: int
+    """Distinct item texts that equal a behaviour text (encoded once for both)."""
+    already_encoded: int
+    """Distinct texts skipped because a part of the same fingerprint holds them."""
+    texts_encoded: int
+    real_tokens: int
+    padded_tokens: int
+    behavior_rows_written: int
+    item_rows_written: int
+    parts_written: int
+    seconds: float
+    """Wall time of the whole run (reading, model load, encoding, writing)."""
+    encode_seconds: float
+    """Wall time of the encoding loop alone (forward passes and part writes)."""
+
+    @property
+    def texts_per_s(self) -> float:
+        return self.texts_encoded / self.encode_seconds if self.encode_seconds > 0 else 0.0
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "texts_per_s": self.texts_per_s,
+                "padding_efficiency": self.padding_efficiency}
+
+    def summary(self) -> str:
+        return (
+            f"encode [{self.fingerprint}]: {self.occurrences} behaviour occurrences, "
+            f"{self.distinct_behaviors} distinct (dedup ratio {self.dedup_ratio:.1f}x); "
+            f"{self.distinct_items} items, {self.shared_item_texts} sharing a behaviour text; "
+            f"{self.distinct_texts} distinct texts, {self.already_encoded} already encoded, "
+            f"{self.texts_encoded} encoded in {self.encode_seconds:.1f}s ({self.texts_per_s:.0f} texts/s, "
+            f"padding efficiency {self.padding_efficiency:.2f}); "
+            f"wrote {self.behavior_rows_written} behaviour + {self.item_rows_written} item rows "
+            f"in {self.parts_written} parts ({self.seconds:.1f}s in all)"
+        )
+
+
+# --------------------------------------------------------------------------- reading the workspace
+@dataclass
+class _Texts:
+    """The distinct texts of a workspace, keyed by ``stable_id`` of the normalised text."""
+
+    occurrences: int
+    behaviors: pa.Table  # behavior_id, behavior_text, event_timestamp (first seen)
+    items: pa.Table  # item_id, item_text, text_key, event_timestamp
+
+
+def _read_texts(ws: Workspace) -> _Texts:
+    if not ws.interactions.exists():
+        raise FileNotFoundError(f"{ws.interactions} not found: run `llmfeat ingest` for this data dir first")
+    inter = pq.read_table(
+        ws.interactions, columns=["behavior_id", "behavior_text", "item_id", "event_timestamp"]
+    )
+    g = inter.group_by("behavior_id", use_threads=False).aggregate(
+        [("behavior_text", "first"), ("event_timestamp", "min")]
+    )
+    behaviors = pa.table({
+        "behavior_id": g["behavior_id"].cast(pa.int64()),
+        "behavior_text": g["behavior_text_first"],
+        "event_timestamp": g["event_timestamp_min"],
+    })
+    for bid, text in zip(behaviors["behavior_id"].to_pylist(), behaviors["behavior_text"].to_pylist()):
+        if stable_id(text) != bid:
+            raise ValueError(
+                f"{ws.interactions}: behavior_id {bid} is not stable_id(behavior_text) for text {text!r} "
+                f"(expected {stable_id(text)}); re-run `llmfeat ingest`, which derives the id from the text"
+            )
+
+    first_seen = inter.group_by("item_id").aggregate([("event_timestamp", "min")])
+    first_seen = dict(zip(first_seen["item_id"].to_pylist(), first_seen["event_timestamp_min"].to_pylist()))
+    earliest = pc.min(inter["event_timestamp"]).as_py()
+    if ws.items.exists():
+        names = set(pq.read_schema(ws.items).names)
+        cols = ["item_id", "item_text"] + (["event_timestamp"] if "event_timestamp" in names else [])
+        items = pq.read_table(ws.items, columns=cols)
+    else:
+        log.warning("%s not found: encoding behaviours only, no item embeddings", ws.items)
+        items = pa.table({"item_id": pa.array([], pa.int64()), "item_text": pa.array([], pa.string())})
+    ids = items["item_id"].to_pylist()
+    has_ts = "event_timestamp" in items.column_names
+    own_ts = items["event_timestamp"].to_pylist() if has_ts else [None] * len(ids)
+    ts = [t if t is not None else first_seen.get(i, earliest) for i, t in zip(ids, own_ts)]
+    texts = items["item_text"].to_pylist()
+    items = pa.table({
+        "item_id": pa.array(ids, pa.int64()),
+        "item_text": pa.array(texts, pa.string()),
+        "text_key": pa.array([stable_id(t) for t in texts], pa.int64()),
+        "event_timestamp": utc_us(pa.array(ts, pa.timestamp("us", tz="UTC"))),
+    })
+    return _Texts(occurrences=inter.num_rows, behaviors=behaviors, items=items)
+
+
+def _existing_ids(directory: Path, id_column: str, fp: ModelFingerprint) -> set[int]:
+    """Ids in ``directory``'s parts; every part must carry ``fp`` (mixing models is an error)."""
+    done: set[int] = set()
+    for part in list_parts(directory):
+        raw = file_metadata(part).get(FINGERPRINT_METADATA_KEY)
+        digest = ModelFingerprint.from_json(raw).digest if raw else None
+        if digest != fp.digest:
+            raise FingerprintMismatchError(
+                f"{part} was written by model fingerprint {digest}, this run is {fp.digest} "
+                f"({fp.model_name}); use a fresh --data-dir or delete {directory} to re-encode"
+            )
+        done.update(pq.read_table(part, columns=[id_column])[id_column].to_pylist())
+    return done
+
+
+def _stored_vectors(directory: Path, wanted: set[int]) -> dict[int, np.ndarray]:
+    """Behaviour vectors already in parts, for the ids in ``wanted``."""
+    found: dict[int, np.ndarray] = {}
+    if not wanted:
+        return found
+    value_set = pa.array(sorted(wanted), pa.int64())
+    for part in list_parts(directory):
+        t = pq.read_table(part, columns=["behavior_id", "behavior_embedding"])
+        t = t.filter(pc.is_in(t["behavior_id"], value_set=value_set))
+        for k, v in zip(t["behavior_id"].to_pylist(), embedding_matrix(t["behavior_embedding"])):
+            found[k] = v
+    return found
+
+
+def _without(table: pa.Table, column: str, ids: set[int]) -> pa.Table:
+    return table.filter(pc.invert(pc.is_in(table[column], value_set=pa.array(sorted(ids), pa.int64()))))
+
+
+# --------------------------------------------------------------------------- writing
+def _part_name(fp: ModelFingerprint, kind: str, ids: Iterable[int]) -> str:
+    """Deterministic: the same ids under the same fingerprint always give the same part name."""
+    h = hashlib.blake2b(np.asarray(sorted(ids), dtype=np.int64).tobytes(), digest_size=8).hexdigest()
+    return f"{fp.digest}-{kind}-{h}"
+
+
+def _write(directory: Path, kind: str, columns: dict, fp: ModelFingerprint) -> Path:
+    table = pa.table(columns)
+    id_column = next(iter(columns))
+    name = _part_name(fp, kind, table[id_column].to_pylist())
+    return write_part(directory, table, metadata={FINGERPRINT_METADATA_KEY: fp.to_json()}, name=name)
+
+
+def _write_rows(
+    ws: Workspace,
+    fp: ModelFingerprint,
+    vectors: dict[int, np.ndarray],
+    behaviors: pa.Table,
+    items: pa.Table,
+) -> tuple[list[Path], int, int]:
+    """Write the behaviour rows and the item rows whose text key has a vector in ``vectors``.
+
+    Behaviours first: if the run dies in between, the next run takes the items' vectors from the
+    behaviour part instead of encoding them again.
+    """
+    paths, nb, ni = [], 0, 0
+    keys = pa.array(sorted(vectors), pa.int64())
+    b = behaviors.filter(pc.is_in(behaviors["behavior_id"], value_set=keys))
+    if b.num_rows:
+        vec = np.stack([vectors[k] for k in b["behavior_id"].to_pylist()])
+        paths.append(_write(ws.atomic_behavior_embeddings, "behavior", {
+            "behavior_id": b["behavior_id"].cast(pa.int64()),
+            "behavior_embedding": embedding_array(vec),
+            "event_timestamp": utc_us(b["event_timestamp"]),
+        }, fp))
+        nb = b.num_rows
+    i = items.filter(pc.is_in(items["text_key"], value_set=keys))
+    if i.num_rows:
+        vec = np.stack([vectors[k] for k in i["text_key"].to_pylist()])
+        paths.append(_write(ws.item_embeddings, "item", {
+            "item_id": i["item_id"],
+            "item_embedding": embedding_array(vec),
+            "event_timestamp": utc_us(i["event_timestamp"]),
+        }, fp))
+        ni = i.num_rows
+    return paths, nb, ni
+
+
+def _write_report(ws: Workspace, stats: EncodeStats) -> Path:
+    path = ws.root / REPORT_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(stats.to_dict(), indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- the stage
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def encode(
+    cfg: EncodeConfig,
+    *,
+    backbone: Backbone | None = None,
+    on_part: Callable[[Path], None] | None = None,
+) -> EncodeStats:
+    """Encode every distinct behaviour and item text of the workspace not yet encoded by this model.
+
+    Args:
+        cfg: the stage's options (the backbone options included).
+        backbone: an already loaded backbone (must match ``cfg``'s model); loaded from ``cfg`` if None.
+        on_part: called with each part file's path right after it is written (progress hooks, tests).
+
+    Returns:
+        :class:`EncodeStats`; the same numbers are written to ``<data_dir>/encode_report.json``.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    ws = Workspace.at(cfg.data_dir)
+    configure_threads(cfg.num_threads)
+    texts = _read_texts(ws)
+    bb = backbone or Backbone.load(cfg.backbone_config(), device=resolve_device(cfg.device))
+    fp = bb.fingerprint
+    done_behaviors = _existing_ids(ws.atomic_behavior_embeddings, "behavior_id", fp)
+    done_items = _existing_ids(ws.item_embeddings, "item_id", fp)
+    ws.claim_fingerprint(fp)
+    behaviors = _without(texts.behaviors, "behavior_id", done_behaviors)
+    items = _without(texts.items, "item_id", done_items)
+
+    text_of = dict(zip(texts.items["text_key"].to_pylist(), texts.items["item_text"].to_pylist()))
+    behavior_ids = texts.behaviors["behavior_id"].to_pylist()
+    text_of.update(zip(behavior_ids, texts.behaviors["behavior_text"].to_pylist()))
+    behavior_keys = set(behavior_ids)
+    item_keys = set(texts.items["text_key"].to_pylist())
+    needed = set(behaviors["behavior_id"].to_pylist()) | set(items["text_key"].to_pylist())
+
+    stats = EncodeStats(
+        fingerprint=fp.digest,
+        occurrences=texts.occurrences,
+        distinct_behaviors=len(behavior_keys),
+        dedup_ratio=texts.occurrences / max(len(behavior_keys), 1),
+        distinct_items=texts.items.num_rows,
+        distinct_texts=len(text_of),
+        shared_item_texts=len(item_keys & behavior_keys),
+        already_encoded=len(text_of) - len(needed),
+        texts_encoded=0, real_tokens=0, padded_tokens=0,
+        behavior_rows_written=0, item_rows_written=0, parts_written=0, seconds=0.0, encode_seconds=0.0,
+    )
+
+    def record(paths: list[Path], nb: int, ni: int) -> None:
+        stats.behavior_rows_written += nb
+        stats.item_rows_written += ni
+        stats.parts_written += len(paths)
+        for p in paths:
+            if on_part is not None:
+                on_part(p)
+
+    # Items whose text a finished behaviour part already holds (e.g. a run killed between the two writes).
+    reused = _stored_vectors(ws.atomic_behavior_embeddings, (needed & done_behaviors))
+    if reused:
+        record(*_write_rows(ws, fp, reused, behaviors.slice(0, 0), items))
+    todo = sorted(needed - reused.keys())
+
+    def on_batch(n: int, real: int, padded: int) -> None:
+        stats.real_tokens += real
+        stats.padded_tokens += padded
+        bar.update(n)
+
+    encode_t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="text", desc="encode", disable=not cfg.progress, dynamic_ncols=True)
+    with bar:
+        for start in range(0, len(todo), cfg.part_size):
+            keys = todo[start : start + cfg.part_size]
+            # the normalised text: the vector then does not depend on which spelling was seen first
+            batch_texts = [normalize_text(text_of[k]) for k in keys]
+            vectors = bb.encode_texts(batch_texts, batch_size=cfg.batch_size, on_batch=on_batch)
+            stats.texts_encoded += len(keys)
+            record(*_write_rows(ws, fp, dict(zip(keys, vectors.numpy())), behaviors, items))
+    stats.encode_seconds = time.perf_counter() - encode_t0
+    stats.seconds = time.perf_counter() - t0
+    _write_report(ws, stats)
+    log.debug(stats.summary())
+    return stats
