@@ -1,0 +1,274 @@
+"""Feast definitions for llmfeat: entities, feature views over the workspace tables, feature services.
+
+Every source reads the data directory (``$LLMFEAT_DATA_DIR``, default ``feast_repo/data``) through
+ABSOLUTE paths: DuckDB resolves relative FileSource paths against the process CWD, not the repo.
+Embedding views read part-file DIRECTORIES (``parquet_io.write_part`` appends parts there), so a new
+encode run needs no new `feast apply`.
+
+A source that does not exist yet (``user_embeddings/`` before the finetune stage, or everything
+before ingest) gets an empty, schema-only parquet file so that `feast apply` and `feast materialize`
+still work (DuckDB cannot read an empty directory). In a part-file directory it is named
+``empty-schema.parquet`` (not ``_``- or ``.``-prefixed, which pyarrow's schema inference skips):
+DuckDB reads every ``*.parquet`` there, while the stages' readers (``parquet_io.list_parts``:
+``part-*.parquet``) never see it. It is removed as soon as real part
+files appear, since DuckDB refuses files whose schemas differ.
+
+The embedding views carry the model fingerprint of the workspace (``manifest.json``) as tags and
+their width as ``vector_length``; ``llm_features.store.check_fingerprints`` compares both with the
+part-file metadata before materialisation, so two models' embeddings are never mixed silently.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.data_format import ParquetFormat
+from feast.types import Array, Bool, Float32, Float64, Int32, Int64, String
+
+from llm_features.parquet_io import list_parts, write_table_atomic
+from llm_features.workspace import Workspace, default_data_dir
+
+REPO_DIR = Path(__file__).resolve().parent
+WORKSPACE = Workspace.at(default_data_dir(REPO_DIR))
+DATA_DIR = WORKSPACE.root
+# The registry and the online store live next to the parquet tables (data/ in this repo by default).
+(REPO_DIR / "data").mkdir(parents=True, exist_ok=True)
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+# Long enough that MovieLens-era (2000) rows join, and that `feast materialize-incremental`
+# (whose first run starts at now - ttl) picks them up.
+TTL = timedelta(days=36525)
+DEFAULT_EMBEDDING_DIM = 384
+PLACEHOLDER_PART = "empty-schema.parquet"
+PLACEHOLDER_METADATA_KEY = "llmfeat.placeholder"
+
+TS = pa.timestamp("us", tz="UTC")
+
+
+def _embedding_dim() -> int:
+    if WORKSPACE.manifest.exists():
+        manifest = json.loads(WORKSPACE.manifest.read_text())
+        if manifest.get("embedding_dim"):
+            return int(manifest["embedding_dim"])
+    fp = WORKSPACE.read_fingerprint()
+    return fp.hidden_size if fp is not None else DEFAULT_EMBEDDING_DIM
+
+
+EMBEDDING_DIM = _embedding_dim()
+_FINGERPRINT = WORKSPACE.read_fingerprint()
+# "none" until encode has written manifest.json; check_fingerprints then asks for a new `feast apply`.
+EMBEDDING_TAGS = _FINGERPRINT.as_tags() if _FINGERPRINT is not None else {"llmfeat_fingerprint": "none"}
+
+
+def _write_placeholder(path: Path, schema: pa.Schema) -> None:
+    write_table_atomic(schema.empty_table(), path, metadata={PLACEHOLDER_METADATA_KEY: "true"})
+
+
+def _part_dir_source(name: str, directory: Path, schema: pa.Schema) -> FileSource:
+    """A FileSource over a directory of part files, made readable even while it has none."""
+    directory.mkdir(parents=True, exist_ok=True)
+    placeholder = directory / PLACEHOLDER_PART
+    if list_parts(directory):
+        placeholder.unlink(missing_ok=True)
+    elif not placeholder.exists():
+        _write_placeholder(placeholder, schema)
+    return FileSource(
+        name=name, path=str(directory), file_format=ParquetFormat(), timestamp_field="event_timestamp"
+    )
+
+
+def _table_source(name: str, path: Path, schema: pa.Schema) -> tuple[FileSource, pa.Schema]:
+    """A FileSource over one canonical table; a placeholder (outside canonical/) until ingest ran."""
+    if not path.exists():
+        path = DATA_DIR / ".feast_placeholders" / path.name
+        if not path.exists():
+            _write_placeholder(path, schema)
+    source = FileSource(
+        name=name, path=str(path), file_format=ParquetFormat(), timestamp_field="event_timestamp"
+    )
+    return source, pq.read_schema(path)
+
+
+def _feast_type(arrow_type: pa.DataType):
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return String
+    if pa.types.is_boolean(arrow_type):
+        return Bool
+    if pa.types.is_integer(arrow_type):
+        return Int64
+    if pa.types.is_float32(arrow_type):
+        return Float32
+    if pa.types.is_floating(arrow_type):
+        return Float64
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return Array(_feast_type(arrow_type.value_type))
+    raise TypeError(f"no Feast type for arrow type {arrow_type}")
+
+
+def _profile_fields(schema: pa.Schema, wanted: tuple[str, ...]) -> list[Field]:
+    """The profile attributes this dataset has, typed from the table itself (e.g. occupation is an
+    int code in ML-1M and a string in ML-100K)."""
+    return [Field(name=c, dtype=_feast_type(schema.field(c).type)) for c in wanted if c in schema.names]
+
+
+def _embedding_field(name: str) -> Field:
+    return Field(name=name, dtype=Array(Float32), vector_index=True, vector_length=EMBEDDING_DIM)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entities
+
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="A user.")
+item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="An item.")
+behavior = Entity(
+    name="behavior",
+    join_keys=["behavior_id"],
+    value_type=ValueType.INT64,
+    description="An atomic behaviour: one distinct normalised behaviour text (ids.stable_id).",
+)
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+_EMB = pa.list_(pa.float32())
+
+atomic_behavior_embeddings_source = _part_dir_source(
+    "atomic_behavior_embeddings_source",
+    WORKSPACE.atomic_behavior_embeddings,
+    pa.schema([("behavior_id", pa.int64()), ("behavior_embedding", _EMB), ("event_timestamp", TS)]),
+)
+item_embeddings_source = _part_dir_source(
+    "item_embeddings_source",
+    WORKSPACE.item_embeddings,
+    pa.schema([("item_id", pa.int64()), ("item_embedding", _EMB), ("event_timestamp", TS)]),
+)
+user_embeddings_source = _part_dir_source(
+    "user_embeddings_source",
+    WORKSPACE.user_embeddings,
+    pa.schema([("user_id", pa.int64()), ("user_embedding", _EMB), ("event_timestamp", TS)]),
+)
+user_recent_behaviors_source = _part_dir_source(
+    "user_recent_behaviors_source",
+    WORKSPACE.user_recent_behaviors,
+    pa.schema(
+        [
+            ("user_id", pa.int64()),
+            ("recent_behavior_ids", pa.list_(pa.int64())),
+            ("recent_item_ids", pa.list_(pa.int64())),
+            ("recent_labels", pa.list_(pa.int8())),
+            ("event_timestamp", TS),
+        ]
+    ),
+)
+users_source, _users_schema = _table_source(
+    "users_source",
+    WORKSPACE.users,
+    pa.schema(
+        [
+            ("user_id", pa.int64()),
+            ("gender", pa.string()),
+            ("age", pa.int64()),
+            ("occupation", pa.string()),
+            ("zip", pa.string()),
+            ("event_timestamp", TS),
+        ]
+    ),
+)
+items_source, _items_schema = _table_source(
+    "items_source",
+    WORKSPACE.items,
+    pa.schema(
+        [
+            ("item_id", pa.int64()),
+            ("item_text", pa.string()),
+            ("title", pa.string()),
+            ("item_genres", pa.list_(pa.string())),
+            ("event_timestamp", TS),
+        ]
+    ),
+)
+
+# ---------------------------------------------------------------------------------------------
+# Feature views (feature names are globally unique across views)
+
+atomic_behavior_embeddings = FeatureView(
+    name="atomic_behavior_embeddings",
+    entities=[behavior],
+    ttl=TTL,
+    schema=[_embedding_field("behavior_embedding")],
+    source=atomic_behavior_embeddings_source,
+    online=True,
+    tags=dict(EMBEDDING_TAGS),
+    description="Frozen shallow-layer embedding of each distinct behaviour text (BAHE).",
+)
+item_embeddings = FeatureView(
+    name="item_embeddings",
+    entities=[item],
+    ttl=TTL,
+    schema=[_embedding_field("item_embedding")],
+    source=item_embeddings_source,
+    online=True,
+    tags=dict(EMBEDDING_TAGS),
+    description="Shallow-layer embedding of each item's text.",
+)
+user_embeddings = FeatureView(
+    name="user_embeddings",
+    entities=[user],
+    ttl=TTL,
+    schema=[_embedding_field("user_embedding")],
+    source=user_embeddings_source,
+    online=True,
+    tags=dict(EMBEDDING_TAGS),
+    description="Aggregated user embedding (deep layers over the recent behaviours); a row stamped T "
+    "uses only interactions strictly before T.",
+)
+user_recent_behaviors = FeatureView(
+    name="user_recent_behaviors",
+    entities=[user],
+    ttl=TTL,
+    schema=[
+        Field(name="recent_behavior_ids", dtype=Array(Int64)),
+        Field(name="recent_item_ids", dtype=Array(Int64)),
+        Field(name="recent_labels", dtype=Array(Int32)),
+    ],
+    source=user_recent_behaviors_source,
+    online=True,
+    description="The user's last n interactions strictly before the row's timestamp, oldest first.",
+)
+user_profile = FeatureView(
+    name="user_profile",
+    entities=[user],
+    ttl=TTL,
+    schema=_profile_fields(_users_schema, ("gender", "age", "occupation", "zip")),
+    source=users_source,
+    online=True,
+    description="Static user attributes from canonical/users.parquet.",
+)
+item_profile = FeatureView(
+    name="item_profile",
+    entities=[item],
+    ttl=TTL,
+    schema=_profile_fields(_items_schema, ("item_genres", "title")),
+    source=items_source,
+    online=True,
+    description="Static item attributes from canonical/items.parquet.",
+)
+
+# ---------------------------------------------------------------------------------------------
+# Feature services: what the ranker reads, and its id-only baseline twin
+
+ranker_llm = FeatureService(
+    name="ranker_llm",
+    features=[user_profile, item_profile, user_recent_behaviors, item_embeddings, user_embeddings],
+    description="Ranker features including the LLM-derived user and item embeddings.",
+)
+ranker_id_only = FeatureService(
+    name="ranker_id_only",
+    features=[user_profile, item_profile, user_recent_behaviors],
+    description="The id-only baseline: the same features without LLM embeddings.",
+)

@@ -1,0 +1,525 @@
+"""Feast glue: open the feature repository from anywhere, apply it, materialise it, read it back.
+
+``feast_repo/feature_store.yaml`` is written for the feast CLI run from inside ``feast_repo/``; its
+paths are relative. :func:`open_store` makes the same configuration work from any CWD:
+
+- ``data/...`` paths (the sqlite SQL-registry URL, the SQLite online store) are placed in the data
+  directory (``data_dir`` argument, else ``$LLMFEAT_DATA_DIR``, else ``<repo>/data``); other relative
+  paths resolve against the repo directory, never the CWD.
+- the definitions read ``$LLMFEAT_DATA_DIR`` too, so :func:`apply_definitions` imports them with
+  that variable set to the store's data directory.
+
+Note: the plain feast CLI cannot see ``$LLMFEAT_DATA_DIR`` in the yaml (no defaults in
+``os.path.expandvars``), so it keeps its registry and online store in ``feast_repo/data`` even when
+the parquet tables live elsewhere. Use ``llmfeat feast ...`` (or pass ``data_dir``) for a moved
+data directory.
+
+Example::
+
+    store = open_store("feast_repo")
+    apply_definitions(store)
+    report = materialize_all(store)          # checks model fingerprints first
+    feats = online_features(store, user_id=1, item_ids=[10, 20, 30])
+    feats.values["item_embedding"].shape     # (3, 384)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from llm_features.fingerprint import (
+    FINGERPRINT_METADATA_KEY,
+    FINGERPRINT_TAG,
+    FingerprintMismatchError,
+    ModelFingerprint,
+)
+from llm_features.parquet_io import file_metadata
+from llm_features.workspace import DATA_DIR_ENV, DEFAULT_REPO, Workspace
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_VIEWS = ("atomic_behavior_embeddings", "item_embeddings", "user_embeddings")
+PLACEHOLDER_METADATA_KEY = "llmfeat.placeholder"  # same key as feast_repo/feature_definitions.py
+TIMESTAMP_FIELD = "event_timestamp"
+_STORE_DATA_DIR_ATTR = "_llmfeat_data_dir"
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening and applying
+
+
+def resolve_data_dir(repo_path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Path:
+    """``data_dir``, else ``$LLMFEAT_DATA_DIR``, else ``<repo>/data``; absolute."""
+    if data_dir is not None:
+        return Path(data_dir).resolve()
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env).resolve() if env else (Path(repo_path) / "data").resolve()
+
+
+def _relocate(path: str, repo: Path, data_dir: Path) -> str:
+    """A relative path from the yaml made absolute: ``data/x`` -> ``<data_dir>/x``, else ``<repo>/path``."""
+    p = Path(path)
+    if p.is_absolute():
+        return path
+    if p.parts and p.parts[0] == "data":
+        return str(data_dir.joinpath(*p.parts[1:]))
+    return str((repo / p).resolve())
+
+
+def load_config(repo_path: str | os.PathLike = DEFAULT_REPO, data_dir: str | os.PathLike | None = None):
+    """``feature_store.yaml`` loaded by feast's own loader, with every local path made absolute."""
+    from feast.repo_config import load_repo_config
+
+    repo = Path(repo_path).resolve()
+    yaml_file = repo / "feature_store.yaml"
+    if not yaml_file.is_file():
+        raise FileNotFoundError(f"no feature_store.yaml in {repo}; pass the feast_repo directory (--repo)")
+    data = resolve_data_dir(repo, data_dir)
+    config = load_repo_config(repo, yaml_file)
+
+    registry = config.registry
+    reg_type = getattr(registry, "registry_type", "file")
+    relative_sqlite = registry.path.startswith("sqlite:///") and not registry.path.startswith("sqlite:////")
+    if reg_type == "sql" and relative_sqlite:
+        # SQLAlchemy resolves a relative sqlite URL against the CWD; make it absolute.
+        db = Path(_relocate(registry.path[len("sqlite:///"):], repo, data))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        registry.path = f"sqlite:///{db}"
+    elif reg_type == "file" and "://" not in registry.path:
+        registry.path = _relocate(registry.path, repo, data)
+        Path(registry.path).parent.mkdir(parents=True, exist_ok=True)
+
+    online = config.online_store
+    if getattr(online, "type", None) == "sqlite":
+        online.path = _relocate(online.path, repo, data)
+        Path(online.path).parent.mkdir(parents=True, exist_ok=True)
+    return config
+
+
+def open_store(repo_path: str | os.PathLike = DEFAULT_REPO, data_dir: str | os.PathLike | None = None):
+    """A ``feast.FeatureStore`` over ``repo_path`` that works from any CWD (see the module docstring)."""
+    from feast import FeatureStore
+
+    repo = Path(repo_path).resolve()
+    data = resolve_data_dir(repo, data_dir)
+    config = load_config(repo, data)
+    cli_registry = repo / "data" / "registry.db"
+    if data != (repo / "data").resolve() and cli_registry.exists() and not (data / "registry.db").exists():
+        log.warning(
+            "data dir %s has no Feast registry yet, but %s exists: the plain feast CLI keeps its registry in "
+            "%s/data. Run `llmfeat feast apply --data-dir %s` to register this data dir.",
+            data, cli_registry, repo, data,
+        )
+    store = FeatureStore(repo_path=str(repo), config=config)
+    setattr(store, _STORE_DATA_DIR_ATTR, data)
+    return store
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def load_definitions(repo_path: str | os.PathLike, data_dir: str | os.PathLike, project: str = "llmfeat"):
+    """The Feast objects of ``repo_path``'s definitions, built for ``data_dir``, as a ``RepoContents``.
+
+    Mirrors ``feast apply``'s module scan (every ``*.py`` not in ``.feastignore``), but imports each
+    module afresh, so several data directories can be applied in one process.
+    """
+    from feast import Entity, FeatureService, FeatureView
+    from feast.data_source import DataSource
+    from feast.feature_view import DUMMY_ENTITY
+    from feast.on_demand_feature_view import OnDemandFeatureView
+    from feast.project import Project
+    from feast.repo_contents import RepoContents
+    from feast.repo_operations import get_repo_files
+    from feast.stream_feature_view import StreamFeatureView
+
+    repo = Path(repo_path).resolve()
+    kinds = ("data_sources", "entities", "feature_views", "feature_services", "on_demand_feature_views")
+    found: dict[str, list[Any]] = {k: [] for k in kinds}
+
+    def add(kind: str, obj: Any) -> None:
+        if not any(obj is o for o in found[kind]):
+            found[kind].append(obj)
+
+    with _env(DATA_DIR_ENV, str(Path(data_dir).resolve())):
+        for file in get_repo_files(repo):
+            name = f"_llmfeat_feast_defs_{file.stem}_{uuid.uuid4().hex[:8]}"
+            spec = importlib.util.spec_from_file_location(name, file)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            for obj in vars(module).values():
+                if isinstance(obj, StreamFeatureView):
+                    raise NotImplementedError("stream feature views are not used by llmfeat")
+                if isinstance(obj, FeatureView):
+                    add("feature_views", obj)
+                    if obj.batch_source is not None:
+                        add("data_sources", obj.batch_source)
+                elif isinstance(obj, OnDemandFeatureView):
+                    add("on_demand_feature_views", obj)
+                elif isinstance(obj, Entity):
+                    add("entities", obj)
+                elif isinstance(obj, FeatureService):
+                    add("feature_services", obj)
+                elif isinstance(obj, DataSource):
+                    add("data_sources", obj)
+    found["entities"].append(DUMMY_ENTITY)
+    return RepoContents(
+        projects=[Project(name=project)], stream_feature_views=[], label_views=[], permissions=[], **found
+    )
+
+
+def apply_definitions(store, data_dir: str | os.PathLike | None = None) -> None:
+    """``feast apply`` through the Python API: register the store's repo definitions for
+    ``data_dir`` (default: the data dir the store was opened for) and delete registered objects
+    the definitions no longer have, as the CLI does."""
+    from feast.repo_operations import apply_total_with_repo_instance
+
+    repo_path = Path(store.config.repo_path)
+    data = Path(data_dir).resolve() if data_dir is not None else store_data_dir(store)
+    project = store.config.project
+    repo = load_definitions(repo_path, data, project)
+    if not repo.feature_views:
+        raise FileNotFoundError(f"no feature views defined in {repo_path}")
+    apply_total_with_repo_instance(store, project, store.registry, repo, skip_source_validation=False)
+    store.__dict__.pop(_PLANS_ATTR, None)
+
+
+def store_data_dir(store) -> Path:
+    """The data directory ``store`` was opened for (``open_store``), else the repo's default one."""
+    return getattr(store, _STORE_DATA_DIR_ATTR, None) or resolve_data_dir(store.config.repo_path)
+
+
+def registered_workspace(store) -> Workspace:
+    """The workspace whose tables the registered views read (from the registry's source paths)."""
+    fv = store.get_feature_view("item_embeddings")
+    return Workspace.at(Path(fv.batch_source.path).parent)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def _source_files(source_path: str) -> list[Path]:
+    """Every parquet file DuckDB reads for a FileSource: a directory means all ``*.parquet`` in it,
+    not only ``part-*`` files, so the fingerprint check covers whatever would be materialised."""
+    p = Path(source_path)
+    if p.is_dir():
+        return sorted(f for f in p.iterdir() if f.suffix == ".parquet" and f.is_file())
+    return [p] if p.exists() else []
+
+
+def _is_placeholder(meta: dict[str, str]) -> bool:
+    return meta.get(PLACEHOLDER_METADATA_KEY) == "true"
+
+
+def check_fingerprints(store, workspace: Workspace | None = None) -> ModelFingerprint | None:
+    """Refuse to materialise embeddings of mixed models.
+
+    For every registered embedding view, the fingerprint digest in each part file's metadata, in
+    the workspace ``manifest.json`` and in the view's registry tags must be the same, and the view's
+    ``vector_length`` must match the manifest's width. Returns the workspace fingerprint (None when
+    there is neither a manifest nor an embedding part yet).
+
+    Raises:
+        FingerprintMismatchError: naming the view, the part file and both digests.
+    """
+    workspace = workspace or registered_workspace(store)
+    manifest_fp = workspace.read_fingerprint()
+    manifest_digest = manifest_fp.digest if manifest_fp is not None else None
+    registered = {fv.name: fv for fv in store.list_feature_views()}
+    reapply = "run `llmfeat feast apply` (or `feast apply` in feast_repo/) to re-tag the views"
+
+    for name in EMBEDDING_VIEWS:
+        fv = registered.get(name)
+        if fv is None:
+            continue
+        tag = fv.tags.get(FINGERPRINT_TAG)
+        tag = None if tag in (None, "none") else tag
+        for part in _source_files(fv.batch_source.path):
+            meta = file_metadata(part)
+            if _is_placeholder(meta):
+                continue
+            raw = meta.get(FINGERPRINT_METADATA_KEY)
+            if raw is None:
+                raise FingerprintMismatchError(
+                    f"feature view {name}: part file {part} has no '{FINGERPRINT_METADATA_KEY}' metadata, so "
+                    f"its model is unknown (manifest digest {manifest_digest}). Write embeddings with "
+                    f"llm_features.parquet_io.write_part(..., metadata=...) or remove the file."
+                )
+            part_digest = ModelFingerprint.from_json(raw).digest
+            if manifest_digest is None:
+                raise FingerprintMismatchError(
+                    f"feature view {name}: part file {part} holds model fingerprint {part_digest}, but "
+                    f"{workspace.manifest} is missing (manifest digest None)."
+                )
+            if part_digest != manifest_digest:
+                raise FingerprintMismatchError(
+                    f"feature view {name}: part file {part} holds model fingerprint {part_digest}, but "
+                    f"{workspace.manifest} records {manifest_digest}. Embeddings of two models would be "
+                    f"mixed; re-encode into a fresh data dir or delete the stale part files."
+                )
+            if tag != part_digest:
+                raise FingerprintMismatchError(
+                    f"feature view {name}: registry tag {FINGERPRINT_TAG}={tag} but part file {part} holds "
+                    f"model fingerprint {part_digest}; {reapply}."
+                )
+        if tag is not None and tag != manifest_digest:
+            raise FingerprintMismatchError(
+                f"feature view {name}: registry tag {FINGERPRINT_TAG}={tag} but {workspace.manifest} records "
+                f"{manifest_digest} (part file: none checked); {reapply}."
+            )
+        if manifest_fp is not None:
+            width = _embedding_width(workspace, manifest_fp)
+            lengths = {f.name: f.vector_length for f in fv.features if f.vector_index and f.vector_length}
+            for feat, length in lengths.items():
+                if length != width:
+                    raise FingerprintMismatchError(
+                        f"feature view {name}: {feat} is registered with vector_length={length} but "
+                        f"{workspace.manifest} (digest {manifest_digest}) records width {width}; {reapply}."
+                    )
+    return manifest_fp
+
+
+def _embedding_width(workspace: Workspace, fp: ModelFingerprint) -> int:
+    manifest = json.loads(workspace.manifest.read_text())
+    return int(manifest.get("embedding_dim") or fp.hidden_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Materialisation
+
+
+@dataclass
+class MaterializeReport:
+    start: datetime
+    end: datetime
+    seconds: float
+    source_rows: dict[str, int] = field(default_factory=dict)
+    """Rows in each view's source inside [start, end)."""
+    entities: dict[str, int] = field(default_factory=dict)
+    """Distinct entity keys per view: the rows written to the online store."""
+
+    @property
+    def total_entities(self) -> int:
+        return sum(self.entities.values())
+
+
+def _drop_stale_placeholders(directory: Path) -> None:
+    """A placeholder part keeps an empty source readable; once real parts exist it must go, since a
+    schema that differs from theirs (e.g. an extra column) would break DuckDB's multi-file read."""
+    if not directory.is_dir():
+        return
+    files = _source_files(str(directory))
+    placeholders = [p for p in files if _is_placeholder(file_metadata(p))]
+    if placeholders and len(placeholders) < len(files):
+        for p in placeholders:
+            p.unlink(missing_ok=True)
+
+
+def _source_stats(fv) -> tuple[int, int, datetime | None, datetime | None]:
+    """(rows, distinct entities, min ts, max ts) of a view's source."""
+    join_keys = [e.name for e in fv.entity_columns]
+    columns = [*join_keys, TIMESTAMP_FIELD]
+    tables = [pq.read_table(p, columns=columns) for p in _source_files(fv.batch_source.path)]
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return 0, 0, None, None
+    t = pa.concat_tables(tables, promote_options="default")
+    ts = t.column(TIMESTAMP_FIELD)
+    keys = t.select(join_keys).group_by(join_keys).aggregate([]).num_rows
+    return t.num_rows, keys, pc.min(ts).as_py(), pc.max(ts).as_py()
+
+
+def materialize_all(
+    store,
+    workspace: Workspace | None = None,
+    *,
+    feature_views: Sequence[str] | None = None,
+    check: bool = True,
+    end: datetime | None = None,
+) -> MaterializeReport:
+    """Materialise every row of every (or the named) feature view: ``[min ts - 1 s, now]``.
+
+    Runs :func:`check_fingerprints` first (``check=False`` only for tests of the check itself).
+    """
+    if check:
+        check_fingerprints(store, workspace)
+    views = [fv for fv in store.list_feature_views() if feature_views is None or fv.name in feature_views]
+    if feature_views is not None:
+        missing = sorted(set(feature_views) - {fv.name for fv in views})
+        if missing:
+            raise KeyError(f"feature view(s) {missing} are not registered; run `llmfeat feast apply`")
+    report = MaterializeReport(start=datetime.now(timezone.utc), end=datetime.now(timezone.utc), seconds=0.0)
+    lo, hi = None, None
+    for fv in views:
+        if Path(fv.batch_source.path).is_dir():
+            _drop_stale_placeholders(Path(fv.batch_source.path))
+        rows, keys, tmin, tmax = _source_stats(fv)
+        report.source_rows[fv.name], report.entities[fv.name] = rows, keys
+        if tmin is not None:
+            lo = tmin if lo is None else min(lo, tmin)
+            hi = tmax if hi is None else max(hi, tmax)
+    now = end or datetime.now(timezone.utc)
+    report.start = (lo - timedelta(seconds=1)) if lo is not None else now - timedelta(days=1)
+    report.end = max(now, hi + timedelta(seconds=1)) if hi is not None else now
+    t0 = time.perf_counter()
+    if views:
+        names = [fv.name for fv in views]
+        store.materialize(start_date=report.start, end_date=report.end, feature_views=names)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Online reads
+
+
+@dataclass
+class OnlineFeatures:
+    """Online features for one user and ``N`` candidate items, one row per item.
+
+    ``values[name]`` is ``[N, D]`` float32 for an embedding (``Array(Float32)``), ``[N]`` for a
+    scalar, and an object array of 1-d arrays for other lists. ``present[name]`` is ``[N]`` bool:
+    False where the store had no value (the value is then the fill: zeros or NaN for embeddings,
+    0 / NaN / "" for scalars, an empty array for lists).
+    """
+
+    user_id: int
+    item_ids: np.ndarray
+    values: dict[str, np.ndarray]
+    present: dict[str, np.ndarray]
+
+    def missing(self) -> dict[str, np.ndarray]:
+        """Item ids with no value, per feature that has any missing."""
+        return {k: self.item_ids[~m] for k, m in self.present.items() if not m.all()}
+
+
+@dataclass(frozen=True)
+class _ServicePlan:
+    """A feature service resolved once: feature refs grouped by the join keys of their views."""
+
+    by_keys: dict[tuple[str, ...], list[str]]  # ("user_id",) -> ["user_embeddings:user_embedding", ...]
+    types: dict[str, tuple[Any, int]]  # feature name -> (feast dtype, vector_length)
+
+
+_PLANS_ATTR = "_llmfeat_service_plans"
+
+
+def _service_plan(store, service: str) -> _ServicePlan:
+    # The SQL registry rebuilds a FeatureService from protobuf on every get (~6 ms); resolve it once
+    # per store. apply_definitions() drops the cache.
+    plans = store.__dict__.setdefault(_PLANS_ATTR, {})
+    if service not in plans:
+        fs = store.get_feature_service(service)
+        by_keys: dict[tuple[str, ...], list[str]] = {}
+        types: dict[str, tuple[Any, int]] = {}
+        for proj in fs.feature_view_projections:
+            fv = store.get_feature_view(proj.name)
+            keys = tuple(sorted(proj.join_key_map.get(k, k) for k in fv.join_keys))
+            for f in proj.features:
+                by_keys.setdefault(keys, []).append(f"{proj.name_to_use()}:{f.name}")
+                types[f.name] = (f.dtype, f.vector_length)
+        plans[service] = _ServicePlan(by_keys, types)
+    return plans[service]
+
+
+def _read_online(store, plan: _ServicePlan, user_id: int, item_ids: np.ndarray) -> dict[str, list]:
+    """Feature name -> N values. User-level views are read once and broadcast to the N rows."""
+    n = len(item_ids)
+    out: dict[str, list] = {}
+    for keys, refs in plan.by_keys.items():
+        if keys == ("user_id",):
+            rows = [{"user_id": int(user_id)}]
+        elif keys == ("item_id",):
+            rows = [{"item_id": int(i)} for i in item_ids]
+        else:
+            rows = [{"user_id": int(user_id), "item_id": int(i)} for i in item_ids]
+            if not set(keys) <= {"user_id", "item_id"}:
+                raise ValueError(f"feature service view keyed by {keys}: only user_id/item_id are supported")
+        resp = store.get_online_features(features=refs, entity_rows=rows).to_dict()
+        for ref in refs:
+            name = ref.split(":", 1)[1]
+            col = resp[name]
+            out[name] = col * n if len(rows) == 1 and n != 1 else col
+    return out
+
+
+def online_features(
+    store,
+    user_id: int,
+    item_ids: Sequence[int] | np.ndarray,
+    service: str = "ranker_llm",
+    *,
+    missing: Literal["zeros", "nan", "raise"] = "zeros",
+) -> OnlineFeatures:
+    """Read ``service``'s features for one user and ``N`` items from the online store.
+
+    ``missing``: fill for absent embeddings (``zeros`` or ``nan``; scalars use 0/NaN/""), or
+    ``raise`` a ``KeyError`` listing every absent (feature, ids).
+    """
+    from feast.types import Array, Float32, Float64, Int32, Int64, String
+
+    plan = _service_plan(store, service)
+    item_ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+    resp = _read_online(store, plan, user_id, item_ids)
+    n = len(item_ids)
+    values: dict[str, np.ndarray] = {}
+    present: dict[str, np.ndarray] = {}
+    fill = np.nan if missing == "nan" else 0.0
+    for name, (dtype, length) in plan.types.items():
+        col = resp[name]
+        mask = np.fromiter((v is not None for v in col), dtype=bool, count=n)
+        present[name] = mask
+        if dtype == Array(Float32) or dtype == Array(Float64):
+            dim = length or next((len(v) for v in col if v is not None), 0)
+            mat = np.full((n, dim), fill, dtype=np.float32)
+            if mask.any():
+                mat[mask] = np.asarray([v for v in col if v is not None], dtype=np.float32)
+            values[name] = mat
+        elif isinstance(dtype, Array):
+            elem = {Int64: np.int64, Int32: np.int64, String: object}.get(dtype.base_type, np.float64)
+            arr = np.empty(n, dtype=object)
+            seen: dict[int, np.ndarray] = {}  # a broadcast user value is one list object, converted once
+            for i, v in enumerate(col):
+                if id(v) not in seen:
+                    seen[id(v)] = np.asarray(v if v is not None else [], dtype=elem)
+                arr[i] = seen[id(v)]
+            values[name] = arr
+        elif dtype in (Int64, Int32):
+            values[name] = np.array([v if v is not None else 0 for v in col], dtype=np.int64)
+        elif dtype == String:
+            values[name] = np.array([v if v is not None else "" for v in col], dtype=object)
+        else:
+            values[name] = np.array([v if v is not None else np.nan for v in col], dtype=np.float64)
+    result = OnlineFeatures(user_id=int(user_id), item_ids=item_ids, values=values, present=present)
+    if missing == "raise" and (absent := result.missing()):
+        listing = "; ".join(f"{k}: {v.tolist()}" for k, v in absent.items())
+        raise KeyError(f"online store has no value for user {user_id} / items ({listing}); run materialize")
+    return result

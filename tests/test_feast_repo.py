@@ -1,0 +1,82 @@
+"""feast_repo/: the definitions themselves, and the plain feast CLI run from inside the repo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+from feast import ValueType
+from feast.types import Array, Float32, Int64, String
+
+from llm_features.fingerprint import FINGERPRINT_TAG
+from llm_features.store import load_definitions, online_features, open_store
+from tests.test_store import copy_repo, write_synthetic_workspace
+
+FEAST = Path(sys.executable).with_name("feast")
+
+
+def test_definitions_match_spec(tmp_path):
+    syn = write_synthetic_workspace(tmp_path / "data")
+    repo = load_definitions(copy_repo(tmp_path / "feast_repo"), tmp_path / "data")
+    entities = {e.name: e for e in repo.entities if e.name != "__dummy"}
+    assert {n: (e.join_key, e.value_type) for n, e in entities.items()} == {
+        "user": ("user_id", ValueType.INT64),
+        "item": ("item_id", ValueType.INT64),
+        "behavior": ("behavior_id", ValueType.INT64),
+    }
+    views = {fv.name: fv for fv in repo.feature_views}
+    assert set(views) == {"atomic_behavior_embeddings", "item_embeddings", "user_embeddings",
+                          "user_recent_behaviors", "user_profile", "item_profile"}
+    names = [f.name for fv in views.values() for f in fv.features]
+    assert len(names) == len(set(names)), "feature names must be globally unique"
+    embeddings = [("atomic_behavior_embeddings", "behavior_embedding"), ("item_embeddings", "item_embedding"),
+                  ("user_embeddings", "user_embedding")]
+    for name, feature in embeddings:
+        (f,) = views[name].features
+        assert (f.name, f.dtype, f.vector_index, f.vector_length) == (feature, Array(Float32), True, 8)
+        assert views[name].tags[FINGERPRINT_TAG] == syn.fingerprint.digest
+    types = {f.name: f.dtype for fv in views.values() for f in fv.features}
+    assert types["recent_behavior_ids"] == Array(Int64) and types["item_genres"] == Array(String)
+    assert types["occupation"] == String and types["age"] == Int64  # typed from the table itself
+    for fv in views.values():
+        assert fv.ttl >= timedelta(days=365 * 100)
+        path = Path(fv.batch_source.path)
+        assert path.is_absolute() and path.exists() and path.is_relative_to(tmp_path / "data")
+        assert fv.batch_source.timestamp_field == "event_timestamp"
+    services = {s.name: {p.name for p in s.feature_view_projections} for s in repo.feature_services}
+    assert services == {
+        "ranker_llm": {"user_profile", "item_profile", "user_recent_behaviors", "item_embeddings",
+                       "user_embeddings"},
+        "ranker_id_only": {"user_profile", "item_profile", "user_recent_behaviors"},
+    }
+
+
+def _feast(repo: Path, *args: str, env: dict[str, str]) -> str:
+    res = subprocess.run([str(FEAST), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"feast {' '.join(args)} failed:\n{res.stdout}\n{res.stderr[-3000:]}"
+    return res.stdout
+
+
+def test_feast_cli_apply_materialize_and_incremental(tmp_path):
+    """`feast apply`, `materialize` and `materialize-incremental` run inside the repo with no edits."""
+    assert FEAST.exists(), f"feast CLI not found next to {sys.executable}"
+    repo = copy_repo(tmp_path / "feast_repo")
+    data = tmp_path / "data"
+    syn = write_synthetic_workspace(data)
+    env = {**os.environ, "LLMFEAT_DATA_DIR": str(data)}
+    out = _feast(repo, "apply", env=env)
+    assert "item_embeddings" in out
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    _feast(repo, "materialize", "1999-01-01T00:00:00", now, "-v", "item_embeddings", env=env)
+    _feast(repo, "materialize-incremental", now, env=env)
+    # The CLI keeps its registry and online store in <repo>/data (the yaml's relative paths).
+    assert (repo / "data" / "registry.db").exists() and (repo / "data" / "online_store.db").exists()
+    store = open_store(repo, repo / "data")
+    feats = online_features(store, 3, [4, 20])
+    np.testing.assert_array_equal(feats.values["item_embedding"], np.stack([syn.items[4], syn.items[20]]))
+    np.testing.assert_array_equal(feats.values["user_embedding"][0], syn.users_v1[3])
