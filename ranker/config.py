@@ -1,0 +1,163 @@
+"""Typed configuration of the ranker: one dataclass per command, the model's fields shared.
+
+``ModelConfig`` holds what shapes the network; ``TrainConfig`` adds the data and optimisation
+fields of ``llmfeat ranker train``. The CLI options, a JSON/YAML ``--config`` file and a Python
+call all build the same dataclass (see :mod:`llm_features.config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+FEATURE_SERVICE_LLM = "ranker_llm"
+FEATURE_SERVICE_ID_ONLY = "ranker_id_only"
+
+
+@dataclass
+class ModelConfig:
+    """The network: sparse tables, dense inputs and the DLRM interaction."""
+
+    llm_features: bool = field(
+        default=True,
+        metadata={"help": "Feed the LLM user and item embeddings as dense inputs (feature service ranker_llm); "
+                          "--no-llm-features builds the id-only twin (ranker_id_only)."},
+    )
+    llm_inputs: tuple[str, ...] = field(
+        default=("user_embedding", "item_embedding"),
+        metadata={"help": "Which LLM embeddings the LLM twin reads (repeatable): user_embedding, item_embedding."},
+    )
+    recent_items_bag: bool | None = field(
+        default=None,
+        metadata={"help": "Add the user's recent item ids as a sparse bag; default: only in the id-only twin."},
+    )
+    embedding_dim: int = field(default=16, metadata={"help": "Width D of every sparse embedding table."})
+    dense_hidden: tuple[int, ...] = field(
+        default=(128,), metadata={"help": "Hidden sizes of the dense arch (its last layer is D)."}
+    )
+    over_hidden: tuple[int, ...] = field(
+        default=(64, 32), metadata={"help": "Hidden sizes of the over arch (its last layer is the logit)."}
+    )
+    interaction: Literal["dcn", "dot"] = field(
+        default="dcn", metadata={"help": "dcn: DLRM_DCN (low-rank DCNv2 cross net); dot: DLRM pairwise dots."}
+    )
+    dcn_num_layers: int = field(default=2, metadata={"help": "Cross layers of the DCN interaction."})
+    dcn_low_rank_dim: int = field(default=16, metadata={"help": "Low-rank width of each DCN cross layer."})
+    max_recent_items: int = field(default=30, metadata={"help": "Keep at most this many recent items per row."})
+    zip_prefix_len: int = field(
+        default=2, metadata={"help": "Leading characters of the zip code used as a category."}
+    )
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.llm_inputs) - {"user_embedding", "item_embedding"})
+        if unknown or not self.llm_inputs:
+            raise ValueError(
+                f"llm_inputs must name user_embedding and/or item_embedding, got {list(self.llm_inputs)}"
+            )
+        self.llm_inputs = tuple(self.llm_inputs)
+        self.dense_hidden = tuple(self.dense_hidden)
+        self.over_hidden = tuple(self.over_hidden)
+
+    @property
+    def use_recent_items(self) -> bool:
+        return (not self.llm_features) if self.recent_items_bag is None else self.recent_items_bag
+
+    @property
+    def feature_service(self) -> str:
+        return FEATURE_SERVICE_LLM if self.llm_features else FEATURE_SERVICE_ID_ONLY
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(ModelConfig)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        return cls(**kwargs)
+
+
+@dataclass
+class TrainConfig(ModelConfig):
+    """``llmfeat ranker train``: Feast point-in-time rows of the train split in, a checkpoint out."""
+
+    repo: Path = field(default=Path("feast_repo"), metadata={"help": "Feast repository (feature_store.yaml)."})
+    data_dir: Path | None = field(
+        default=None, metadata={"help": "Workspace data directory; default $LLMFEAT_DATA_DIR or <repo>/data."}
+    )
+    out: Path = field(default=Path("runs/ranker"), metadata={"help": "Checkpoint directory to write."})
+    epochs: int = field(default=2, metadata={"help": "Passes over the train split."})
+    batch_size: int = field(default=512, metadata={"help": "Rows per step (per process when distributed)."})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the dense parts."})
+    sparse_lr: float = field(default=0.05, metadata={"help": "(Row-wise) Adagrad learning rate of the tables."})
+    oov_dropout: float = field(
+        default=0.02,
+        metadata={"help": "Training-time probability of replacing a user/item id by the OOV row, so that row "
+                          "learns what an unseen id means."},
+    )
+    missing_dropout: float = field(
+        default=0.02,
+        metadata={"help": "Training-time probability of marking an LLM embedding missing, so the learned "
+                          "'missing' vector is trained even when every training row has one."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation and shuffling."})
+    max_train_rows: int | None = field(
+        default=None, metadata={"help": "Use only the last N train interactions (quick runs)."}
+    )
+    validate: bool = field(
+        default=True, metadata={"help": "Report AUC/LogLoss on the valid split after training."}
+    )
+    chunk_rows: int = field(
+        default=100_000, metadata={"help": "Entity rows per get_historical_features call (bounds memory)."}
+    )
+    sharding: Literal["auto", "table_wise", "column_wise", "data_parallel"] = field(
+        default="auto", metadata={"help": "Table sharding under torchrun (ignored in a single process)."}
+    )
+    threads: int | None = field(default=None, metadata={"help": "torch intra-op threads (default: torch's)."})
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
+
+
+@dataclass
+class EvaluateConfig:
+    """``llmfeat ranker evaluate``: AUC and LogLoss of a checkpoint on one split."""
+
+    checkpoint: Path = field(default=Path("runs/ranker"), metadata={"help": "Directory written by ranker train."})
+    split: Literal["train", "valid", "test"] = field(default="test", metadata={"help": "Split to evaluate."})
+    repo: Path = field(default=Path("feast_repo"), metadata={"help": "Feast repository (feature_store.yaml)."})
+    data_dir: Path | None = field(default=None, metadata={"help": "Workspace data directory."})
+    out: Path | None = field(
+        default=None, metadata={"help": "Where metrics.json goes; default <checkpoint>/eval-<split>."}
+    )
+    batch_size: int = field(default=4096, metadata={"help": "Rows per forward pass."})
+    chunk_rows: int = field(default=100_000, metadata={"help": "Entity rows per get_historical_features call."})
+    max_rows: int | None = field(default=None, metadata={"help": "Evaluate only the first N rows of the split."})
+
+
+@dataclass
+class ScoreConfig:
+    """``llmfeat ranker score``: rank candidate items for one user from the online store."""
+
+    checkpoint: Path = field(default=Path("runs/ranker"), metadata={"help": "Directory written by ranker train."})
+    user_id: int = field(default=1, metadata={"help": "The user to score for."})
+    items: tuple[str, ...] = field(
+        default=(), metadata={"help": "Candidate item ids: repeat the option or give a comma-separated list."}
+    )
+    repo: Path = field(default=Path("feast_repo"), metadata={"help": "Feast repository (feature_store.yaml)."})
+    data_dir: Path | None = field(default=None, metadata={"help": "Workspace data directory."})
+    top_k: int | None = field(default=None, metadata={"help": "Print only the best K items."})
+    out: Path | None = field(
+        default=None, metadata={"help": "Where metrics.json goes; default <checkpoint>/score."}
+    )
+
+    def item_ids(self) -> list[int]:
+        ids: list[int] = []
+        for chunk in self.items:
+            ids.extend(int(tok) for tok in str(chunk).replace(",", " ").split())
+        return ids
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

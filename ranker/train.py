@@ -1,0 +1,485 @@
+"""Train and evaluate the ranker on Feast point-in-time rows.
+
+The entity rows are the labelled interactions of a split (``canonical/interactions.parquet``:
+``user_id, item_id, event_timestamp, label``); their features come only from
+``store.get_historical_features(entity_df, features=<feature service>)`` (DuckDB offline store).
+
+One process trains the unsharded model with a plain loop. Under ``torchrun`` (``WORLD_SIZE`` >
+1) the same function shards the tables with ``DistributedModelParallel`` (gloo on CPU,
+table-wise / column-wise / data-parallel), fuses a row-wise Adagrad into the backward pass and
+runs ``TrainPipelineSparseDist``; every rank reads its own share of the entity rows. Either way
+the checkpoint is one unsharded ``model.safetensors`` next to ``ranker.json`` (configuration and
+vocabularies), so serving loads it without a process group::
+
+    llmfeat ranker train --out runs/ranker_llm
+    torchrun --nproc_per_node=2 -m ranker.cli train --out runs/ranker_llm
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+
+from ranker.config import EvaluateConfig, ModelConfig, TrainConfig
+from ranker.features import (
+    LABEL,
+    EncodedRows,
+    FeatureEncoder,
+    MissingFeatures,
+    RawRows,
+    extract,
+    feature_columns,
+)
+from ranker.metrics import log_loss, roc_auc
+from ranker.model import RankingModel, RankingTrain
+
+log = logging.getLogger(__name__)
+
+ENTITY_COLUMNS = ["user_id", "item_id", "event_timestamp", LABEL]
+CHECKPOINT_FORMAT = "llmfeat-ranker/1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "ranker.json"
+METRICS_FILE = "metrics.json"
+
+FeatureSource = Callable[[pd.DataFrame], pd.DataFrame]
+"""Entity rows in, the same rows with their point-in-time features out (any order)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: entity rows and Feast point-in-time features
+
+
+def workspace_for(repo: Path, data_dir: Path | None):
+    from llm_features.workspace import Workspace, default_data_dir
+
+    return Workspace.at(data_dir) if data_dir is not None else Workspace.at(default_data_dir(repo))
+
+
+def load_entities(interactions: Path, split: str, max_rows: int | None = None, last: bool = False) -> pd.DataFrame:
+    """The labelled interactions of ``split`` as a Feast entity DataFrame."""
+    if not interactions.exists():
+        raise FileNotFoundError(f"{interactions} not found: run `llmfeat ingest` first (or pass --data-dir)")
+    df = pd.read_parquet(interactions, columns=ENTITY_COLUMNS + ["split"], filters=[("split", "==", split)])
+    if df.empty:
+        raise ValueError(f"{interactions} has no rows with split == {split!r}")
+    if max_rows is not None and len(df) > max_rows:
+        df = df.iloc[-max_rows:] if last else df.iloc[:max_rows]
+    return df[ENTITY_COLUMNS].reset_index(drop=True)
+
+
+def feast_source(store, service_name: str, columns: set[str] | None = None) -> FeatureSource:
+    """``get_historical_features`` over the named feature service as a :data:`FeatureSource`.
+
+    With ``columns``, only the service's features of those names are joined: the same rows and
+    values, without paying for columns the model never reads (e.g. ``recent_behavior_ids``).
+    """
+    service = store.get_feature_service(service_name)
+    features: Any = service
+    if columns is not None:
+        features = [f"{p.name_to_use()}:{f.name}" for p in service.feature_view_projections
+                    for f in p.features if f.name in columns]
+
+    def fetch(entity_df: pd.DataFrame) -> pd.DataFrame:
+        return store.get_historical_features(entity_df=entity_df, features=features).to_df()
+
+    return fetch
+
+
+def fetch_rows(entities: pd.DataFrame, source: FeatureSource, cfg: ModelConfig, chunk_rows: int) -> RawRows:
+    """Point-in-time features of ``entities`` in chunks, each reduced to :class:`RawRows` at once."""
+    parts = []
+    for start in range(0, len(entities), chunk_rows):
+        chunk = entities.iloc[start : start + chunk_rows]
+        frame = source(chunk)
+        if len(frame) != len(chunk):
+            raise RuntimeError(
+                f"the feature source returned {len(frame)} rows for {len(chunk)} entity rows; a point-in-time "
+                "join must keep every row (use the duckdb offline store)"
+            )
+        parts.append(extract(frame, cfg))
+        del frame
+    return RawRows.concat(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prediction and metrics
+
+
+@torch.no_grad()
+def predict(model: RankingModel, rows: EncodedRows, batch_size: int = 4096) -> np.ndarray:
+    """Click probabilities ``[N]`` for every row, in row order."""
+    model.eval()
+    out = [torch.sigmoid(model(b.dense_features, b.sparse_features)).numpy() for b in rows.batches(batch_size)]
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    return {
+        "auc": roc_auc(labels, probs),
+        "logloss": log_loss(labels, probs),
+        "rows": int(len(labels)),
+        "positive_rate": float(np.mean(labels)) if len(labels) else float("nan"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(out: Path, model: RankingModel, encoder: FeatureEncoder, extra: dict[str, Any]) -> None:
+    """``model.safetensors`` (unsharded state dict) and ``ranker.json`` (config, vocabularies)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = out / f".{WEIGHTS_FILE}.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, out / WEIGHTS_FILE)
+    payload = {"format": CHECKPOINT_FORMAT, "feature_service": encoder.model.feature_service,
+               "encoder": encoder.to_dict(), **extra}
+    _write_json(out / CONFIG_FILE, payload)
+
+
+def load_checkpoint(path: Path) -> tuple[RankingModel, FeatureEncoder, dict[str, Any]]:
+    """The unsharded model (eval mode), its encoder, and the ``ranker.json`` payload."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists():
+        raise FileNotFoundError(
+            f"{path} is not a ranker checkpoint (no {CONFIG_FILE}); run `llmfeat ranker train`"
+        )
+    payload = json.loads((path / CONFIG_FILE).read_text())
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path / CONFIG_FILE}: format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    encoder = FeatureEncoder.from_dict(payload["encoder"])
+    model = RankingModel(encoder)
+    model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    model.eval()
+    return model, encoder, payload
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(
+    cfg: TrainConfig,
+    entities: pd.DataFrame | None = None,
+    source: FeatureSource | None = None,
+) -> dict[str, Any]:
+    """Train a ranker and write its checkpoint and ``metrics.json`` to ``cfg.out``.
+
+    Args:
+        cfg: the training configuration.
+        entities: labelled entity rows with a ``split`` column (default: the workspace's
+            ``canonical/interactions.parquet``).
+        source: where features come from (default: Feast ``get_historical_features`` with the
+            feature service ``ranker_llm`` / ``ranker_id_only``).
+
+    Returns:
+        The metrics written to ``metrics.json`` (on every rank; only rank 0 writes files).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("gloo")
+    try:
+        return _train(cfg, entities, source)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSource | None) -> dict[str, Any]:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model_cfg = cfg.model_config()
+    started = time.perf_counter()
+
+    ws = None
+    if entities is None or source is None:
+        ws = workspace_for(cfg.repo, cfg.data_dir)
+    if source is None:
+        from llm_features.store import open_store
+
+        store = open_store(cfg.repo, ws.root)
+        source = feast_source(store, model_cfg.feature_service, feature_columns(model_cfg))
+
+    def split_entities(split: str, max_rows: int | None = None) -> pd.DataFrame:
+        if entities is not None:
+            df = entities[entities["split"] == split][ENTITY_COLUMNS].reset_index(drop=True)
+            return df.iloc[-max_rows:] if max_rows is not None and len(df) > max_rows else df
+        return load_entities(ws.interactions, split, max_rows, last=True)
+
+    train_entities = split_entities("train", cfg.max_train_rows)
+    shard = train_entities.iloc[rank::world]  # each rank joins only its own rows
+    t0 = time.perf_counter()
+    raw = fetch_rows(shard, source, model_cfg, cfg.chunk_rows)
+    fetch_seconds = time.perf_counter() - t0
+
+    observed = FeatureEncoder.observe(raw)
+    if world > 1:  # every rank must index with the same vocabularies
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, observed)
+        encoder = FeatureEncoder.fit(gathered, model_cfg)
+    else:
+        encoder = FeatureEncoder.fit([observed], model_cfg)
+    train_missing = MissingFeatures()
+    rows = encoder.index(raw, train_missing)
+    del raw
+    train_missing.warn(f"ranker train (rank {rank})")
+
+    t0 = time.perf_counter()
+    if world > 1:
+        model, losses, samples = _train_distributed(cfg, encoder, rows, rank, world)
+    else:
+        model, losses, samples = _train_local(cfg, encoder, rows)
+    train_seconds = time.perf_counter() - t0
+
+    metrics: dict[str, Any] = {
+        "feature_service": model_cfg.feature_service,
+        "llm_features": model_cfg.llm_features,
+        "world_size": world,
+        "train_rows": int(len(train_entities)),
+        "epochs": cfg.epochs,
+        "train_seconds": round(train_seconds, 3),
+        "fetch_seconds": round(fetch_seconds, 3),
+        "samples_per_second": round(samples / train_seconds, 1) if train_seconds > 0 else None,
+        "final_train_loss": float(np.mean(losses[-50:])) if losses else None,
+        "train_missing": train_missing.as_dict(),
+    }
+    if rank == 0:
+        fingerprint = None
+        if ws is not None and model_cfg.llm_features:
+            fp = ws.read_fingerprint()
+            fingerprint = fp.digest if fp is not None else None
+        extra = {"fingerprint": fingerprint, "train_config": _config_json(cfg)}
+        if world == 1:
+            save_checkpoint(cfg.out, model, encoder, extra)
+        else:
+            model = _unshard_to_checkpoint(cfg.out, encoder, extra)
+        if cfg.validate:
+            valid_entities = split_entities("valid")
+            if len(valid_entities):
+                metrics["valid"] = evaluate_rows(model, encoder, valid_entities, source, cfg.chunk_rows)
+        metrics["total_seconds"] = round(time.perf_counter() - started, 3)
+        _write_json(cfg.out / METRICS_FILE, metrics)
+        log.info("ranker train: %s", json.dumps({k: v for k, v in metrics.items() if k != "train_missing"}))
+    if world > 1:
+        dist.barrier()
+    return metrics
+
+
+def _config_json(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(cfg), default=_json_default))
+
+
+def _param_groups(model: RankingModel) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    sparse = list(model.embedding_bag_collection.parameters())
+    ids = {id(p) for p in sparse}
+    return sparse, [p for p in model.parameters() if id(p) not in ids]
+
+
+def _train_local(
+    cfg: TrainConfig, encoder: FeatureEncoder, rows: EncodedRows
+) -> tuple[RankingModel, list[float], int]:
+    model = RankingModel(encoder)
+    step = RankingTrain(model)
+    sparse, dense = _param_groups(model)
+    # Adagrad for the tables (the unsharded stand-in for the fused row-wise Adagrad), Adam elsewhere.
+    optimizers = [torch.optim.Adagrad(sparse, lr=cfg.sparse_lr), torch.optim.Adam(dense, lr=cfg.lr)]
+    losses: list[float] = []
+    samples = 0
+    step.train()
+    for epoch in range(cfg.epochs):
+        for batch in rows.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
+                                  oov_dropout=cfg.oov_dropout, missing_dropout=cfg.missing_dropout):
+            loss, _ = step(batch)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            losses.append(float(loss.detach()))
+            samples += len(batch.labels)
+        log.info("ranker train: epoch %d/%d, loss %.4f", epoch + 1, cfg.epochs, float(np.mean(losses[-100:])))
+    model.eval()
+    return model, losses, samples
+
+
+def _sharding_constraints(cfg: TrainConfig, encoder: FeatureEncoder) -> dict[str, Any] | None:
+    if cfg.sharding == "auto":
+        return None
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    return {t.name: ParameterConstraints(sharding_types=[cfg.sharding]) for t in encoder.tables()}
+
+
+def _train_distributed(
+    cfg: TrainConfig, encoder: FeatureEncoder, rows: EncodedRows, rank: int, world: int
+) -> tuple[Any, list[float], int]:
+    from torch.distributed.optim import _apply_optimizer_in_backward
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.sharding_plan import get_default_sharders
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    device = torch.device("cpu")
+    model = RankingModel(encoder, device=device, sparse_device=torch.device("meta"))
+    step = RankingTrain(model)
+    _apply_optimizer_in_backward(
+        RowWiseAdagrad, model.embedding_bag_collection.parameters(), {"lr": cfg.sparse_lr}
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(local_world_size=world, world_size=world, compute_device="cpu"),
+        batch_size=cfg.batch_size,
+        constraints=_sharding_constraints(cfg, encoder),
+    )
+    sharders = get_default_sharders()
+    plan = planner.collective_plan(step, sharders, dist.GroupMember.WORLD)
+    if rank == 0:
+        log.info("ranker train: sharding plan\n%s", plan)
+    dmp = DistributedModelParallel(module=step, device=device, plan=plan, sharders=sharders)
+    dense_opt = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda ps: torch.optim.Adam(ps, lr=cfg.lr)
+    )
+    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
+
+    # Every rank must run the same number of steps: collectives run in each one.
+    n = torch.tensor([len(rows) // cfg.batch_size])
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    n_batches = int(n.item())
+    if n_batches == 0:
+        raise ValueError(f"fewer than batch_size={cfg.batch_size} train rows per rank; lower --batch-size")
+    batches: Iterator[Any] = itertools.chain.from_iterable(
+        rows.batches(cfg.batch_size, shuffle=True, seed=(cfg.seed * 1000 + epoch) * world + rank,
+                     oov_dropout=cfg.oov_dropout, missing_dropout=cfg.missing_dropout, num_batches=n_batches)
+        for epoch in range(cfg.epochs)
+    )
+    losses: list[float] = []
+    dmp.train()
+    while True:
+        try:
+            loss, _, _ = pipeline.progress(batches)
+        except StopIteration:
+            break
+        losses.append(float(loss.detach()))
+    samples = n_batches * cfg.epochs * cfg.batch_size * world
+
+    # Sharded save (every rank), then rank 0 rebuilds the plain state dict from it.
+    import torch.distributed.checkpoint as dcp
+
+    sharded_dir = cfg.out / ".sharded"
+    if rank == 0 and sharded_dir.exists():
+        shutil.rmtree(sharded_dir)
+    dist.barrier()
+    dcp.save(dmp.state_dict(), checkpoint_id=str(sharded_dir))
+    dist.barrier()
+    return None, losses, samples
+
+
+def _unshard_to_checkpoint(out: Path, encoder: FeatureEncoder, extra: dict[str, Any]) -> RankingModel:
+    """Rank 0: load the sharded DCP checkpoint into an unsharded model and save it plainly."""
+    import torch.distributed.checkpoint as dcp
+
+    step = RankingTrain(RankingModel(encoder))
+    state = step.state_dict()
+    dcp.load(state, checkpoint_id=str(out / ".sharded"), no_dist=True)
+    step.load_state_dict(state)
+    save_checkpoint(out, step.model, encoder, extra)
+    shutil.rmtree(out / ".sharded", ignore_errors=True)
+    step.model.eval()
+    return step.model
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate_rows(
+    model: RankingModel,
+    encoder: FeatureEncoder,
+    entities: pd.DataFrame,
+    source: FeatureSource,
+    chunk_rows: int = 200_000,
+    batch_size: int = 4096,
+) -> dict[str, Any]:
+    """AUC / LogLoss of ``model`` on labelled entity rows, with the missing-feature counts."""
+    missing = MissingFeatures()
+    rows = encoder.index(fetch_rows(entities, source, encoder.model, chunk_rows), missing)
+    missing.warn("ranker evaluate")
+    metrics: dict[str, Any] = binary_metrics(rows.labels, predict(model, rows, batch_size))
+    metrics["missing"] = missing.as_dict()
+    return metrics
+
+
+def evaluate(cfg: EvaluateConfig, entities: pd.DataFrame | None = None,
+             source: FeatureSource | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint on ``cfg.split`` and write ``metrics.json`` (``cfg.out``)."""
+    t0 = time.perf_counter()
+    model, encoder, payload = load_checkpoint(cfg.checkpoint)
+    if entities is None or source is None:
+        ws = workspace_for(cfg.repo, cfg.data_dir)
+        fp = ws.read_fingerprint() if payload.get("fingerprint") else None
+        if fp is not None and fp.digest != payload["fingerprint"]:
+            from llm_features.fingerprint import FingerprintMismatchError
+
+            raise FingerprintMismatchError(
+                f"{cfg.checkpoint} was trained on embeddings of model {payload['fingerprint']}, but {ws.manifest} "
+                f"records {fp.digest}; retrain the ranker on this workspace."
+            )
+    if entities is None:
+        entities = load_entities(ws.interactions, cfg.split, cfg.max_rows)
+    else:
+        entities = entities[entities["split"] == cfg.split][ENTITY_COLUMNS].reset_index(drop=True)
+    if source is None:
+        from llm_features.store import open_store
+
+        store = open_store(cfg.repo, ws.root)
+        source = feast_source(store, payload["feature_service"], set(encoder.source_columns))
+    metrics = {
+        "split": cfg.split,
+        "checkpoint": str(cfg.checkpoint),
+        "feature_service": payload["feature_service"],
+        **evaluate_rows(model, encoder, entities, source, cfg.chunk_rows, cfg.batch_size),
+    }
+    metrics["seconds"] = round(time.perf_counter() - t0, 3)
+    out = cfg.out or (cfg.checkpoint / f"eval-{cfg.split}")
+    _write_json(out / METRICS_FILE, metrics)
+    return metrics
