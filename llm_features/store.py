@@ -32,6 +32,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -392,7 +393,10 @@ def materialize_all(
     t0 = time.perf_counter()
     if views:
         names = [fv.name for fv in views]
-        store.materialize(start_date=report.start, end_date=report.end, feature_views=names)
+        with warnings.catch_warnings():
+            # ibis (under feast's duckdb store) calls duckdb's deprecated fetch_arrow_table once per view
+            warnings.filterwarnings("ignore", message="fetch_arrow_table", category=DeprecationWarning)
+            store.materialize(start_date=report.start, end_date=report.end, feature_views=names)
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -10,6 +10,8 @@ import importlib
 import importlib.util
 import logging
 import os
+import sys
+import warnings
 
 import click
 
@@ -44,4 +46,31 @@ def main(verbose: bool) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # feast/duckdb/ibis deprecations are theirs to fix and drown the progress output
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def run() -> None:
+    """Console-script entry point.
+
+    DuckDB 2.x (used by Feast's offline store) prints dozens of nanobind "leaked instance" lines when
+    the interpreter finalises with a connection still cached by ibis. They are harmless but look
+    like a crash to a user, so after the command has finished and its output is flushed, exit
+    without running interpreter finalisation.
+    """
+    code: int | str | None = 0
+    try:
+        main(standalone_mode=True)
+    except SystemExit as exit_:
+        code = exit_.code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe must not change the exit code
+            pass
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    os._exit(code or 0)

@@ -7,6 +7,8 @@ run only checks that nothing changed.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -78,7 +80,11 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     with timer.step("feast apply"):
         store = open_store(cfg.repo, data_dir)
-        apply_definitions(store)
+        with contextlib.redirect_stdout(io.StringIO()) as diff:  # feast prints every object's proto diff
+            apply_definitions(store)
+        (data_dir / "feast_apply.log").write_text(diff.getvalue())
+        click.echo(f"applied {len(store.list_feature_views())} feature views, "
+                   f"{len(store.list_feature_services())} feature services (diff: {data_dir / 'feast_apply.log'})")
 
     with timer.step("materialize"):
         mat = materialize_all(store, ws)

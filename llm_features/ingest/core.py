@@ -578,7 +578,7 @@ def ingest(cfg: IngestConfig, workspace: Workspace | None = None) -> dict[str, A
         and previous.get("input_fingerprint") == fingerprint
         and _outputs_present(ws, previous)
     ):
-        log.info("ingest: inputs unchanged since %s; nothing to do", previous.get("written_at"))
+        log.debug("ingest: inputs unchanged since %s; nothing to do", previous.get("written_at"))
         return {**previous, "skipped": True}
 
     loaded = load(cfg, fmt)
