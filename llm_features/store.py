@@ -83,14 +83,36 @@ def _relocate(path: str, repo: Path, data_dir: Path) -> str:
     return str((repo / p).resolve())
 
 
-def load_config(repo_path: str | os.PathLike = DEFAULT_REPO, data_dir: str | os.PathLike | None = None):
-    """``feature_store.yaml`` loaded by feast's own loader, with every local path made absolute."""
+def _yaml_file(repo: Path, fs_yaml_file: str | os.PathLike | None) -> Path:
+    """``fs_yaml_file`` (a relative path is taken from the repo dir), else ``<repo>/feature_store.yaml``."""
+    if fs_yaml_file is None:
+        yaml_file = repo / "feature_store.yaml"
+        if not yaml_file.is_file():
+            raise FileNotFoundError(
+                f"no feature_store.yaml in {repo}; pass the feast_repo directory (--repo)"
+            )
+        return yaml_file
+    yaml_file = Path(fs_yaml_file) if Path(fs_yaml_file).is_absolute() else repo / fs_yaml_file
+    if not yaml_file.is_file():
+        raise FileNotFoundError(f"feature store yaml {yaml_file} does not exist")
+    return yaml_file
+
+
+def load_config(
+    repo_path: str | os.PathLike = DEFAULT_REPO,
+    data_dir: str | os.PathLike | None = None,
+    fs_yaml_file: str | os.PathLike | None = None,
+):
+    """``feature_store.yaml`` loaded by feast's own loader, with every local path made absolute.
+
+    ``fs_yaml_file`` picks another configuration for the same definitions, e.g.
+    ``production/feature_store.postgres.yaml`` (a relative path is taken from the repo dir; default
+    ``feature_store.yaml``). feast expands ``${VAR}`` references in it from the environment.
+    """
     from feast.repo_config import load_repo_config
 
     repo = Path(repo_path).resolve()
-    yaml_file = repo / "feature_store.yaml"
-    if not yaml_file.is_file():
-        raise FileNotFoundError(f"no feature_store.yaml in {repo}; pass the feast_repo directory (--repo)")
+    yaml_file = _yaml_file(repo, fs_yaml_file)
     data = resolve_data_dir(repo, data_dir)
     config = load_repo_config(repo, yaml_file)
 
@@ -113,15 +135,29 @@ def load_config(repo_path: str | os.PathLike = DEFAULT_REPO, data_dir: str | os.
     return config
 
 
-def open_store(repo_path: str | os.PathLike = DEFAULT_REPO, data_dir: str | os.PathLike | None = None):
-    """A ``feast.FeatureStore`` over ``repo_path`` that works from any CWD (see the module docstring)."""
+def open_store(
+    repo_path: str | os.PathLike = DEFAULT_REPO,
+    data_dir: str | os.PathLike | None = None,
+    fs_yaml_file: str | os.PathLike | None = None,
+):
+    """A ``feast.FeatureStore`` over ``repo_path`` that works from any CWD (see the module docstring).
+
+    ``fs_yaml_file``: another configuration of the same repo (see :func:`load_config`), e.g.
+    ``open_store("feast_repo", fs_yaml_file="production/feature_store.postgres.yaml")``.
+    """
     from feast import FeatureStore
 
     repo = Path(repo_path).resolve()
     data = resolve_data_dir(repo, data_dir)
-    config = load_config(repo, data)
+    config = load_config(repo, data, fs_yaml_file)
     cli_registry = repo / "data" / "registry.db"
-    if data != (repo / "data").resolve() and cli_registry.exists() and not (data / "registry.db").exists():
+    local_registry = str(data / "registry.db") in config.registry.path  # not e.g. a PostgreSQL one
+    if (
+        local_registry
+        and data != (repo / "data").resolve()
+        and cli_registry.exists()
+        and not (data / "registry.db").exists()
+    ):
         log.warning(
             "data dir %s has no Feast registry yet, but %s exists: the plain feast CLI keeps its registry in "
             "%s/data. Run `llmfeat feast apply --data-dir %s` to register this data dir.",
