@@ -1,0 +1,32 @@
+"""``llmfeat finetune``: train the deep layers and a CTR head over packed behaviour sequences (BAHE + DTI).
+
+Modules, in data-flow order:
+
+- :mod:`~llm_features.finetune.masks`: THE attention-mask builder for every mode;
+- :mod:`~llm_features.finetune.packing`: histories to sliding-window / DTI sequences, both granularities;
+- :mod:`~llm_features.finetune.data`: a workspace to histories and frozen tables;
+- :mod:`~llm_features.finetune.model`: context/query tokens, distance bias, CTR head;
+- :mod:`~llm_features.finetune.train`: the recipe (train, evaluate, checkpoint);
+- :mod:`~llm_features.finetune.checkpoint`: checkpoint files and :func:`load_finetuned`.
+"""
+
+from llm_features.finetune.checkpoint import load_finetuned
+from llm_features.finetune.config import FinetuneConfig
+from llm_features.finetune.masks import SequenceLayout, allowed_attention, attention_bias, interaction_distance
+from llm_features.finetune.model import CTRHead, DistanceBias, FinetuneModel
+from llm_features.finetune.packing import (
+    BehaviorPacker,
+    Blocks,
+    PackedBatch,
+    TokenPacker,
+    UserHistories,
+    batch_indices,
+    make_blocks,
+)
+from llm_features.finetune.train import evaluate, finetune, log_loss, roc_auc
+
+__all__ = [
+    "BehaviorPacker", "Blocks", "CTRHead", "DistanceBias", "FinetuneConfig", "FinetuneModel", "PackedBatch",
+    "SequenceLayout", "TokenPacker", "UserHistories", "allowed_attention", "attention_bias", "evaluate",
+    "finetune", "interaction_distance", "batch_indices", "load_finetuned", "log_loss", "make_blocks", "roc_auc",
+]

@@ -1,0 +1,103 @@
+"""The ``llmfeat finetune`` configuration: one typed dataclass, the CLI options map onto it one to one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from llm_features.backbone import BackboneConfig
+
+
+@dataclass
+class FinetuneConfig(BackboneConfig):
+    """Train the deep layers and the CTR head (BAHE), with DTI or sliding-window packing.
+
+    The backbone fields (``model``, ``split_layer``, ``pooling``, ...) must describe the model that
+    encoded the workspace's atomic behaviour and item embeddings.
+    """
+
+    data_dir: Path | None = field(
+        default=None, metadata={"help": "Workspace data directory (default: $LLMFEAT_DATA_DIR or feast_repo/data)."}
+    )
+    out: Path = field(default=Path("runs/finetune"), metadata={"help": "Checkpoint directory to write."})
+    granularity: Literal["behavior", "token"] = field(
+        default="behavior",
+        metadata={"help": "behavior: deep layers over cached behaviour vectors (BAHE); token: all layers over text."},
+    )
+    packing: Literal["dti", "sliding-window"] = field(
+        default="dti", metadata={"help": "dti: k targets per sequence; sliding-window: one target per sequence."}
+    )
+    context_size: int = field(
+        default=30, metadata={"help": "n: strictly earlier interactions a target sees."}
+    )
+    targets_per_sequence: int = field(default=32, metadata={"help": "k: targets packed per sequence (DTI)."})
+    leakage: Literal["windowed", "block", "isolated"] = field(
+        default="windowed",
+        metadata={"help": "How far back a context token may look: its own n-window, the whole packed block, "
+                          "or only itself (exact DTI = sliding window for any k)."},
+    )
+    eval_targets_per_sequence: int | None = field(
+        default=None, metadata={"help": "k used for valid/test (default: the training k; 1 = sliding window)."}
+    )
+    feedback: Literal["rating", "label"] = field(
+        default="rating", metadata={"help": "Feedback f_j added to a context: the rating where known, or the label."}
+    )
+    distance_bias: Literal["auto", "learned", "alibi", "none"] = field(
+        default="auto",
+        metadata={"help": "Relative behaviour-distance attention bias; auto: learned for absolute-position "
+                          "models (MiniLM), none for RoPE models (explicit position ids)."},
+    )
+    dropout: float | None = field(
+        default=None, metadata={"help": "Override the dropout probability of the deep layers (default: the model's)."}
+    )
+    head_hidden: int = field(
+        default=256, metadata={"help": "Hidden width of the CTR head MLP over [u, v, u*v]."}
+    )
+    epochs: int = field(default=1, metadata={"help": "Passes over the training targets."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
+    batch_size: int = field(
+        default=64, metadata={"help": "Targets per optimizer step (sequences per step = about batch_size / k)."}
+    )
+    eval_batch_size: int = field(default=1024, metadata={"help": "Targets per evaluation batch."})
+    lr: float = field(default=5e-5, metadata={"help": "Learning rate of the deep layers (or LoRA adapters)."})
+    head_lr: float = field(
+        default=1e-3, metadata={"help": "Learning rate of the new parts (head, Q, F, bias)."}
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps, then linear decay to 0."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Max gradient norm (0 = off)."})
+    seed: int = field(default=0, metadata={"help": "Random seed (data order, initialisation, dropout)."})
+    limit_users: int | None = field(
+        default=None, metadata={"help": "Use a seeded sample of this many users."}
+    )
+    max_targets: int | None = field(
+        default=None, metadata={"help": "Cap the targets of each split (whole users in a seeded order; the same targets for every k)."}
+    )
+    lora: bool = field(
+        default=False, metadata={"help": "Train LoRA adapters on the deep layers (default: full FT)."}
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    device: str = field(
+        default="auto", metadata={"help": "cpu, cuda, cuda:1, ... (auto: cuda if available)."}
+    )
+    num_threads: int | None = field(
+        default=None, metadata={"help": "CPU threads (default: the allowed cores)."}
+    )
+    log_every: int = field(default=50, metadata={"help": "Log the training loss every this many steps."})
+    save_every: int = field(
+        default=0, metadata={"help": "Also checkpoint every this many steps (0: per epoch)."}
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "Continue from the checkpoint in --out if there is one."}
+    )
+
+    @property
+    def k(self) -> int:
+        """Training targets per sequence after ``packing``."""
+        return 1 if self.packing == "sliding-window" else self.targets_per_sequence
+
+    @property
+    def eval_k(self) -> int:
+        return self.eval_targets_per_sequence or self.k

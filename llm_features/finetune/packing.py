@@ -1,0 +1,404 @@
+"""Packing user histories into sequences: one code path for sliding window and DTI, at both granularities.
+
+A *block* is ``k`` consecutive targets ``s..s+k-1`` of one user (k = 1: the sliding window). Its
+sequence holds the contexts ``c_a..c_{b-1}`` that any of its targets may see, followed by the
+query tokens ``q_s..q_{s+k-1}``, where ``a = max(user start, time_start[s] - n)`` and
+``b = time_start[s+k-1]``. Who sees whom inside it is decided by :mod:`llm_features.finetune.masks`.
+
+* Behaviour level (BAHE): one token per context, its input the cached atomic behaviour vector
+  ``e_i`` plus the feedback embedding; one token per query.
+* Token level: every context is the token span of its behaviour text with its feedback written
+  as words; one token per query.
+
+Example::
+
+    hist = UserHistories.from_arrays(user, time, behavior_row, item_row, label, feedback, split)
+    blocks = make_blocks(hist, hist.split == SPLIT_CODES["train"], targets_per_sequence=16, context_size=30)
+    packer = BehaviorPacker(hist, behavior_table, item_table)
+    for idx in batch_indices(blocks.num_targets, targets_per_batch=256):
+        batch = packer(blocks.take(idx))        # PackedBatch
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from llm_features.finetune.masks import SequenceLayout
+
+SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+
+# Feedback vocabulary: 0/1 = label (disliked/liked); 2 + r = rating r (r rounded, 0..10).
+NUM_FEEDBACK = 13
+
+
+def feedback_index(label: np.ndarray, rating: np.ndarray | None, mode: str) -> np.ndarray:
+    """``[N]`` feedback ids: the label (``mode="label"``), or the rounded rating where known (``"rating"``)."""
+    label = np.asarray(label).astype(np.int64)
+    if mode == "label" or rating is None:
+        return label
+    if mode != "rating":
+        raise ValueError(f"unknown feedback mode {mode!r}; choose label or rating")
+    rating = np.asarray(rating, dtype=np.float64)
+    known = np.isfinite(rating)
+    out = label.copy()
+    out[known] = 2 + np.clip(np.rint(rating[known]), 0, 10).astype(np.int64)
+    return out
+
+
+def feedback_words(index: int) -> str:
+    """The feedback of an interaction written as words (token level)."""
+    if index == 0:
+        return "disliked"
+    if index == 1:
+        return "liked"
+    r = index - 2
+    return f"rated {r} star" + ("" if r == 1 else "s")
+
+
+@dataclass
+class UserHistories:
+    """All interactions grouped by user and sorted by time (ties in input order); arrays are ``[N]``.
+
+    Row indices are global; ``offsets[u]:offsets[u+1]`` are the rows of user ``user_ids[u]``.
+    """
+
+    user_ids: np.ndarray
+    offsets: np.ndarray
+    time: np.ndarray
+    behavior_row: np.ndarray
+    item_row: np.ndarray
+    label: np.ndarray
+    feedback: np.ndarray
+    split: np.ndarray
+    time_start: np.ndarray
+    """First row of the same user with the same timestamp: ``h`` is strictly earlier than ``i`` iff ``h < time_start[i]``."""
+    user_start: np.ndarray
+    """First row of the row's user."""
+
+    def __len__(self) -> int:
+        return len(self.time)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        user: np.ndarray,
+        time: np.ndarray,
+        behavior_row: np.ndarray,
+        item_row: np.ndarray,
+        label: np.ndarray,
+        feedback: np.ndarray | None = None,
+        split: np.ndarray | None = None,
+    ) -> "UserHistories":
+        """Group and sort raw interaction arrays (any order) by (user, time), keeping input order for ties."""
+        user = np.asarray(user, dtype=np.int64)
+        time = np.asarray(time, dtype=np.int64)
+        n = len(user)
+        order = np.lexsort((np.arange(n), time, user))
+        user, time = user[order], time[order]
+        label = np.asarray(label)[order].astype(np.float32)
+        feedback = (label.astype(np.int64) if feedback is None else np.asarray(feedback, dtype=np.int64)[order])
+        split = np.zeros(n, np.int8) if split is None else np.asarray(split, dtype=np.int8)[order]
+        new_user = np.ones(n, dtype=bool)
+        new_user[1:] = user[1:] != user[:-1]
+        new_time = new_user.copy()
+        new_time[1:] |= time[1:] != time[:-1]
+        rows = np.arange(n, dtype=np.int64)
+        user_start = np.maximum.accumulate(np.where(new_user, rows, 0))
+        time_start = np.maximum.accumulate(np.where(new_time, rows, 0))
+        starts = np.flatnonzero(new_user)
+        return cls(
+            user_ids=user[starts],
+            offsets=np.append(starts, n).astype(np.int64),
+            time=time,
+            behavior_row=np.asarray(behavior_row, dtype=np.int64)[order],
+            item_row=np.asarray(item_row, dtype=np.int64)[order],
+            label=label,
+            feedback=feedback,
+            split=split,
+            time_start=time_start,
+            user_start=user_start,
+        )
+
+    def select_users(self, keep: np.ndarray) -> "UserHistories":
+        """The histories of the users at positions ``keep`` (indices into ``user_ids``)."""
+        keep = np.sort(np.asarray(keep, dtype=np.int64))
+        rows = np.concatenate([np.arange(self.offsets[u], self.offsets[u + 1]) for u in keep]) if len(keep) else (
+            np.zeros(0, np.int64))
+        user = np.repeat(self.user_ids[keep], np.diff(self.offsets)[keep])
+        return UserHistories.from_arrays(
+            user, self.time[rows], self.behavior_row[rows], self.item_row[rows], self.label[rows],
+            self.feedback[rows], self.split[rows],
+        )
+
+
+@dataclass
+class Blocks:
+    """Packed sequences before batching; arrays are ``[S]`` row ranges into :class:`UserHistories`.
+
+    Sequence ``s`` holds contexts ``context_start[s]:context_end[s]`` and the queries of targets
+    ``target_start[s]:target_end[s]``.
+    """
+
+    context_start: np.ndarray
+    context_end: np.ndarray
+    target_start: np.ndarray
+    target_end: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.target_start)
+
+    @property
+    def num_targets(self) -> np.ndarray:
+        return self.target_end - self.target_start
+
+    @property
+    def num_tokens(self) -> np.ndarray:
+        """Behaviour-level sequence lengths."""
+        return self.context_end - self.context_start + self.num_targets
+
+    def take(self, idx: np.ndarray | slice) -> "Blocks":
+        return Blocks(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+
+def make_blocks(
+    hist: UserHistories, targets: np.ndarray, targets_per_sequence: int, context_size: int
+) -> Blocks:
+    """Cut each user's runs of consecutive target rows into blocks of ``k = targets_per_sequence``.
+
+    Args:
+        hist: the histories.
+        targets: ``[N]`` boolean, the rows to predict (e.g. ``hist.split == 0``).
+        targets_per_sequence: ``k``; 1 gives the sliding window.
+        context_size: ``n``.
+    """
+    if targets_per_sequence < 1 or context_size < 0:
+        raise ValueError("targets_per_sequence must be >= 1 and context_size >= 0")
+    targets = np.asarray(targets, dtype=bool)
+    n = len(targets)
+    rows = np.arange(n, dtype=np.int64)
+    prev = np.zeros(n, dtype=bool)
+    prev[1:] = targets[:-1]
+    run_start = targets & (~prev | (hist.user_start == rows))
+    starts = np.flatnonzero(run_start)
+    # end of each run: next run start or the first non-target / user change after it
+    run_id = np.cumsum(run_start) - 1
+    ends = np.zeros(len(starts), dtype=np.int64)
+    np.maximum.at(ends, run_id[targets], rows[targets] + 1)
+    lengths = ends - starts
+    k = targets_per_sequence
+    per_run = -(-lengths // k)
+    block_run = np.repeat(np.arange(len(starts)), per_run)
+    within = np.arange(len(block_run)) - np.repeat(np.cumsum(per_run) - per_run, per_run)
+    t0 = starts[block_run] + within * k
+    t1 = np.minimum(t0 + k, ends[block_run])
+    c0 = np.maximum(hist.user_start[t0], hist.time_start[t0] - context_size) if len(t0) else t0
+    c1 = hist.time_start[t1 - 1] if len(t0) else t0
+    return Blocks(c0.astype(np.int64), c1.astype(np.int64), t0.astype(np.int64), t1.astype(np.int64))
+
+
+def batch_indices(num_targets: np.ndarray, targets_per_batch: int) -> list[np.ndarray]:
+    """Split ``range(len(num_targets))`` into consecutive groups of about ``targets_per_batch`` targets."""
+    if len(num_targets) == 0:
+        return []
+    cum = np.cumsum(num_targets)
+    batch = (cum - 1) // max(1, targets_per_batch)
+    cuts = np.flatnonzero(np.diff(batch)) + 1
+    return np.split(np.arange(len(num_targets)), cuts)
+
+
+@dataclass
+class PackedBatch:
+    """A batch of packed sequences, ready for the model.
+
+    ``B`` sequences of ``L`` tokens, ``T`` targets in all.
+    """
+
+    layout: SequenceLayout
+    position_ids: Tensor
+    """``[B, L]`` positions for RoPE layers (0 at each sequence's first token slot)."""
+    query_index: Tensor
+    """``[T]`` flat index (``b * L + p``) of each target's query token."""
+    target_rows: Tensor
+    """``[T]`` history rows of the targets."""
+    labels: Tensor
+    """``[T]`` float labels."""
+    item_vectors: Tensor
+    """``[T, Dv]`` frozen item vectors ``v_j``."""
+    behavior_vectors: Tensor | None = None
+    """Behaviour level: ``[B, L, D]`` atomic behaviour vectors ``e_i`` (zeros at queries and padding)."""
+    feedback: Tensor | None = None
+    """Behaviour level: ``[B, L]`` feedback ids of the contexts (0 elsewhere)."""
+    input_ids: Tensor | None = None
+    """Token level: ``[B, L]`` token ids (pad id at queries and padding)."""
+    embed_position_ids: Tensor | None = None
+    """Token level: ``[B, L]`` absolute positions for the embedding layer (restart in every span)."""
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.query_index.numel())
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to(device) if v is not None else None
+        return PackedBatch(**out)
+
+
+def _targets_of(blocks: Blocks) -> tuple[np.ndarray, np.ndarray]:
+    """(target rows ``[T]``, sequence index ``[T]``) in block order."""
+    nt = blocks.num_targets
+    seq = np.repeat(np.arange(len(blocks)), nt)
+    first = np.repeat(np.cumsum(nt) - nt, nt)
+    rows = np.repeat(blocks.target_start, nt) + (np.arange(nt.sum()) - first)
+    return rows, seq
+
+
+class BehaviorPacker:
+    """Behaviour-level sequences: one token per context behaviour and one per query (fully vectorised).
+
+    Args:
+        hist: the histories.
+        behavior_table: ``[NB, D]`` atomic behaviour vectors, indexed by ``hist.behavior_row``.
+        item_table: ``[NI, Dv]`` item vectors, indexed by ``hist.item_row``.
+    """
+
+    def __init__(self, hist: UserHistories, behavior_table: Tensor, item_table: Tensor) -> None:
+        self.hist = hist
+        self.behavior_table = behavior_table
+        self.item_table = item_table
+        self._labels = torch.from_numpy(hist.label.astype(np.float32))
+        self._feedback = torch.from_numpy(hist.feedback)
+
+    def __call__(self, blocks: Blocks) -> PackedBatch:
+        h = self.hist
+        nctx = (blocks.context_end - blocks.context_start)[:, None]
+        ntok = blocks.num_tokens[:, None]
+        length = int(ntok.max())
+        tok = np.arange(length)[None, :]
+        is_ctx = tok < nctx
+        valid = tok < ntok
+        is_query = valid & ~is_ctx
+        row = np.where(is_ctx, blocks.context_start[:, None] + tok, blocks.target_start[:, None] + tok - nctx)
+        row = np.where(valid, row, blocks.target_start[:, None])  # padding borrows a real row, masked anyway
+        time_start = h.time_start[row]
+        slot = np.where(is_query, time_start, row)
+        base = np.where(valid, slot, np.iinfo(np.int64).max).min(axis=1, keepdims=True)
+        layout = SequenceLayout(
+            interaction=torch.from_numpy(row),
+            time_start=torch.from_numpy(time_start),
+            is_query=torch.from_numpy(is_query),
+            span=torch.from_numpy(np.where(is_query, row + len(h), row)),
+            valid=torch.from_numpy(valid),
+        )
+        rows_t = torch.from_numpy(row)
+        ctx_t = torch.from_numpy(is_ctx)
+        vectors = self.behavior_table[torch.from_numpy(h.behavior_row[row])]
+        vectors = vectors * ctx_t[..., None].to(vectors.dtype)
+        feedback = torch.where(ctx_t, self._feedback[rows_t], 0)
+        q_b, q_p = np.nonzero(is_query)  # row-major: block order, then target order
+        target_rows = torch.from_numpy(row[q_b, q_p])
+        return PackedBatch(
+            layout=layout,
+            position_ids=torch.from_numpy(np.where(valid, slot - base, 0)),
+            query_index=torch.from_numpy(q_b * length + q_p),
+            target_rows=target_rows,
+            labels=self._labels[target_rows],
+            item_vectors=self.item_table[torch.from_numpy(h.item_row)[target_rows]],
+            behavior_vectors=vectors,
+            feedback=feedback,
+        )
+
+
+class TokenPacker:
+    """Token-level sequences: each context is its behaviour text plus its feedback in words.
+
+    Args:
+        hist: the histories.
+        behavior_texts: text of every behaviour row (indexed by ``hist.behavior_row``).
+        item_table: ``[NI, Dv]`` item vectors.
+        tokenize: texts to token id lists (e.g. :meth:`Backbone.tokenize`).
+        pad_id: token id written at query and padding positions (their embeddings are replaced).
+    """
+
+    def __init__(
+        self,
+        hist: UserHistories,
+        behavior_texts: Sequence[str],
+        item_table: Tensor,
+        tokenize: Callable[[list[str]], list[list[int]]],
+        pad_id: int,
+    ) -> None:
+        self.hist = hist
+        self.behavior_texts = behavior_texts
+        self.item_table = item_table
+        self.tokenize = tokenize
+        self.pad_id = int(pad_id)
+        self._labels = torch.from_numpy(hist.label.astype(np.float32))
+        self._spans: dict[tuple[int, int], np.ndarray] = {}
+
+    def span_tokens(self, rows: np.ndarray) -> list[np.ndarray]:
+        """Token ids of the context span of each history row (cached per behaviour and feedback)."""
+        keys = list(zip(self.hist.behavior_row[rows].tolist(), self.hist.feedback[rows].tolist()))
+        missing = sorted({k for k in keys if k not in self._spans})
+        if missing:
+            texts = [f"{self.behavior_texts[b]} ({feedback_words(f)})" for b, f in missing]
+            for k, ids in zip(missing, self.tokenize(texts)):
+                self._spans[k] = np.asarray(ids, dtype=np.int64)
+        return [self._spans[k] for k in keys]
+
+    def __call__(self, blocks: Blocks) -> PackedBatch:
+        h = self.hist
+        n_rows = len(h)
+        seqs = []
+        for a, b, s, e in zip(blocks.context_start, blocks.context_end, blocks.target_start, blocks.target_end):
+            ctx_rows = np.arange(a, b)
+            spans = self.span_tokens(ctx_rows)
+            lens = np.array([len(x) for x in spans], dtype=np.int64)
+            cum = np.concatenate([[0], np.cumsum(lens)])
+            tgt = np.arange(s, e)
+            ids = np.concatenate(spans + [np.full(len(tgt), self.pad_id, np.int64)])
+            row = np.concatenate([np.repeat(ctx_rows, lens), tgt])
+            within = np.arange(cum[-1]) - np.repeat(cum[:-1], lens)
+            # RoPE position: token offset in the behaviour stream; q_j sits right after its last context.
+            pos = np.concatenate([np.repeat(cum[:-1], lens) + within, cum[h.time_start[tgt] - a]])
+            is_query = np.concatenate([np.zeros(cum[-1], bool), np.ones(len(tgt), bool)])
+            embed_pos = np.concatenate([within, np.zeros(len(tgt), np.int64)])
+            seqs.append((ids, row, pos, is_query, embed_pos))
+        length = max(len(x[0]) for x in seqs)
+        bsz = len(seqs)
+
+        def pad(values, fill, dtype):
+            out = np.full((bsz, length), fill, dtype=dtype)
+            for i, v in enumerate(values):
+                out[i, : len(v)] = v
+            return out
+
+        valid = pad([np.ones(len(x[0]), bool) for x in seqs], False, bool)
+        row = pad([x[1] for x in seqs], 0, np.int64)
+        row = np.where(valid, row, blocks.target_start[:, None])
+        is_query = pad([x[3] for x in seqs], False, bool)
+        q_b, q_p = np.nonzero(is_query)
+        target_rows = torch.from_numpy(row[q_b, q_p])
+        layout = SequenceLayout(
+            interaction=torch.from_numpy(row),
+            time_start=torch.from_numpy(h.time_start[row]),
+            is_query=torch.from_numpy(is_query),
+            span=torch.from_numpy(np.where(is_query, row + n_rows, row)),
+            valid=torch.from_numpy(valid),
+        )
+        return PackedBatch(
+            layout=layout,
+            position_ids=torch.from_numpy(pad([x[2] for x in seqs], 0, np.int64)),
+            query_index=torch.from_numpy(q_b * length + q_p),
+            target_rows=target_rows,
+            labels=self._labels[target_rows],
+            item_vectors=self.item_table[torch.from_numpy(h.item_row)[target_rows]],
+            input_ids=torch.from_numpy(pad([x[0] for x in seqs], self.pad_id, np.int64)),
+            embed_position_ids=torch.from_numpy(pad([x[4] for x in seqs], 0, np.int64)),
+        )

@@ -1,0 +1,371 @@
+"""The fine-tuning recipe: setup, train, evaluate, checkpoint.
+
+The deep layers and the CTR head are trained on the targets of the train split; their contexts
+may be any strictly earlier interaction of the user, whatever its split. Validation runs on the
+valid split after each epoch, and the final AUC / LogLoss are reported on valid and test.
+
+Example::
+
+    from llm_features.finetune import FinetuneConfig, finetune
+    metrics = finetune(FinetuneConfig(data_dir=Path("feast_repo/data"), packing="dti", targets_per_sequence=16))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llm_features.backbone import Backbone, configure_threads
+from llm_features.finetune.checkpoint import (
+    METRICS,
+    TRAINER_STATE,
+    build_model,
+    config_to_dict,
+    load_trainable,
+    read_checkpoint_config,
+    save_checkpoint,
+    write_json,
+    WEIGHTS,
+)
+from llm_features.finetune.config import FinetuneConfig
+from llm_features.finetune.data import FinetuneData, limit_targets, load_finetune_data
+from llm_features.finetune.model import FinetuneModel, count_parameters
+from llm_features.finetune.packing import BehaviorPacker, Blocks, TokenPacker, batch_indices, make_blocks
+
+log = logging.getLogger(__name__)
+
+# Options that may differ between a run and its resumption.
+RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "log_every", "save_every", "device", "num_threads",
+                     "eval_batch_size"}
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve from average ranks (ties count one half); NaN with one class only."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    pos = int(labels.sum())
+    neg = len(labels) - pos
+    if pos == 0 or neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    _, inverse, counts = np.unique(scores[order], return_inverse=True, return_counts=True)
+    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based mean rank of each tie group
+    ranks = np.empty(len(scores))
+    ranks[order] = avg_rank[inverse]
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+
+
+def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Mean binary cross-entropy of the logits."""
+    if len(labels) == 0:
+        return float("nan")
+    x = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+    y = torch.as_tensor(np.asarray(labels, dtype=np.float64))
+    return float(F.binary_cross_entropy_with_logits(x, y))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def make_packer(cfg: FinetuneConfig, data: FinetuneData, backbone: Backbone) -> BehaviorPacker | TokenPacker:
+    if cfg.granularity == "behavior":
+        return BehaviorPacker(data.hist, data.behavior_table, data.item_table)
+    return TokenPacker(data.hist, data.behavior_texts, data.item_table, backbone.tokenize,
+                       pad_id=int(backbone.tokenizer.pad_token_id))
+
+
+def split_blocks(cfg: FinetuneConfig, data: FinetuneData, split: str, k: int, seed_offset: int) -> Blocks:
+    targets = limit_targets(data.hist, data.split_mask(split), cfg.max_targets, cfg.seed + seed_offset)
+    return make_blocks(data.hist, targets, k, cfg.context_size)
+
+
+def epoch_batches(blocks: Blocks, targets_per_batch: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The block indices of each batch of ``epoch``: a pure function of (seed, epoch), so resume can skip ahead."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(blocks))
+    return [order[i] for i in batch_indices(blocks.num_targets[order], targets_per_batch)]
+
+
+@torch.no_grad()
+def predict(
+    model: FinetuneModel, packer, blocks: Blocks, targets_per_batch: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(target rows, labels, logits) of every target in ``blocks``, in block order."""
+    was_training = model.training
+    model.eval()
+    rows, labels, logits = [], [], []
+    for idx in batch_indices(blocks.num_targets, targets_per_batch):
+        batch = packer(blocks.take(idx)).to(device)
+        logits.append(model(batch).float().cpu().numpy())
+        rows.append(batch.target_rows.cpu().numpy())
+        labels.append(batch.labels.cpu().numpy())
+    model.train(was_training)
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return np.concatenate(rows), np.concatenate(labels), np.concatenate(logits)
+
+
+def evaluate(
+    model: FinetuneModel, packer, blocks: Blocks, targets_per_batch: int, device: torch.device,
+    rank: int = 0, world: int = 1,
+) -> dict:
+    """AUC / LogLoss over the targets of ``blocks`` (each rank predicts a share, all ranks get the metrics)."""
+    t0 = time.perf_counter()
+    local = blocks.take(np.arange(rank, len(blocks), world)) if world > 1 else blocks
+    _, labels, logits = predict(model, packer, local, targets_per_batch, device)
+    labels, logits = _gather([labels, logits], world)
+    seconds = time.perf_counter() - t0
+    return {
+        "auc": roc_auc(labels, logits),
+        "logloss": log_loss(labels, logits),
+        "targets": int(len(labels)),
+        "positive_rate": float(labels.mean()) if len(labels) else float("nan"),
+        "seconds": seconds,
+        "targets_per_s": len(labels) / seconds if seconds > 0 else float("nan"),
+    }
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------ distributed
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by ``torchrun`` (gloo on CPU, nccl on GPU)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _shard(idx: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's blocks of one global batch (round robin)."""
+    return idx[rank::world]
+
+
+def _gather(arrays: list[np.ndarray], world: int) -> list[np.ndarray]:
+    if world == 1:
+        return arrays
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, arrays)
+    return [np.concatenate([o[i] for o in out]) for i in range(len(arrays))]
+
+
+# ------------------------------------------------------------------------------------------ recipe
+def finetune(
+    cfg: FinetuneConfig, *, backbone: Backbone | None = None, data: FinetuneData | None = None
+) -> dict[str, Any]:
+    """Train, evaluate and checkpoint; returns the metrics also written to ``<out>/metrics.json``.
+
+    Args:
+        cfg: every option of the run.
+        backbone: an already loaded backbone matching ``cfg`` (tests, notebooks); loaded if None.
+        data: already loaded data (tests); read from ``cfg.data_dir`` if None.
+    """
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    rank, world = init_distributed(device)
+    configure_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    backbone = backbone or Backbone.load(cfg.backbone_config(), device=device)
+    if data is None:
+        data = load_finetune_data(
+            cfg.data_dir, backbone.fingerprint, feedback=cfg.feedback,
+            need_behavior_vectors=cfg.granularity == "behavior", limit_users=cfg.limit_users, seed=cfg.seed,
+        )
+    item_dim = int(data.item_table.shape[1])
+    model = build_model(cfg, backbone, item_dim)
+    if cfg.granularity == "behavior":
+        model.init_query(data.behavior_table.mean(0))
+    else:
+        first = backbone.tokenizer.cls_token_id or backbone.tokenizer.bos_token_id
+        if first is not None:
+            with torch.no_grad():
+                model.init_query(backbone.embed(torch.tensor([[first]], device=backbone.device))[0, 0].float().cpu())
+    model.to(device)
+    packer = make_packer(cfg, data, backbone)
+
+    train_blocks = split_blocks(cfg, data, "train", cfg.k, 0)
+    valid_blocks = split_blocks(cfg, data, "valid", cfg.eval_k, 1)
+    test_blocks = split_blocks(cfg, data, "test", cfg.eval_k, 2)
+    if len(train_blocks) == 0:
+        raise ValueError("no training targets: the train split of this workspace is empty")
+    steps_per_epoch = len(batch_indices(train_blocks.num_targets, cfg.batch_size))
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.head_lr, cfg.weight_decay))
+    # DDP averages gradients over ranks: each rank's loss is its share of the global batch mean, times world.
+    forward = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps))
+    out = Path(cfg.out)
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "train_targets": 0,
+                             "history": []}
+    if cfg.resume and (out / TRAINER_STATE).exists():
+        saved_cfg, _, _ = read_checkpoint_config(out)
+        changed = [k for k, v in config_to_dict(saved_cfg).items()
+                   if k not in RESUMABLE_CHANGES and config_to_dict(cfg)[k] != v]
+        if changed:
+            raise ValueError(f"--resume: {out} was trained with different {', '.join(changed)}; "
+                             "resume with the same options or choose a new --out")
+        load_trainable(model, out / WEIGHTS)
+        saved = torch.load(out / TRAINER_STATE, weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+        _set_rng_state(saved["rng"])
+        log.info("resuming from %s at step %d (epoch %d, batch %d)", out, state["step"], state["epoch"],
+                 state["batch"])
+
+    def checkpoint() -> None:
+        if rank != 0:
+            return
+        save_checkpoint(out, model, cfg, item_dim=item_dim, trainer_state={
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
+            "rng": _rng_state(),
+        })
+
+    log.info(
+        "finetune: %s level, %s (k=%d, n=%d, leakage=%s), %d train targets in %d sequences, %d steps; "
+        "%d trainable parameters", cfg.granularity, cfg.packing, cfg.k, cfg.context_size, cfg.leakage,
+        int(train_blocks.num_targets.sum()), len(train_blocks), total_steps, count_parameters(model),
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    done = state["step"] >= total_steps
+    while not done and state["epoch"] < cfg.epochs:
+        batches = epoch_batches(train_blocks, cfg.batch_size, cfg.seed, state["epoch"])
+        window_loss, window_targets, t_window = 0.0, 0, time.perf_counter()
+        epoch_loss, epoch_targets = 0.0, 0
+        while state["batch"] < len(batches):
+            t0 = time.perf_counter()
+            global_idx = batches[state["batch"]]
+            global_targets = int(train_blocks.num_targets[global_idx].sum())
+            local_idx = _shard(global_idx, rank, world)
+            weight = 1.0
+            if len(local_idx) == 0:  # fewer blocks than ranks: run one block with zero weight to keep DDP in step
+                local_idx, weight = global_idx[:1], 0.0
+            batch = packer(train_blocks.take(local_idx)).to(device)
+            logits = forward(batch)
+            loss_sum = F.binary_cross_entropy_with_logits(logits.float(), batch.labels.float(), reduction="sum")
+            loss = loss_sum * (weight * world / global_targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            state["step"] += 1
+            state["batch"] += 1
+            state["train_targets"] += global_targets
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            state["train_seconds"] += time.perf_counter() - t0
+            batch_loss = loss.detach() * global_targets / world  # this rank's share of the batch loss
+            if world > 1:
+                torch.distributed.all_reduce(batch_loss)
+            batch_loss = float(batch_loss)
+            window_loss += batch_loss
+            epoch_loss += batch_loss
+            window_targets += global_targets
+            epoch_targets += global_targets
+            if cfg.log_every and state["step"] % cfg.log_every == 0:
+                log.info("step %d/%d epoch %d: loss %.4f, %.0f targets/s", state["step"], total_steps,
+                         state["epoch"], window_loss / window_targets,
+                         window_targets / (time.perf_counter() - t_window))
+                window_loss, window_targets, t_window = 0.0, 0, time.perf_counter()
+            if state["step"] >= total_steps:
+                done = True
+                break
+            if cfg.save_every and state["step"] % cfg.save_every == 0:
+                checkpoint()
+        if state["batch"] >= len(batches):
+            state["epoch"] += 1
+            state["batch"] = 0
+        if len(valid_blocks) and state["batch"] == 0 and not done:
+            v = evaluate(model, packer, valid_blocks, cfg.eval_batch_size, device, rank, world)
+            state["history"].append({"epoch": state["epoch"], "step": state["step"], "valid": v,
+                                     "train_loss": epoch_loss / max(1, epoch_targets)})
+            log.info("epoch %d step %d: valid AUC %.4f LogLoss %.4f", state["epoch"], state["step"], v["auc"],
+                     v["logloss"])
+        checkpoint()
+
+    valid = evaluate(model, packer, valid_blocks, cfg.eval_batch_size, device, rank, world)
+    test = evaluate(model, packer, test_blocks, cfg.eval_batch_size, device, rank, world)
+    metrics = {
+        "valid": valid,
+        "test": test,
+        "auc": test["auc"],
+        "logloss": test["logloss"],
+        "train_seconds": state["train_seconds"],
+        "train_targets": state["train_targets"],
+        "train_sequences": int(len(train_blocks)),
+        "targets_per_s": state["train_targets"] / state["train_seconds"] if state["train_seconds"] else float("nan"),
+        "steps": state["step"],
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "trainable_parameters": count_parameters(model),
+        "history": state["history"],
+        "wall_seconds": time.perf_counter() - started,
+        "device": str(device),
+        "fingerprint": backbone.fingerprint.to_dict(),
+        "options": config_to_dict(cfg),
+    }
+    metrics["world_size"] = world
+    checkpoint()
+    if rank == 0:
+        write_json(out / METRICS, metrics)
+    log.info("test AUC %.4f LogLoss %.4f; %.0f train targets/s; checkpoint in %s", test["auc"], test["logloss"],
+             metrics["targets_per_s"], out)
+    return metrics
+
+
+__all__ = ["evaluate", "finetune", "log_loss", "peak_rss_mb", "predict", "roc_auc"]

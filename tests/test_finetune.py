@@ -1,0 +1,436 @@
+"""Fine-tuning: k = 1 is the sliding window exactly, no target sees its label or the future, the recipe runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from click.testing import CliRunner
+
+from llm_features.backbone import Backbone, BackboneConfig
+from llm_features.fingerprint import FINGERPRINT_METADATA_KEY
+from llm_features.finetune import FinetuneConfig, FinetuneModel, load_finetuned, roc_auc
+from llm_features.finetune.data import load_finetune_data
+from llm_features.finetune.masks import LEAKAGE_VARIANTS
+from llm_features.finetune.packing import (
+    NUM_FEEDBACK,
+    BehaviorPacker,
+    TokenPacker,
+    UserHistories,
+    feedback_words,
+    make_blocks,
+)
+from llm_features.finetune.checkpoint import config_to_dict
+from llm_features.finetune.train import finetune, log_loss, predict
+from llm_features.parquet_io import embedding_array, utc_us, write_part
+from llm_features.workspace import Workspace
+
+N_BEHAVIORS, N_ITEMS, DIM = 9, 6, 32
+TEXTS = [f"movie {i} ({1990 + i}) | genre {'abc'[i % 3]}" for i in range(N_BEHAVIORS)]
+
+
+@pytest.fixture(scope="module")
+def backbones(tiny_bert_dir, tiny_llama_dir):
+    return {
+        "bert": Backbone.load(BackboneConfig(model=tiny_bert_dir, split_layer=2)),
+        "llama": Backbone.load(BackboneConfig(model=tiny_llama_dir, split_layer=2)),
+    }
+
+
+def random_arrays(seed: int, users: int = 3, max_len: int = 14):
+    rng = np.random.default_rng(seed)
+    user, time = [], []
+    for u in range(users):
+        m = int(rng.integers(2, max_len))
+        steps = np.where(rng.random(m) < 0.35, 0, rng.integers(1, 4, m))
+        user += [u] * m
+        time += list(np.cumsum(steps))
+    n = len(user)
+    label = rng.integers(0, 2, n)
+    return dict(
+        user=np.array(user), time=np.array(time), behavior_row=rng.integers(0, N_BEHAVIORS, n),
+        item_row=rng.integers(0, N_ITEMS, n), label=label, feedback=rng.integers(0, NUM_FEEDBACK, n),
+    )
+
+
+def make_model(backbone, granularity, leakage, n, seed=0, distance_bias="auto"):
+    torch.manual_seed(seed)
+    model = FinetuneModel(backbone, granularity=granularity, context_size=n, leakage=leakage,
+                          distance_bias=distance_bias)
+    with torch.no_grad():  # make every new part non-trivial
+        if model.distance_bias is not None and model.distance_bias.kind == "learned":
+            model.distance_bias.table.normal_(0, 1.0)
+        model.query.normal_(0, 1.0)
+        if model.feedback is not None:
+            model.feedback.weight.normal_(0, 1.0)
+    return model.eval()
+
+
+def packer_for(model, hist, tables):
+    if model.granularity == "behavior":
+        return BehaviorPacker(hist, tables["e"], tables["v"])
+    bb = model.backbone
+    return TokenPacker(hist, TEXTS, tables["v"], bb.tokenize, pad_id=int(bb.tokenizer.pad_token_id))
+
+
+def tables(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"e": torch.randn(N_BEHAVIORS, DIM, generator=g), "v": torch.randn(N_ITEMS, DIM, generator=g)}
+
+
+def all_logits(model, hist, tabs, k, n):
+    blocks = make_blocks(hist, np.ones(len(hist), bool), k, n)
+    rows, _, logits = predict(model, packer_for(model, hist, tabs), blocks, 64, torch.device("cpu"))
+    return dict(zip(rows.tolist(), logits.tolist()))
+
+
+# --------------------------------------------------------------------------- the reference sliding window
+@torch.no_grad()
+def sliding_window_reference(model: FinetuneModel, hist: UserHistories, tabs, n: int) -> dict[int, float]:
+    """One plain sequence per target, written from the definitions (timestamps, not the packing code)."""
+    bb = model.backbone
+    out = {}
+    for j in range(len(hist)):
+        same_user = [h for h in range(len(hist)) if hist.user_start[h] == hist.user_start[j]]
+        earlier = [h for h in same_user if hist.time[h] < hist.time[j]]
+        ctx = earlier[max(0, len(earlier) - n):]
+        # per token: (span, slot, is_query); spans are contexts then the query
+        if model.granularity == "behavior":
+            x = [tabs["e"][hist.behavior_row[h]] + model.feedback.weight[hist.feedback[h]] for h in ctx]
+            x.append(model.query)
+            x = torch.stack(x)[None]
+            spans = list(range(len(ctx) + 1))
+            rope = list(range(len(ctx) + 1))
+            causal = False
+        else:
+            ids, spans, rope, emb_pos = [], [], [], []
+            for s, h in enumerate(ctx):
+                t = bb.tokenize([f"{TEXTS[hist.behavior_row[h]]} ({feedback_words(int(hist.feedback[h]))})"])[0]
+                ids += t
+                spans += [s] * len(t)
+                emb_pos += list(range(len(t)))
+            rope = list(range(len(ids) + 1))
+            ids.append(int(bb.tokenizer.pad_token_id))
+            spans.append(len(ctx))
+            emb_pos.append(0)
+            x = bb.embed(torch.tensor([ids]), torch.tensor([emb_pos]))
+            x[0, -1] = model.query
+            causal = bb.family == "decoder"
+        slot = [ctx[s] if s < len(ctx) else hist.time_start[j] for s in spans]
+        length = len(spans)
+        allowed = torch.zeros(length, length, dtype=torch.bool)
+        for p in range(length):
+            for t in range(length):
+                if spans[p] == spans[t]:
+                    allowed[p, t] = t <= p or not causal
+                elif spans[t] == len(ctx):
+                    allowed[p, t] = False  # nobody sees the query
+                elif spans[p] == len(ctx):
+                    allowed[p, t] = True  # the query sees its whole window
+                elif model.leakage != "isolated":
+                    allowed[p, t] = bool(hist.time[ctx[spans[t]]] < hist.time[ctx[spans[p]]])
+        bias = torch.zeros(1, 1, length, length)
+        if model.distance_bias is not None:
+            d = torch.tensor(slot)[:, None] - torch.tensor(slot)[None, :]
+            bias = model.distance_bias(d.clamp(min=0)[None])
+        bias = bias.masked_fill(~allowed[None, None], torch.finfo(torch.float32).min)
+        pos = torch.tensor([rope])
+        if model.granularity == "token":
+            x = bb.shallow(x, bias, pos)
+        h = bb.deep(x, bias, pos)[0, -1]
+        item = tabs["v"][hist.item_row[j]]
+        out[j] = float(model.head(h[None], item[None])[0])
+    return out
+
+
+@pytest.mark.parametrize("granularity", ["behavior", "token"])
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("leakage", LEAKAGE_VARIANTS)
+def test_k1_reproduces_sliding_window_logits(backbones, kind, granularity, leakage):
+    n = 4
+    hist = UserHistories.from_arrays(**random_arrays(0))
+    tabs = tables()
+    model = make_model(backbones[kind], granularity, leakage, n)
+    want = sliding_window_reference(model, hist, tabs, n)
+    got = all_logits(model, hist, tabs, 1, n)
+    assert got.keys() == want.keys()
+    for j in want:
+        assert got[j] == pytest.approx(want[j], abs=1e-5, rel=1e-5), j
+    if leakage == "isolated":  # exact isolation: any k gives the sliding-window logits
+        got_k = all_logits(model, hist, tabs, 5, n)
+        for j in want:
+            assert got_k[j] == pytest.approx(want[j], abs=1e-5, rel=1e-5), j
+
+
+@pytest.mark.parametrize("kind,distance_bias", [("bert", "alibi"), ("llama", "learned"), ("bert", "none")])
+def test_k1_reproduces_sliding_window_with_any_distance_bias(backbones, kind, distance_bias):
+    n = 4
+    hist = UserHistories.from_arrays(**random_arrays(1))
+    tabs = tables()
+    model = make_model(backbones[kind], "behavior", "windowed", n, distance_bias=distance_bias)
+    want = sliding_window_reference(model, hist, tabs, n)
+    got = all_logits(model, hist, tabs, 1, n)
+    for j in want:
+        assert got[j] == pytest.approx(want[j], abs=1e-5, rel=1e-5), j
+
+
+# --------------------------------------------------------------------------- no label, no future
+def _keyed(hist, logits):
+    """Logits keyed by (user id, index within the user): stable when other users' rows shift."""
+    user = np.repeat(hist.user_ids, np.diff(hist.offsets))
+    return {(int(user[r]), r - int(hist.user_start[r])): v for r, v in logits.items()}
+
+
+@pytest.mark.parametrize("granularity", ["behavior", "token"])
+@pytest.mark.parametrize("leakage", LEAKAGE_VARIANTS)
+def test_logit_independent_of_own_label_and_later_interactions(backbones, granularity, leakage):
+    n = 3
+    tabs = tables()
+    for seed in range(3 if granularity == "behavior" else 2):
+        rng = np.random.default_rng(100 + seed)
+        kind = ["bert", "llama"][seed % 2]
+        model = make_model(backbones[kind], granularity, leakage, n, seed=seed)
+        base = random_arrays(seed + 10)
+        hist = UserHistories.from_arrays(**base)
+        cut = int(rng.choice(hist.time))  # everything at or after `cut` changes
+        for k in (1, 4):
+            before = _keyed(hist, all_logits(model, hist, tabs, k, n))
+            changed = {key: v.copy() for key, v in base.items()}
+            at_or_after = changed["time"] >= cut
+            after = changed["time"] > cut
+            m = int(at_or_after.sum())
+            changed["label"][at_or_after] = 1 - changed["label"][at_or_after]
+            changed["feedback"][at_or_after] = rng.integers(0, NUM_FEEDBACK, m)
+            changed["behavior_row"][at_or_after] = rng.integers(0, N_BEHAVIORS, m)
+            changed["item_row"][after] = rng.integers(0, N_ITEMS, int(after.sum()))
+            hist2 = UserHistories.from_arrays(**changed)
+            after_change = _keyed(hist2, all_logits(model, hist2, tabs, k, n))
+            # and with the later interactions gone altogether
+            keep = base["time"] <= cut
+            hist3 = UserHistories.from_arrays(**{key: v[keep] for key, v in changed.items()})
+            truncated = _keyed(hist3, all_logits(model, hist3, tabs, k, n))
+            user = np.repeat(hist.user_ids, np.diff(hist.offsets))
+            for row in range(len(hist)):
+                key = (int(user[row]), row - int(hist.user_start[row]))
+                value = before[key]
+                if hist.time[row] <= cut:
+                    assert after_change[key] == pytest.approx(value, abs=1e-5), (seed, k, key)
+                    assert truncated[key] == pytest.approx(value, abs=1e-5), (seed, k, key)
+
+
+def test_equal_timestamp_interactions_are_not_context(backbones):
+    n = 5
+    base = dict(user=np.zeros(5), time=np.array([0, 1, 2, 2, 2]), behavior_row=np.array([0, 1, 2, 3, 4]),
+                item_row=np.array([0, 1, 2, 3, 4]), label=np.array([1, 0, 1, 0, 1]), feedback=np.array([1, 0, 1, 0, 1]))
+    tabs = tables()
+    for leakage in LEAKAGE_VARIANTS:
+        model = make_model(backbones["bert"], "behavior", leakage, n)
+        ref = all_logits(model, UserHistories.from_arrays(**base), tabs, 3, n)
+        for other in (2, 3, 4):  # change one tied interaction: the two others at t=2 do not move
+            changed = {k: v.copy() for k, v in base.items()}
+            changed["behavior_row"][other] = 8
+            changed["feedback"][other] = 7
+            got = all_logits(model, UserHistories.from_arrays(**changed), tabs, 3, n)
+            for j in (2, 3, 4):
+                if j != other:
+                    assert got[j] == pytest.approx(ref[j], abs=1e-6), (leakage, other, j)
+        # but an earlier interaction is context
+        changed = {k: v.copy() for k, v in base.items()}
+        changed["feedback"][1] = 5
+        got = all_logits(model, UserHistories.from_arrays(**changed), tabs, 3, n)
+        assert got[3] != pytest.approx(ref[3], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- metrics
+def test_auc_and_logloss():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = np.round(rng.normal(size=200) + y, 1)  # with ties
+    pos, neg = s[y == 1], s[y == 0]
+    pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
+    assert roc_auc(y, s) == pytest.approx(pairs)
+    assert np.isnan(roc_auc(np.ones(3), np.arange(3)))
+    p = 1 / (1 + np.exp(-s))
+    assert log_loss(y, s) == pytest.approx(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+# --------------------------------------------------------------------------- the recipe on a tiny workspace
+@pytest.fixture(scope="module")
+def tiny_workspace(tmp_path_factory, backbones):
+    """Canonical interactions + embedding parts encoded by the tiny BERT (split at 2)."""
+    bb = backbones["bert"]
+    root = tmp_path_factory.mktemp("ws")
+    ws = Workspace.at(root)
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(24):
+        taste = 0 if u % 4 else rng.integers(1, 3)  # most users like genre 0: the item alone is predictive
+        t = 0
+        for _ in range(int(rng.integers(8, 20))):
+            t += int(rng.integers(0, 3)) * 3600
+            b = int(rng.integers(0, N_BEHAVIORS))
+            rating = float(rng.integers(3, 6) if b % 3 == taste else rng.integers(1, 4))
+            rows.append((u, b, 946684800 + t, rating))
+    rows.sort(key=lambda r: (r[2], r[0], r[1]))
+    user, item, ts, rating = (np.array(c) for c in zip(*rows))
+    cut1, cut2 = np.quantile(ts, [0.7, 0.85])
+    split = np.where(ts < cut1, "train", np.where(ts < cut2, "valid", "test"))
+    table = pa.table({
+        "user_id": pa.array(user, pa.int64()), "item_id": pa.array(item, pa.int64()),
+        "event_timestamp": utc_us(pa.array(ts * 1_000_000, pa.timestamp("us"))),
+        "behavior_id": pa.array(item + 1000, pa.int64()),
+        "behavior_text": pa.array([TEXTS[i] for i in item]),
+        "label": pa.array((rating > 3).astype(np.int8)), "rating": pa.array(rating, pa.float32()),
+        "split": pa.array(split),
+    })
+    from llm_features.parquet_io import write_table_atomic
+
+    write_table_atomic(table, ws.interactions)
+    vecs = bb.encode_texts(TEXTS).numpy()
+    meta = {FINGERPRINT_METADATA_KEY: bb.fingerprint.to_json()}
+    first = pa.array(np.full(N_BEHAVIORS, 946684800 * 1_000_000), pa.timestamp("us", tz="UTC"))
+    write_part(ws.atomic_behavior_embeddings, pa.table({
+        "behavior_id": pa.array(np.arange(N_BEHAVIORS) + 1000, pa.int64()),
+        "behavior_embedding": embedding_array(vecs), "event_timestamp": first}), metadata=meta)
+    write_part(ws.item_embeddings, pa.table({
+        "item_id": pa.array(np.arange(N_BEHAVIORS), pa.int64()),
+        "item_embedding": embedding_array(vecs), "event_timestamp": first}), metadata=meta)
+    ws.claim_fingerprint(bb.fingerprint)
+    return root
+
+
+def _cfg(tiny_bert_dir, root, out, **kw):
+    base = dict(model=tiny_bert_dir, split_layer=2, data_dir=root, out=out, context_size=4, targets_per_sequence=4,
+                batch_size=16, eval_batch_size=64, warmup_steps=2, head_hidden=16, log_every=0, lr=1e-3)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def test_load_finetune_data(tiny_workspace, backbones):
+    data = load_finetune_data(tiny_workspace, backbones["bert"].fingerprint)
+    assert data.behavior_table.shape == (N_BEHAVIORS, DIM)
+    assert (np.diff(data.hist.time)[np.diff(data.hist.user_start) == 0] >= 0).all()
+    assert set(np.unique(data.hist.split)) == {0, 1, 2}
+    assert (data.hist.feedback >= 2).all()  # ratings known
+    other = Backbone.load(BackboneConfig(model=backbones["bert"].cfg.model, split_layer=1)).fingerprint
+    with pytest.raises(Exception, match="split_layer"):
+        load_finetune_data(tiny_workspace, other)
+
+
+@pytest.mark.parametrize("granularity,packing,lora", [
+    ("behavior", "dti", False), ("behavior", "sliding-window", False), ("behavior", "dti", True),
+    ("token", "dti", False),
+])
+def test_finetune_writes_checkpoint_and_metrics(tiny_bert_dir, tiny_workspace, tmp_path, granularity, packing,
+                                                  lora):
+    out = tmp_path / "ckpt"
+    cfg = _cfg(tiny_bert_dir, tiny_workspace, out, granularity=granularity, packing=packing, lora=lora, epochs=2)
+    m = finetune(cfg)
+    assert {"auc", "logloss", "train_seconds", "targets_per_s", "peak_rss_mb", "valid", "test", "options"} <= set(m)
+    assert 0 <= m["test"]["auc"] <= 1 and m["test"]["targets"] > 0 and m["train_targets"] > 0
+    assert json.loads((out / "metrics.json").read_text())["auc"] == pytest.approx(m["auc"], nan_ok=True)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["finetune"]["packing"] == packing and saved["fingerprint"]["split_layer"] == 2
+    if lora:
+        assert all("lora_" in n or not n.startswith("backbone.") for n in saved["trainable"])
+        assert any("lora_" in n for n in saved["trainable"])
+    # the checkpoint reloads into the same predictions
+    model, cfg2 = load_finetuned(out)
+    assert cfg2 == cfg
+    from llm_features.finetune.train import evaluate, make_packer, split_blocks
+
+    data = load_finetune_data(tiny_workspace, model.backbone.fingerprint, need_behavior_vectors=True)
+    again = evaluate(model, make_packer(cfg, data, model.backbone), split_blocks(cfg, data, "test", cfg.eval_k, 2),
+                     64, torch.device("cpu"))
+    assert again["auc"] == pytest.approx(m["test"]["auc"], abs=1e-6)
+    assert again["logloss"] == pytest.approx(m["test"]["logloss"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_training_learns_the_signal(tiny_bert_dir, tiny_workspace, tmp_path):
+    """Most users like one genre: a few epochs of DTI must lower the loss and beat chance on held-out data."""
+    m = finetune(_cfg(tiny_bert_dir, tiny_workspace, tmp_path / "c", epochs=4, head_lr=3e-3))
+    losses = [h["train_loss"] for h in m["history"]]
+    assert losses[-1] < losses[0], m["history"]
+    assert m["valid"]["auc"] > 0.65 and m["test"]["auc"] > 0.65, (m["valid"], m["test"])
+
+
+def test_resume_gives_identical_metrics(tiny_bert_dir, tiny_workspace, tmp_path):
+    full = finetune(_cfg(tiny_bert_dir, tiny_workspace, tmp_path / "full", epochs=2))
+    # same run, stopped after 3 steps, then resumed
+    part = _cfg(tiny_bert_dir, tiny_workspace, tmp_path / "part", epochs=2, save_every=3)
+    import llm_features.finetune.train as tr
+
+    class Stop(Exception):
+        pass
+
+    real = tr.save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_stop(*a, **kw):
+        real(*a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise Stop
+
+    tr.save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(Stop):
+            finetune(part)
+    finally:
+        tr.save_checkpoint = real
+    resumed = finetune(FinetuneConfig(**{**part.__dict__, "resume": True}))
+    assert resumed["steps"] == full["steps"]
+    assert resumed["test"]["auc"] == pytest.approx(full["test"]["auc"], abs=1e-7)
+    assert resumed["test"]["logloss"] == pytest.approx(full["test"]["logloss"], abs=1e-7)
+
+
+def test_cli(tiny_bert_dir, tiny_workspace, tmp_path):
+    from llm_features.cli import main
+
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(main, [
+        "finetune", "--model", str(tiny_bert_dir), "--split-layer", "2", "--data-dir", str(tiny_workspace),
+        "--out", str(out), "--packing", "dti", "--targets-per-sequence", "4", "--context-size", "4",
+        "--leakage", "isolated", "--max-steps", "3", "--batch-size", "16", "--head-hidden", "8",
+    ])
+    assert res.exit_code == 0, res.output
+    assert "test AUC" in res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 3 and m["options"]["leakage"] == "isolated"
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_match_one(tiny_bert_dir, tiny_workspace, tmp_path):
+    """torchrun + gloo, 2 ranks, same global batch: the same training as one process (dropout off)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    opts = dict(epochs=2, dropout=0.0, num_threads=1, batch_size=24)
+    single = finetune(_cfg(tiny_bert_dir, tiny_workspace, tmp_path / "one", **opts))
+    cfg = _cfg(tiny_bert_dir, tiny_workspace, tmp_path / "two", **opts)
+    args = []
+    for k, v in config_to_dict(cfg).items():
+        if v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        args += [flag] if v is True else [flag, str(v)]
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "--no-python", os.path.join(os.path.dirname(sys.executable),
+         "llmfeat"), "finetune", *args], capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2
+    assert two["steps"] == single["steps"] and two["train_targets"] == single["train_targets"]
+    for split in ("valid", "test"):
+        assert two[split]["targets"] == single[split]["targets"]
+        assert two[split]["auc"] == pytest.approx(single[split]["auc"], abs=1e-4)
+        assert two[split]["logloss"] == pytest.approx(single[split]["logloss"], abs=1e-4)
