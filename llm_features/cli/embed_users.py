@@ -1,0 +1,30 @@
+"""``llmfeat embed-users``: aggregated user embeddings of a fine-tuned checkpoint -> ``user_embeddings/``."""
+
+from __future__ import annotations
+
+import click
+
+from llm_features.config import dataclass_options
+from llm_features.embed_users import EmbedUsersConfig
+
+
+@click.command("embed-users")
+@dataclass_options(EmbedUsersConfig)
+def command(cfg: EmbedUsersConfig) -> None:
+    """Run the fine-tuned deep layers over each user's last n behaviours; write user_embeddings/ parts.
+
+    A row stamped T uses only interactions strictly before T (point-in-time correct for Feast's
+    get_historical_features). Incremental: only snapshots not yet exported are computed, and a
+    killed run resumes from its last finished part. Rows of another checkpoint are refused
+    (--overwrite replaces them).
+
+    Example: llmfeat embed-users --checkpoint runs/finetune --cadence event
+    """
+    from llm_features.embed_users import CheckpointMismatchError, LateInteractionsError, embed_users
+    from llm_features.fingerprint import FingerprintMismatchError
+
+    try:
+        report = embed_users(cfg)
+    except (CheckpointMismatchError, LateInteractionsError, FingerprintMismatchError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(report.summary())

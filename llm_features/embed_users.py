@@ -1,0 +1,562 @@
+"""``llmfeat embed-users``: fine-tuned deep layers over each user's recent behaviours -> ``user_embeddings/``.
+
+A user-embedding row stamped ``T`` is the query-token output ``u`` of the fine-tuned model over the
+user's last ``n`` interactions strictly before ``T`` (context tokens ``c_i = e_i + F[f_i]``, then the
+query token ``Q``). It is computed by the training code path itself: the same
+:class:`~llm_features.finetune.packing.BehaviorPacker` (or ``TokenPacker``), the same attention mask
+and :meth:`FinetuneModel.user_states`, with ``k = 1`` (one sequence per snapshot: the sliding
+window, what ``k = 1`` training and evaluation see). With ``leakage="isolated"`` DTI packing gives
+exactly the ``k = 1`` states for any ``k``, so snapshots are then packed ``k`` per sequence (much
+faster); with the other leakage variants a ``k > 1`` can be forced (``--targets-per-sequence``) but
+is then a different (DTI-packed) state, and the checkpoint identity records it.
+
+Snapshot cadences (mirroring :mod:`llm_features.recent`):
+
+* ``event``: a row at each distinct interaction timestamp ``T`` of the user, holding only
+  interactions strictly before ``T``, plus a final row at (last interaction + 1 s);
+* ``day``: a row at the start of each UTC day with activity (interactions before that day), plus a
+  final row at the start of the day after the last active day;
+* ``last``: only the final row (last interaction + 1 s): a fast refresh of the online store.
+
+A snapshot with no earlier interaction (the user's first timestamp / first day) gets no row; users
+without history have no embedding, and the ranker handles the missing value.
+
+Incremental and atomic: existing rows are read back first, and only the (user, stamp) snapshots
+not yet exported are computed, in chunks of users; each chunk is one part file named after
+(checkpoint id, cadence, n, user range, content digest) and written atomically, so a killed run
+resumes without duplicates and a rerun with no new interactions writes nothing. Rows of a
+different checkpoint (or ``n``) are refused unless ``overwrite`` removes them first. Each part
+records, per user, its newest stamp and how many interactions lay before it; interactions that
+arrive late (before an already exported stamp) are detected and refused (``overwrite`` recomputes).
+
+Example::
+
+    from llm_features.embed_users import EmbedUsersConfig, embed_users
+    report = embed_users(EmbedUsersConfig(checkpoint=Path("runs/finetune"), cadence="event"))
+    print(report.summary())
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from llm_features.backbone import configure_threads
+from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, FingerprintMismatchError
+from llm_features.finetune.checkpoint import CONFIG, WEIGHTS, load_finetuned
+from llm_features.finetune.data import FinetuneData, load_finetune_data
+from llm_features.finetune.model import FinetuneModel
+from llm_features.finetune.packing import UserHistories, batch_indices, make_blocks
+from llm_features.parquet_io import embedding_array, file_metadata, list_parts, utc_us, write_part
+from llm_features.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+Cadence = Literal["event", "day", "last"]
+CHECKPOINT_METADATA_KEY = "llmfeat.checkpoint"
+STATE_METADATA_KEY = "llmfeat.embed_users"
+PLACEHOLDER_PART = "empty-schema.parquet"  # feast_repo/feature_definitions.py
+PLACEHOLDER_METADATA_KEY = "llmfeat.placeholder"
+PART_PREFIX = "users"
+US_PER_S = 1_000_000
+US_PER_DAY = 86_400 * US_PER_S
+DEFAULT_EXACT_K = 32
+SCHEMA = pa.schema([
+    ("user_id", pa.int64()),
+    ("user_embedding", pa.list_(pa.float32())),
+    ("event_timestamp", pa.timestamp("us", tz="UTC")),
+])
+# FinetuneConfig options that do not change what a checkpoint computes.
+_NON_SEMANTIC = {"out", "data_dir", "device", "num_threads", "log_every", "save_every", "resume"}
+
+
+class CheckpointMismatchError(RuntimeError):
+    """user_embeddings/ already holds rows of another checkpoint (or other serving options)."""
+
+
+class LateInteractionsError(RuntimeError):
+    """Interactions changed before a stamp that is already exported: those rows would be stale."""
+
+
+@dataclass
+class EmbedUsersConfig:
+    """Export aggregated user embeddings (query-token outputs of a fine-tuned checkpoint)."""
+
+    checkpoint: Path = field(default=Path("runs/finetune"), metadata={
+        "help": "Checkpoint directory written by `llmfeat finetune --out`."})
+    data_dir: Path | None = field(default=None, metadata={
+        "help": "Workspace data directory (default: $LLMFEAT_DATA_DIR or feast_repo/data)."})
+    cadence: Literal["event", "day", "last"] = field(default="event", metadata={
+        "help": "event: a row at every distinct interaction time (+ a final row); day: at each active day's "
+                "start (+ a final row); last: only the final, current row per user (fast online refresh)."})
+    context_size: int | None = field(default=None, metadata={
+        "help": "n: strictly earlier interactions per embedding (default: the checkpoint's, as trained)."})
+    targets_per_sequence: int | None = field(default=None, metadata={
+        "help": f"k snapshots packed per sequence (default: {DEFAULT_EXACT_K} for leakage=isolated, where it "
+                "is exact, else 1 = the sliding window)."})
+    batch_size: int = field(default=1024, metadata={"help": "Snapshots per forward pass."})
+    users_per_part: int = field(default=512, metadata={
+        "help": "Users per part file (the unit a killed run resumes from)."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Delete existing user_embeddings parts of another checkpoint (or stale ones) first."})
+    device: str = field(default="auto", metadata={
+        "help": "cpu, cuda, cuda:N, or auto (cuda when available)."})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "CPU threads for torch (default: the cores this process may use)."})
+
+
+@dataclass
+class EmbedUsersReport:
+    checkpoint_id: str
+    cadence: str
+    context_size: int
+    targets_per_sequence: int
+    exact: bool
+    """True when the rows are the k = 1 (sliding-window) states."""
+    users: int
+    """Users with at least one exported row after this run."""
+    rows_written: int
+    rows_existing: int
+    parts_written: list[str]
+    seconds: float
+    compute_seconds: float
+    forward_states: int
+    """Query states computed (>= rows_written: packed runs compute tied timestamps too)."""
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows_written / self.compute_seconds if self.compute_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"user_embeddings: {self.rows_written} new rows in {len(self.parts_written)} parts "
+            f"({self.rows_existing} already there; cadence {self.cadence}, n={self.context_size}, "
+            f"k={self.targets_per_sequence}{', exact' if self.exact else ''}) in {self.seconds:.1f}s "
+            f"({self.rows_per_s:.0f} rows/s), checkpoint {self.checkpoint_id}"
+        )
+
+
+# ----------------------------------------------------------------------------------- checkpoint identity
+def checkpoint_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """What identifies a checkpoint's embeddings: a hash of its weights and its (semantic) options."""
+    path = Path(path)
+    meta = json.loads((path / CONFIG).read_text())
+    h = hashlib.sha256()
+    with open(path / WEIGHTS, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    weights = h.hexdigest()
+    options = {k: v for k, v in meta["finetune"].items() if k not in _NON_SEMANTIC}
+    blob = json.dumps({"weights": weights, "options": options, "fingerprint": meta["fingerprint"]["digest"]},
+                      sort_keys=True, default=str)
+    return {
+        "id": hashlib.sha256(blob.encode()).hexdigest()[:16],
+        "weights_sha256": weights,
+        "path": str(path.resolve()),
+        "fingerprint": meta["fingerprint"]["digest"],
+        "granularity": options.get("granularity"),
+        "leakage": options.get("leakage"),
+        "trained_context_size": options.get("context_size"),
+    }
+
+
+# ----------------------------------------------------------------------------------- snapshots
+def with_final_queries(hist: UserHistories) -> tuple[UserHistories, np.ndarray]:
+    """``hist`` plus one query-only row per user at (last interaction + 1 s), after its last row.
+
+    The extra row is only ever a *target*: contexts of a block stop at its last target's
+    ``time_start``, and no other target of the user is later, so its behaviour/feedback are never
+    read. Returns the extended histories and the positions of the extra rows.
+    """
+    m, nu = len(hist), len(hist.user_ids)
+    counts = np.diff(hist.offsets)
+    user_of_row = np.repeat(np.arange(nu), counts)
+    pos = np.arange(m) + user_of_row
+    final = hist.offsets[1:] + np.arange(nu)
+    total = m + nu
+
+    def merged(values: np.ndarray, fill: np.ndarray | int) -> np.ndarray:
+        out = np.zeros(total, dtype=values.dtype)
+        out[pos] = values
+        out[final] = fill
+        return out
+
+    last_time = hist.time[hist.offsets[1:] - 1] if nu else np.zeros(0, np.int64)
+    ext = UserHistories.from_arrays(
+        merged(np.repeat(hist.user_ids, counts), hist.user_ids),
+        merged(hist.time, last_time + US_PER_S),
+        merged(hist.behavior_row, 0), merged(hist.item_row, 0), merged(hist.label, 0),
+        merged(hist.feedback, 0), merged(hist.split, 0),
+    )
+    return ext, final
+
+
+@dataclass
+class Snapshots:
+    """One entry per exported row: ``row`` is the (extended-history) row whose query gives ``u``."""
+
+    user_id: np.ndarray
+    row: np.ndarray
+    stamp: np.ndarray
+    """Microseconds since the epoch, UTC."""
+
+
+def snapshots(ext: UserHistories, final_rows: np.ndarray, cadence: Cadence) -> Snapshots:
+    """Every row ``cadence`` asks for (users' empty first snapshots excluded)."""
+    n = len(ext)
+    rows = np.arange(n, dtype=np.int64)
+    real = np.ones(n, dtype=bool)
+    real[final_rows] = False
+    nonempty = rows != ext.user_start
+    if cadence == "event":
+        pick = real & nonempty & (ext.time_start == rows)
+        stamp = ext.time
+    elif cadence == "day":
+        day = np.floor_divide(ext.time, US_PER_DAY) * US_PER_DAY
+        new_day = np.ones(n, dtype=bool)
+        new_day[1:] = day[1:] != day[:-1]
+        pick = real & nonempty & (new_day | (rows == ext.user_start))
+        stamp = day
+    elif cadence == "last":
+        pick = np.zeros(n, dtype=bool)
+        stamp = ext.time
+    else:
+        raise ValueError(f"cadence must be event, day or last, got {cadence!r}")
+    picked = np.flatnonzero(pick)
+    last_time = ext.time[final_rows - 1]
+    if cadence == "day":
+        final_stamp = (np.floor_divide(last_time, US_PER_DAY) + 1) * US_PER_DAY
+    else:
+        final_stamp = last_time + US_PER_S
+    user_of_row = np.repeat(ext.user_ids, np.diff(ext.offsets))
+    all_rows = np.concatenate([picked, final_rows])
+    stamps = np.concatenate([stamp[picked], final_stamp])
+    order = np.lexsort((stamps, user_of_row[all_rows]))
+    users = user_of_row[all_rows][order]
+    return Snapshots(users, all_rows[order].astype(np.int64), stamps[order].astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------- existing parts
+@dataclass
+class Existing:
+    keys: pd.MultiIndex
+    state: dict[int, tuple[int, int]]
+    """user_id -> (newest exported stamp, interactions strictly before it when exported)."""
+    parts: list[Path]
+
+
+def _serving_identity(ckpt: dict[str, Any], n: int, k: int, exact: bool) -> dict[str, Any]:
+    return {**ckpt, "context_size": n, "targets_per_sequence": 1 if exact else k}
+
+
+def read_existing(directory: Path, identity: dict[str, Any], fingerprint_digest: str) -> Existing:
+    """Rows already exported; raises :class:`CheckpointMismatchError` for rows of another checkpoint."""
+    parts = list_parts(directory)
+    users, stamps = [], []
+    state: dict[int, tuple[int, int]] = {}
+    for p in parts:
+        meta = file_metadata(p)
+        raw = meta.get(CHECKPOINT_METADATA_KEY)
+        got = json.loads(raw) if raw else None
+        same = got is not None and got.get("id") == identity["id"] and \
+            got.get("context_size") == identity["context_size"] and \
+            got.get("targets_per_sequence") == identity["targets_per_sequence"]
+        if not same:
+            what = "no checkpoint metadata" if got is None else (
+                f"checkpoint {got.get('id')} ({got.get('path')}), n={got.get('context_size')}, "
+                f"k={got.get('targets_per_sequence')}")
+            raise CheckpointMismatchError(
+                f"{p} holds user embeddings of {what}, but this run exports checkpoint {identity['id']} "
+                f"({identity['path']}), n={identity['context_size']}, k={identity['targets_per_sequence']}. "
+                "Embeddings of two models must never be mixed: pass --overwrite to delete the old parts, or "
+                "use another --data-dir."
+            )
+        fp = json.loads(meta.get(FINGERPRINT_METADATA_KEY, "{}")).get("digest")
+        if fp != fingerprint_digest:
+            raise FingerprintMismatchError(
+                f"{p} carries backbone fingerprint {fp}, the checkpoint's backbone is {fingerprint_digest}; "
+                "pass --overwrite to delete the old parts")
+        t = pq.read_table(p, columns=["user_id", "event_timestamp"])
+        users.append(t["user_id"].to_numpy())
+        stamps.append(utc_us(t["event_timestamp"]).cast(pa.int64()).to_numpy())
+        for uid, (stamp, count) in json.loads(meta.get(STATE_METADATA_KEY, "{}")).get("users", {}).items():
+            uid = int(uid)
+            if uid not in state or stamp > state[uid][0]:
+                state[uid] = (int(stamp), int(count))
+    u = np.concatenate(users) if users else np.zeros(0, np.int64)
+    s = np.concatenate(stamps) if stamps else np.zeros(0, np.int64)
+    return Existing(pd.MultiIndex.from_arrays([u, s]), state, parts)
+
+
+def check_no_late_interactions(hist: UserHistories, state: dict[int, tuple[int, int]]) -> None:
+    """Raise when a user's interactions before an exported stamp differ in number from then."""
+    if not state:
+        return
+    uids = np.fromiter(state, dtype=np.int64, count=len(state))
+    pos = np.searchsorted(hist.user_ids, uids)
+    pos = np.minimum(pos, max(len(hist.user_ids) - 1, 0))
+    bad = []
+    for uid, p in zip(uids.tolist(), pos.tolist()):
+        stamp, count = state[uid]
+        if len(hist.user_ids) == 0 or hist.user_ids[p] != uid:
+            now = 0
+        else:
+            lo, hi = hist.offsets[p], hist.offsets[p + 1]
+            now = int(np.searchsorted(hist.time[lo:hi], stamp, side="left"))
+        if now != count:
+            bad.append((uid, stamp, count, now))
+    if bad:
+        uid, stamp, count, now = bad[0]
+        raise LateInteractionsError(
+            f"{len(bad)} users have interactions that changed before an already exported embedding "
+            f"(e.g. user {uid}: {count} interactions before {pd.Timestamp(stamp, unit='us', tz='UTC')} "
+            f"when exported, {now} now). Those rows would be stale: rerun with --overwrite to recompute "
+            "user_embeddings/."
+        )
+
+
+def drop_placeholder(directory: Path) -> None:
+    """Remove Feast's schema-only placeholder once real parts exist (DuckDB refuses mixed schemas)."""
+    placeholder = directory / PLACEHOLDER_PART
+    if placeholder.exists() and list_parts(directory):
+        if file_metadata(placeholder).get(PLACEHOLDER_METADATA_KEY) == "true":
+            placeholder.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------- computing states
+def _behavior_hashes(texts: list[str]) -> np.ndarray:
+    digests = (hashlib.blake2b(t.encode(), digest_size=8).digest() for t in texts)
+    return np.array([int.from_bytes(d, "little", signed=True) for d in digests], dtype=np.int64)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.inference_mode()
+def compute_user_states(
+    model: FinetuneModel,
+    packer,
+    hist: UserHistories,
+    rows: np.ndarray,
+    *,
+    context_size: int,
+    targets_per_sequence: int = 1,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, int]:
+    """``[len(rows), D]`` query states ``u`` of the given history rows (the training code path).
+
+    ``rows`` must be sorted. With ``targets_per_sequence > 1`` every row of a user from its first
+    requested row on is packed as a target (DTI blocks need consecutive targets); only the
+    requested rows are returned. Returns (states, states computed).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    n_rows = len(hist)
+    if targets_per_sequence <= 1:
+        targets = np.zeros(n_rows, dtype=bool)
+        targets[rows] = True
+    else:  # every row from the user's first requested row to the user's end
+        user_idx = np.searchsorted(hist.offsets, rows, side="right") - 1
+        first = np.full(len(hist.user_ids), n_rows, dtype=np.int64)
+        np.minimum.at(first, user_idx, rows)
+        users = np.unique(user_idx)
+        delta = np.zeros(n_rows + 1, dtype=np.int64)
+        np.add.at(delta, first[users], 1)
+        np.add.at(delta, hist.offsets[users + 1], -1)
+        targets = np.cumsum(delta[:-1]) > 0
+    blocks = make_blocks(hist, targets, max(1, targets_per_sequence), context_size)
+    # long sequences together: less padding per batch
+    blocks = blocks.take(np.argsort(-blocks.num_tokens, kind="stable"))
+    dim = model.backbone.hidden_size
+    out_rows, out_states = [], []
+    for idx in batch_indices(blocks.num_targets, batch_size):
+        batch = packer(blocks.take(idx)).to(device)
+        out_states.append(model.user_states(batch).float().cpu().numpy())
+        out_rows.append(batch.target_rows.cpu().numpy())
+    if not out_rows:
+        return np.zeros((0, dim), np.float32), 0
+    got_rows = np.concatenate(out_rows)
+    states = np.concatenate(out_states)
+    order = np.argsort(got_rows)
+    pos = np.searchsorted(got_rows[order], rows)
+    if len(rows) and not (got_rows[order][np.minimum(pos, len(got_rows) - 1)] == rows).all():
+        raise AssertionError("a requested row was not computed")
+    return np.ascontiguousarray(states[order[pos]]), len(got_rows)
+
+
+def _part_table(user_ids: np.ndarray, states: np.ndarray, stamps: np.ndarray) -> pa.Table:
+    return pa.Table.from_arrays(
+        [pa.array(user_ids, pa.int64()), embedding_array(states),
+         pa.array(stamps, pa.int64()).cast(pa.timestamp("us", tz="UTC"))],
+        schema=SCHEMA,
+    )
+
+
+# ----------------------------------------------------------------------------------- the command
+def embed_users(
+    cfg: EmbedUsersConfig,
+    *,
+    model: FinetuneModel | None = None,
+    data: FinetuneData | None = None,
+) -> EmbedUsersReport:
+    """Export (incrementally) the user embeddings of ``cfg.checkpoint`` into ``user_embeddings/``.
+
+    Args:
+        cfg: options.
+        model: the loaded checkpoint (tests); loaded from ``cfg.checkpoint`` if None.
+        data: already loaded workspace data (tests); read from ``cfg.data_dir`` if None.
+    """
+    started = time.perf_counter()
+    device = _resolve_device(cfg.device)
+    configure_threads(cfg.num_threads)
+    ident = checkpoint_identity(cfg.checkpoint)
+    if model is None:
+        model, ft = load_finetuned(cfg.checkpoint, device=device)
+    else:
+        from llm_features.finetune.checkpoint import read_checkpoint_config
+
+        ft = read_checkpoint_config(cfg.checkpoint)[0]
+        model = model.to(device).eval()
+    if checkpoint_identity(cfg.checkpoint)["id"] != ident["id"]:
+        raise RuntimeError(f"{cfg.checkpoint} changed while it was being loaded; retry when finetune is done")
+    fp = model.backbone.fingerprint
+    ws = Workspace.at(cfg.data_dir)
+    manifest = ws.read_fingerprint()
+    if manifest is not None and manifest.digest != fp.digest:
+        raise FingerprintMismatchError(
+            f"{ws.manifest} records model fingerprint {manifest.digest} ({manifest.model_name}), but "
+            f"checkpoint {cfg.checkpoint} was trained on {fp.digest} ({fp.model_name}); its user embeddings "
+            "would not match this workspace's item and behaviour embeddings."
+        )
+
+    n = int(cfg.context_size or ft.context_size)
+    if n < 1:
+        raise ValueError(f"context_size must be >= 1, got {n}")
+    if n != ft.context_size:
+        log.warning("serving n=%d differs from the trained n=%d", n, ft.context_size)
+    model.context_size = n
+    exact_packing = model.leakage == "isolated"
+    k = int(cfg.targets_per_sequence or (DEFAULT_EXACT_K if exact_packing else 1))
+    exact = k == 1 or exact_packing
+    if not exact:
+        log.warning("leakage=%s with k=%d: DTI-packed states differ from the k=1 (sliding-window) states",
+                    model.leakage, k)
+    identity = _serving_identity(ident, n, k, exact)
+
+    directory = ws.user_embeddings
+    if cfg.overwrite:
+        for p in list_parts(directory):
+            log.info("--overwrite: removing %s", p)
+            p.unlink()
+    existing = read_existing(directory, identity, fp.digest)
+
+    if data is None:
+        data = load_finetune_data(cfg.data_dir, fp, feedback=ft.feedback,
+                                  need_behavior_vectors=ft.granularity == "behavior")
+    hist = data.hist
+    check_no_late_interactions(hist, existing.state)
+    ext, final_rows = with_final_queries(hist)
+    snaps = snapshots(ext, final_rows, cfg.cadence)
+    done = pd.MultiIndex.from_arrays([snaps.user_id, snaps.stamp]).isin(existing.keys)
+    todo = ~done
+    work_users = np.unique(snaps.user_id[todo])
+    log.info("embed-users: %d snapshots (%s cadence), %d already exported, %d to compute for %d users",
+             len(snaps.row), cfg.cadence, int(done.sum()), int(todo.sum()), len(work_users))
+
+    from llm_features.finetune.train import make_packer
+
+    packer = make_packer(ft, FinetuneData(ext, data.behavior_table, data.item_table, data.behavior_texts),
+                         model.backbone)
+    bhash = _behavior_hashes(data.behavior_texts)
+    ext_user = np.repeat(ext.user_ids, np.diff(ext.offsets))
+    written: list[str] = []
+    rows_written = states_computed = 0
+    compute_seconds = 0.0
+    per = max(1, int(cfg.users_per_part))
+    for c in range(0, len(work_users), per):
+        chunk_users = work_users[c : c + per]
+        sel = todo & np.isin(snaps.user_id, chunk_users)
+        rows, stamps, uids = snaps.row[sel], snaps.stamp[sel], snaps.user_id[sel]
+        # content digest of the chunk's inputs: the snapshots asked for and the users' histories
+        urows = np.flatnonzero(np.isin(ext_user, chunk_users))
+        key = [identity["id"], cfg.cadence, n, identity["targets_per_sequence"]]
+        h = hashlib.sha256(json.dumps(key).encode())
+        for arr in (uids, stamps, ext_user[urows], ext.time[urows], bhash[ext.behavior_row[urows]],
+                    ext.feedback[urows]):
+            h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+        name = (f"{PART_PREFIX}-{identity['id'][:12]}-{cfg.cadence}-n{n}-u{int(chunk_users[0])}-"
+                f"{int(chunk_users[-1])}-{h.hexdigest()[:16]}")
+        if (directory / f"part-{name}.parquet").exists():
+            continue
+        t0 = time.perf_counter()
+        order = np.argsort(rows, kind="stable")
+        states_sorted, computed = compute_user_states(
+            model, packer, ext, rows[order], context_size=n, targets_per_sequence=k,
+            batch_size=cfg.batch_size, device=device)
+        states = np.empty_like(states_sorted)
+        states[order] = states_sorted
+        compute_seconds += time.perf_counter() - t0
+        states_computed += computed
+        # per user: the newest stamp of this part and the interactions strictly before it
+        last = np.flatnonzero(np.append(uids[1:] != uids[:-1], True))
+        user_state = {}
+        for i in last.tolist():
+            r = int(rows[i])
+            before = int(ext.time_start[r] - ext.user_start[r])  # rows strictly before the query's time
+            user_state[str(int(uids[i]))] = [int(stamps[i]), before]
+        meta = {
+            FINGERPRINT_METADATA_KEY: fp.to_json(),
+            CHECKPOINT_METADATA_KEY: json.dumps(identity, sort_keys=True),
+            STATE_METADATA_KEY: json.dumps({"cadence": cfg.cadence, "context_size": n,
+                                            "targets_per_sequence": k, "users": user_state}, sort_keys=True),
+        }
+        write_part(directory, _part_table(uids, states, stamps), metadata=meta, name=name)
+        drop_placeholder(directory)
+        written.append(name)
+        rows_written += len(rows)
+        log.info("embed-users: part %s, %d rows (%d users)", name, len(rows), len(chunk_users))
+    drop_placeholder(directory)
+    users = np.unique(np.concatenate([existing.keys.get_level_values(0).to_numpy(), snaps.user_id[todo]]))
+    report = EmbedUsersReport(
+        checkpoint_id=identity["id"], cadence=cfg.cadence, context_size=n, targets_per_sequence=k,
+        exact=exact, users=len(users), rows_written=rows_written, rows_existing=int(done.sum()),
+        parts_written=written, seconds=time.perf_counter() - started, compute_seconds=compute_seconds,
+        forward_states=states_computed,
+    )
+    log.info("%s", report.summary())
+    return report
+
+
+def read_user_embeddings(data_dir: str | os.PathLike | None) -> pd.DataFrame:
+    """All exported rows: user_id, event_timestamp (UTC), user_embedding ([D] float32 arrays)."""
+    parts = list_parts(Workspace.at(data_dir).user_embeddings)
+    if not parts:
+        return pd.DataFrame({"user_id": pd.Series([], dtype="int64"),
+                             "event_timestamp": pd.Series([], dtype="datetime64[us, UTC]"),
+                             "user_embedding": pd.Series([], dtype=object)})
+    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    return table.to_pandas().sort_values(["user_id", "event_timestamp"], kind="stable").reset_index(drop=True)
+
+
+__all__ = [
+    "CHECKPOINT_METADATA_KEY", "CheckpointMismatchError", "EmbedUsersConfig", "EmbedUsersReport",
+    "LateInteractionsError", "Snapshots", "checkpoint_identity", "compute_user_states", "embed_users",
+    "read_user_embeddings", "snapshots", "with_final_queries",
+]
+
+
