@@ -10,12 +10,12 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-all bench env clean
+.PHONY: demo test test-all bench env clean docs
 env:
 	@bash scripts/bootstrap.sh
 
 demo: env
-	$(VENV)/bin/llmfeat demo --source $(ML1M)
+	$(VENV)/bin/llmfeat demo --source $(ML1M) $(ARGS)
 
 test: env
 	LLMFEAT_ML100K=$(abspath $(ML100K)) LLMFEAT_ML1M=$(abspath $(ML1M)) $(PY) -m pytest -q -m "not slow"
@@ -25,6 +25,9 @@ test-all: env
 
 bench: env
 	$(VENV)/bin/llmfeat bench --source $(ML1M)
+
+docs: env
+	$(PY) -m llm_features.cli.reference --write README.md
 
 clean:
 	rm -rf feast_repo/data runs

@@ -115,6 +115,7 @@ class TrainConfig(ModelConfig):
         default="auto", metadata={"help": "Table sharding under torchrun (ignored in a single process)."}
     )
     threads: int | None = field(default=None, metadata={"help": "torch intra-op threads (default: torch's)."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})

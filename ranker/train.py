@@ -278,6 +278,8 @@ def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSourc
         "fetch_seconds": round(fetch_seconds, 3),
         "samples_per_second": round(samples / train_seconds, 1) if train_seconds > 0 else None,
         "final_train_loss": float(np.mean(losses[-50:])) if losses else None,
+        # mean loss per 50 steps: the training curve the demo plots
+        "loss_curve": [round(float(np.mean(losses[i:i + 50])), 5) for i in range(0, len(losses), 50)],
         "train_missing": train_missing.as_dict(),
     }
     if rank == 0:
@@ -323,9 +325,14 @@ def _train_local(
     losses: list[float] = []
     samples = 0
     step.train()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.epochs * len(rows), unit="row", unit_scale=True, desc="ranker train",
+               disable=not cfg.progress)
     for epoch in range(cfg.epochs):
         for batch in rows.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
                                   oov_dropout=cfg.oov_dropout, missing_dropout=cfg.missing_dropout):
+            bar.update(len(batch.labels))
             loss, _ = step(batch)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
@@ -335,6 +342,7 @@ def _train_local(
             losses.append(float(loss.detach()))
             samples += len(batch.labels)
         log.info("ranker train: epoch %d/%d, loss %.4f", epoch + 1, cfg.epochs, float(np.mean(losses[-100:])))
+    bar.close()
     model.eval()
     return model, losses, samples
 

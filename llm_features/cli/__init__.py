@@ -48,7 +48,10 @@ def main(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # feast/duckdb/ibis deprecations are theirs to fix and drown the progress output
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # our own progress at INFO; libraries (fbgemm logs every .so it loads) only from WARNING up
+    for name in ("llm_features", "ranker"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def run() -> None:

@@ -1,18 +1,22 @@
-"""``llmfeat demo``: the main job, end to end on one dataset with the embedded defaults.
+"""``llmfeat demo``: the main job, end to end on one MovieLens dataset with the embedded defaults.
 
-Steps: ingest -> encode -> feast apply -> materialize -> an online lookup for a sample user,
-checked against vectors computed directly by the model. Every step is incremental, so a second
-run only checks that nothing changed.
+Steps: ingest -> encode -> feast apply -> finetune (BAHE + DTI) -> embed users -> materialize ->
+ranker training (id-only twin and +LLM) -> test evaluation -> a ranked list for a sample user read
+from the online store. Every step is incremental: a second run with nothing new only checks.
+Outputs: ``<data_dir>/demo_report.json``, ``<data_dir>/runs/`` (checkpoints and metrics) and PNG
+plots in ``<data_dir>/plots/``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import click
 
@@ -26,110 +30,238 @@ class DemoConfig:
     repo: Path = field(default=Path("feast_repo"), metadata={"help": "The Feast feature repository."})
     data_dir: Path | None = field(default=None, metadata={
         "help": "Workspace directory (default: $LLMFEAT_DATA_DIR or <repo>/data)."})
+    size: Literal["default", "small"] = field(default="default", metadata={
+        "help": "small: a few minutes (fewer fine-tuning users and ranker rows) for a first look."})
+    finetune_users: int | None = field(default=None, metadata={
+        "help": "Users sampled for fine-tuning (default: 400, small: 150)."})
+    ranker_epochs: int = field(default=1, metadata={"help": "Ranker training epochs (both twins)."})
     sample_user: int | None = field(default=None, metadata={
-        "help": "User for the online lookup (default: the most active user of the test split)."})
-    num_candidates: int = field(default=100, metadata={"help": "Items in the online lookup."})
+        "help": "User for the online ranking (default: the most active user of the test split)."})
+    num_candidates: int = field(default=100, metadata={"help": "Candidate items of the online ranking."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
 
-class _Timer:
+class _Steps:
+    """Times each step and prints its header."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def step(self, name: str):
-        timer = self
+        click.secho(f"== {name}", bold=True)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t0, 2)
 
-        class _Step:
-            def __enter__(self) -> None:
-                click.secho(f"== {name}", bold=True)
-                self.t0 = time.perf_counter()
 
-            def __exit__(self, *exc: object) -> None:
-                timer.seconds[name] = time.perf_counter() - self.t0
+def _stamp(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-        return _Step()
+
+def _file_state(path: Path) -> list[Any]:
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _done(out: Path, stamp: str) -> dict | None:
+    """The step's metrics when ``out`` was produced from the same inputs and options, else None."""
+    marker = out / "demo_stamp.json"
+    metrics = out / "metrics.json"
+    if marker.exists() and metrics.exists() and json.loads(marker.read_text()).get("stamp") == stamp:
+        return json.loads(metrics.read_text())
+    return None
+
+
+def _mark(out: Path, stamp: str) -> None:
+    (out / "demo_stamp.json").write_text(json.dumps({"stamp": stamp}))
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run the pipeline; returns the report that is printed and written to ``<data_dir>/demo_report.json``."""
+    """Run the pipeline; returns the report printed and written to ``<data_dir>/demo_report.json``."""
     import numpy as np
     import pandas as pd
 
     from llm_features.backbone import Backbone
+    from llm_features.embed_users import EmbedUsersConfig, embed_users
     from llm_features.encode import EncodeConfig, encode
+    from llm_features.finetune import FinetuneConfig, finetune
     from llm_features.ingest import IngestConfig, format_summary, ingest
-    from llm_features.store import apply_definitions, materialize_all, online_features, open_store, resolve_data_dir
+    from llm_features.store import apply_definitions, materialize_all, open_store, resolve_data_dir
     from llm_features.workspace import Workspace
+    from ranker.config import EvaluateConfig, TrainConfig
+    from ranker.serve import Ranker
+    from ranker.train import evaluate as evaluate_ranker
+    from ranker.train import train as train_ranker
 
+    small = cfg.size == "small"
     data_dir = resolve_data_dir(cfg.repo, cfg.data_dir)
     ws = Workspace.at(data_dir)
-    timer = _Timer()
-    report: dict = {"source": str(cfg.source), "data_dir": str(data_dir)}
+    runs = data_dir / "runs"
+    steps = _Steps()
+    report: dict = {"source": str(cfg.source), "data_dir": str(data_dir), "options": asdict(cfg)}
 
-    with timer.step("ingest"):
+    with steps.step("ingest"):
         ing = ingest(IngestConfig(source=cfg.source, data_dir=data_dir), ws)
         click.echo(format_summary(ing))
-        report["ingest"] = {"counts": ing["counts"], "skipped": bool(ing.get("skipped"))}
+        report["ingest"] = {"counts": ing["counts"], "split": ing.get("split"), "skipped": bool(ing.get("skipped"))}
 
-    with timer.step("encode"):
+    with steps.step("encode (shallow layers, each distinct text once)"):
         enc_cfg = EncodeConfig(data_dir=data_dir, progress=cfg.progress)
         backbone = Backbone.load(enc_cfg.backbone_config())
         stats = encode(enc_cfg, backbone=backbone)
         click.echo(stats.summary())
         report["encode"] = stats.to_dict()
 
-    with timer.step("feast apply"):
+    with steps.step("feast apply"):
         store = open_store(cfg.repo, data_dir)
         with contextlib.redirect_stdout(io.StringIO()) as diff:  # feast prints every object's proto diff
             apply_definitions(store)
         (data_dir / "feast_apply.log").write_text(diff.getvalue())
         click.echo(f"applied {len(store.list_feature_views())} feature views, "
-                   f"{len(store.list_feature_services())} feature services (diff: {data_dir / 'feast_apply.log'})")
+                   f"{len(store.list_feature_services())} feature services")
 
-    with timer.step("materialize"):
+    inputs = [_file_state(ws.interactions), backbone.fingerprint.digest]
+    ft_out = runs / "finetune"
+    ft_cfg = FinetuneConfig(data_dir=data_dir, out=ft_out, packing="dti",
+                            limit_users=cfg.finetune_users or (150 if small else 400), epochs=1)
+    with steps.step("finetune (BAHE + DTI)"):
+        stamp = _stamp(inputs, asdict(ft_cfg))
+        ft = _done(ft_out, stamp)
+        if ft is None:
+            ft = finetune(ft_cfg, backbone=backbone)
+            _mark(ft_out, stamp)
+        else:
+            click.echo(f"finetune: {ft_out} is up to date; skipped")
+        click.echo(f"finetune: test AUC {ft['test']['auc']:.4f}, LogLoss {ft['test']['logloss']:.4f}, "
+                   f"{ft['targets_per_s']:.0f} targets/s")
+        report["finetune"] = {"test": ft["test"], "targets_per_s": ft["targets_per_s"],
+                              "train_seconds": ft["train_seconds"], "peak_rss_mb": ft.get("peak_rss_mb")}
+
+    with steps.step("embed users (deep layers over recent behaviours)"):
+        eu = embed_users(EmbedUsersConfig(checkpoint=ft_out, data_dir=data_dir, cadence="day"))
+        click.echo(eu.summary())
+        report["embed_users"] = {"rows_written": eu.rows_written, "rows_existing": eu.rows_existing,
+                                 "seconds": eu.seconds}
+
+    with steps.step("feast materialize"):
         mat = materialize_all(store, ws)
         click.echo(f"materialized {mat.total_entities:,} entity rows in {mat.seconds:.1f}s "
                    f"({', '.join(f'{k}={v:,}' for k, v in mat.entities.items())})")
         report["materialize"] = {"seconds": mat.seconds, "entities": mat.entities}
 
-    with timer.step("online lookup"):
+    ranker_inputs = [inputs, sorted(p.name for p in ws.user_embeddings.glob("part-*.parquet"))]
+    report["ranker"] = {}
+    for name, llm in (("id_only", False), ("llm", True)):
+        out = runs / f"ranker_{name}"
+        tr_cfg = TrainConfig(repo=cfg.repo, data_dir=data_dir, out=out, llm_features=llm,
+                             epochs=cfg.ranker_epochs, max_train_rows=100_000 if small else None,
+                             progress=cfg.progress)
+        with steps.step(f"ranker train + test ({'+LLM features' if llm else 'id-only twin'})"):
+            stamp = _stamp(ranker_inputs, asdict(tr_cfg))
+            done = _done(out, stamp)
+            if done is None:
+                metrics = train_ranker(tr_cfg)
+                test = evaluate_ranker(EvaluateConfig(checkpoint=out, split="test", repo=cfg.repo,
+                                                      data_dir=data_dir, out=out / "eval-test"))
+                metrics["test"] = {k: test[k] for k in ("auc", "logloss") if k in test}
+                (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+                _mark(out, stamp)
+            else:
+                metrics = done
+                click.echo(f"ranker {name}: {out} is up to date; skipped")
+            click.echo(f"ranker {name}: test AUC {metrics['test']['auc']:.4f}, "
+                       f"LogLoss {metrics['test']['logloss']:.4f}")
+            report["ranker"][name] = {"test": metrics["test"], "samples_per_second":
+                                      metrics.get("samples_per_second"), "loss_curve": metrics.get("loss_curve")}
+
+    with steps.step("online ranking for a sample user"):
         inter = pd.read_parquet(ws.interactions, columns=["user_id", "item_id", "split"])
-        items = pd.read_parquet(ws.items, columns=["item_id", "item_text"])
         user = cfg.sample_user
         if user is None:
             user = int(inter.loc[inter.split == "test", "user_id"].value_counts().index[0])
-        cand = items.item_id.to_numpy()[: cfg.num_candidates]
+        items = pd.read_parquet(ws.items, columns=["item_id", "title"] if small else ["item_id", "title"])
+        rng = np.random.default_rng(0)
+        cand = rng.choice(items.item_id.to_numpy(), size=min(cfg.num_candidates, len(items)), replace=False)
+        ranker = Ranker.load(runs / "ranker_llm", store=store)
+        ranker.rank(user, cand[:5])  # warm-up: registry and model caches
         t0 = time.perf_counter()
-        feats = online_features(store, user, cand, service="ranker_llm")
+        ranked = ranker.rank(user, cand, top_k=10)
         latency_ms = (time.perf_counter() - t0) * 1e3
-        got = feats.values["item_embedding"]
-        direct = backbone.encode_texts(items.item_text.iloc[: cfg.num_candidates].tolist()).numpy()
-        max_diff = float(np.abs(got - direct).max())
-        recent = feats.values["recent_item_ids"][0]
-        click.echo(f"user {user}: {len(recent)} recent items, last {recent[-5:].tolist()}; "
-                   f"{len(cand)} candidate item embeddings read in {latency_ms:.1f} ms; "
-                   f"max |online - model| = {max_diff:.2e}")
-        if max_diff > 1e-4:
-            raise click.ClickException(
-                f"online item embeddings differ from the model's own vectors by {max_diff:.3g}; "
-                "the workspace holds stale embeddings: re-run with a fresh --data-dir")
+        titles = dict(zip(items.item_id, items.title))
+        click.echo(f"user {user}: top 10 of {len(cand)} candidates ({latency_ms:.1f} ms, feature reads included)")
+        for rank, (item, prob) in enumerate(ranked, 1):
+            click.echo(f"  {rank:2d}. {prob:.3f}  {titles.get(item, item)}")
         report["online"] = {"user_id": user, "candidates": len(cand), "latency_ms": latency_ms,
-                            "max_abs_diff_vs_model": max_diff}
+                            "top10": ranked}
 
-    report["seconds"] = timer.seconds
+    report["seconds"] = steps.seconds
+    plots = _plots(report, ft_out, data_dir / "plots")
+    report["plots"] = [str(p) for p in plots]
     (data_dir / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
+    _print_report(report)
+    return report
+
+
+def _plots(report: dict, ft_out: Path, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    ft_metrics = json.loads((ft_out / "metrics.json").read_text())
+    curve = ft_metrics.get("loss_curve") or [h["train_loss"] for h in ft_metrics.get("history", [])]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].plot(range(1, len(curve) + 1), curve, marker="." if len(curve) < 30 else None)
+    axes[0].set(title="finetune (BAHE + DTI): train loss", xlabel="logged interval", ylabel="BCE")
+    for name, r in report["ranker"].items():
+        if r.get("loss_curve"):
+            axes[1].plot([50 * (i + 1) for i in range(len(r["loss_curve"]))], r["loss_curve"], label=name)
+    axes[1].set(title="ranker: train loss", xlabel="step", ylabel="BCE")
+    axes[1].legend()
+    fig.tight_layout()
+    paths.append(out / "training_curves.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    names = list(report["ranker"])
+    aucs = [report["ranker"][n]["test"]["auc"] for n in names]
+    ax.bar(names, aucs, color=["#888", "#2a7"][: len(names)])
+    for i, a in enumerate(aucs):
+        ax.text(i, a, f"{a:.4f}", ha="center", va="bottom")
+    ax.set_ylim(min(aucs) - 0.02, max(aucs) + 0.01)
+    ax.set(title="ranker test AUC", ylabel="AUC")
+    fig.tight_layout()
+    paths.append(out / "ranker_auc.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _print_report(report: dict) -> None:
     click.secho("== report", bold=True)
     c = report["ingest"]["counts"]
-    click.echo(f"  interactions {c.get('interactions', '?'):,}  users {c.get('users', '?'):,}  "
-               f"items {c.get('items', '?'):,}")
-    click.echo(f"  dedup ratio {report['encode'].get('dedup_ratio', float('nan')):.1f}x")
-    for k, v in timer.seconds.items():
-        click.echo(f"  {k:<14} {v:7.1f} s")
-    return report
+    click.echo(f"  data           {c['interactions']:,} interactions, {c['users']:,} users, {c['items']:,} items")
+    click.echo(f"  dedup ratio    {report['encode']['dedup_ratio']:.1f}x "
+               f"({report['encode']['occurrences'] if 'occurrences' in report['encode'] else ''})")
+    ft = report["finetune"]
+    click.echo(f"  finetune       test AUC {ft['test']['auc']:.4f}  ({ft['targets_per_s']:.0f} targets/s)")
+    for name, r in report["ranker"].items():
+        click.echo(f"  ranker {name:<7} test AUC {r['test']['auc']:.4f}  LogLoss {r['test']['logloss']:.4f}")
+    click.echo(f"  online         {report['online']['latency_ms']:.1f} ms for 1 user + "
+               f"{report['online']['candidates']} candidates")
+    click.echo("  seconds        " + ", ".join(f"{k.split(' (')[0]} {v:.0f}" for k, v in report["seconds"].items()))
+    click.echo(f"  total          {sum(report['seconds'].values()):.0f} s; plots: {', '.join(report['plots'])}")
 
 
 @click.command("demo")
 @dataclass_options(DemoConfig)
 def command(cfg: DemoConfig) -> None:
-    """Run the main job end to end (ingest, encode, feast apply, materialize, online lookup)."""
+    """Run the main job end to end: ingest, encode, feast apply, finetune, embed users,
+    materialize, ranker training and evaluation, and an online ranking for a sample user."""
     run_demo(cfg)

@@ -1,0 +1,50 @@
+"""bench/summarize.py builds SUMMARY.md from the benchmarks' JSON files (no benchmark is run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _summarize():
+    spec = importlib.util.spec_from_file_location("bench_summarize_under_test", BENCH / "summarize.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_summary_from_fake_results(tmp_path: Path) -> None:
+    (tmp_path / "encode.json").write_text(json.dumps(
+        {"speedup_bucketed_vs_naive": 1.64, "floor_speedup": 1.5, "meets_floor": True, "dedup_ratio": 134.9}))
+    (tmp_path / "finetune.json").write_text(json.dumps({
+        "ratios": {"bahe_vs_token_time": 12.3, "bahe_vs_token_memory": 2.5, "dti_vs_sw_speed": 7.25,
+                   "dti_auc_gap": -0.0011, "bahe_dti_vs_token_sw_speed": 88.0, "default_k": 32},
+        "floors": {"bahe_time": 5.0, "bahe_memory": 5.0, "dti_speed": 10.0, "dti_auc_gap": 0.002,
+                   "bahe_dti_speed": 50.0},
+        "meets_floor": {"bahe_time": True, "bahe_memory": False, "dti_speed": False, "dti_auc": True,
+                        "bahe_dti_speed": True},
+    }))
+    (tmp_path / "ranker.json").write_text("{not json")  # unreadable -> not run, no crash
+    out = _summarize().build_summary(tmp_path)
+    text = out.read_text()
+    assert out == tmp_path / "SUMMARY.md"
+    assert "| encode | length-bucketed vs naive batching: texts/s | 1.64x | 1.5x |" in text
+    assert "12.3x" in text and "2.50x" in text and "7.2x" in text and "-0.0011" in text and "88x" in text
+    assert "5x (BAHE)" in text and "92% less time" in text
+    memory = next(line for line in text.splitlines() if "peak memory" in line)
+    assert "**not met**" in memory
+    speed = next(line for line in text.splitlines() if "BAHE + DTI" in line)
+    assert speed.endswith("| 50x | - | met |")
+    feast = next(line for line in text.splitlines() if line.startswith("| feast | online lookup"))
+    assert "not run" in feast
+    ranker = next(line for line in text.splitlines() if line.startswith("| ranker | +LLM"))
+    assert "not run" in ranker
+
+
+def test_summary_with_no_results(tmp_path: Path) -> None:
+    text = _summarize().build_summary(tmp_path / "empty").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows and all("not run" in r for r in rows)
