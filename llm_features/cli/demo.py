@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +51,8 @@ class _Steps:
     @contextlib.contextmanager
     def step(self, name: str):
         click.secho(f"== {name}", bold=True)
+        # libraries reset the warning filters on import; ibis' duckdb deprecations would drown the output
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         t0 = time.perf_counter()
         try:
             yield
@@ -182,7 +185,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         user = cfg.sample_user
         if user is None:
             user = int(inter.loc[inter.split == "test", "user_id"].value_counts().index[0])
-        items = pd.read_parquet(ws.items, columns=["item_id", "title"] if small else ["item_id", "title"])
+        items = pd.read_parquet(ws.items, columns=["item_id", "title"])
         rng = np.random.default_rng(0)
         cand = rng.choice(items.item_id.to_numpy(), size=min(cfg.num_candidates, len(items)), replace=False)
         ranker = Ranker.load(runs / "ranker_llm", store=store)
@@ -216,8 +219,10 @@ def _plots(report: dict, ft_out: Path, out: Path) -> list[Path]:
     ft_metrics = json.loads((ft_out / "metrics.json").read_text())
     curve = ft_metrics.get("loss_curve") or [h["train_loss"] for h in ft_metrics.get("history", [])]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    axes[0].plot(range(1, len(curve) + 1), curve, marker="." if len(curve) < 30 else None)
-    axes[0].set(title="finetune (BAHE + DTI): train loss", xlabel="logged interval", ylabel="BCE")
+    steps = ft_metrics.get("steps", len(curve))
+    axes[0].plot([steps * (i + 1) / len(curve) for i in range(len(curve))], curve,
+                 marker="." if len(curve) < 30 else None)
+    axes[0].set(title="finetune (BAHE + DTI): train loss", xlabel="step", ylabel="BCE")
     for name, r in report["ranker"].items():
         if r.get("loss_curve"):
             axes[1].plot([50 * (i + 1) for i in range(len(r["loss_curve"]))], r["loss_curve"], label=name)
@@ -247,8 +252,9 @@ def _print_report(report: dict) -> None:
     click.secho("== report", bold=True)
     c = report["ingest"]["counts"]
     click.echo(f"  data           {c['interactions']:,} interactions, {c['users']:,} users, {c['items']:,} items")
-    click.echo(f"  dedup ratio    {report['encode']['dedup_ratio']:.1f}x "
-               f"({report['encode']['occurrences'] if 'occurrences' in report['encode'] else ''})")
+    enc = report["encode"]
+    click.echo(f"  dedup ratio    {enc['dedup_ratio']:.1f}x ({enc['occurrences']:,} behaviour occurrences, "
+               f"{enc['distinct_behaviors']:,} distinct texts encoded once)")
     ft = report["finetune"]
     click.echo(f"  finetune       test AUC {ft['test']['auc']:.4f}  ({ft['targets_per_s']:.0f} targets/s)")
     for name, r in report["ranker"].items():

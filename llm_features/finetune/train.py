@@ -313,6 +313,7 @@ def finetune(
             if world > 1:
                 torch.distributed.all_reduce(batch_loss)
             batch_loss = float(batch_loss)
+            state.setdefault("step_losses", []).append(batch_loss / global_targets)
             window_loss += batch_loss
             epoch_loss += batch_loss
             window_targets += global_targets
@@ -354,6 +355,10 @@ def finetune(
         "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "trainable_parameters": count_parameters(model),
         "history": state["history"],
+        # mean training loss per 25 steps: the curve `llmfeat demo` plots
+        "loss_curve": [float(np.mean(chunk)) for chunk in np.array_split(
+            np.asarray(state.get("step_losses", [])), max(1, len(state.get("step_losses", [])) // 25))
+            if len(chunk)],
         "wall_seconds": time.perf_counter() - started,
         "device": str(device),
         "fingerprint": backbone.fingerprint.to_dict(),
