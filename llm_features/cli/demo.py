@@ -133,6 +133,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     with steps.step("finetune (BAHE + DTI)"):
         stamp = _stamp(inputs, asdict(ft_cfg))
         ft = _done(ft_out, stamp)
+        stamp_hit = ft is not None
         if ft is None:
             ft = finetune(ft_cfg, backbone=backbone)
             _mark(ft_out, stamp)
@@ -140,7 +141,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             click.echo(f"finetune: {ft_out} is up to date; skipped")
         click.echo(f"finetune: test AUC {ft['test']['auc']:.4f}, LogLoss {ft['test']['logloss']:.4f}, "
                    f"{ft['targets_per_s']:.0f} targets/s")
-        report["finetune"] = {"test": ft["test"], "targets_per_s": ft["targets_per_s"],
+        report["finetune"] = {"skipped": stamp_hit, "test": ft["test"], "targets_per_s": ft["targets_per_s"],
                               "train_seconds": ft["train_seconds"], "peak_rss_mb": ft.get("peak_rss_mb")}
 
     with steps.step("embed users (deep layers over recent behaviours)"):
@@ -165,6 +166,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         with steps.step(f"ranker train + test ({'+LLM features' if llm else 'id-only twin'})"):
             stamp = _stamp(ranker_inputs, asdict(tr_cfg))
             done = _done(out, stamp)
+            report["ranker"][name] = {"skipped": done is not None}
             if done is None:
                 metrics = train_ranker(tr_cfg)
                 test = evaluate_ranker(EvaluateConfig(checkpoint=out, split="test", repo=cfg.repo,
@@ -177,8 +179,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                 click.echo(f"ranker {name}: {out} is up to date; skipped")
             click.echo(f"ranker {name}: test AUC {metrics['test']['auc']:.4f}, "
                        f"LogLoss {metrics['test']['logloss']:.4f}")
-            report["ranker"][name] = {"test": metrics["test"], "samples_per_second":
-                                      metrics.get("samples_per_second"), "loss_curve": metrics.get("loss_curve")}
+            report["ranker"][name].update(test=metrics["test"], samples_per_second=metrics.get("samples_per_second"),
+                                          loss_curve=metrics.get("loss_curve"))
 
     with steps.step("online ranking for a sample user"):
         inter = pd.read_parquet(ws.interactions, columns=["user_id", "item_id", "split"])

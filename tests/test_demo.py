@@ -1,0 +1,49 @@
+"""`llmfeat demo` end to end on ML-100K (a small run), then again: the second run does no work."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ML100K = Path(os.environ.get("LLMFEAT_ML100K", "/work/shared/data/ml-100k"))
+REPO = Path(__file__).resolve().parents[1] / "feast_repo"
+
+pytestmark = pytest.mark.integration
+
+
+def _rows(directory: Path) -> int:
+    return sum(pq.read_metadata(p).num_rows for p in directory.glob("part-*.parquet"))
+
+
+def test_demo_runs_end_to_end_and_second_run_only_checks(tmp_path):
+    if not (ML100K / "u.data").exists():
+        pytest.fail(f"ML-100K not found at {ML100K}: set LLMFEAT_ML100K")
+    from llm_features.cli.demo import DemoConfig, run_demo
+
+    repo = tmp_path / "feast_repo"
+    shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns("data"))
+    cfg = DemoConfig(source=ML100K, repo=repo, data_dir=tmp_path / "data", size="small", finetune_users=25,
+                     num_candidates=20, progress=False)
+    first = run_demo(cfg)
+    ws = tmp_path / "data"
+    assert first["ingest"]["counts"]["interactions"] == 100_000
+    assert first["encode"]["distinct_behaviors"] > 1000
+    assert first["embed_users"]["rows_written"] > 0
+    for name in ("id_only", "llm"):
+        assert 0.5 < first["ranker"][name]["test"]["auc"] < 1.0
+    assert len(first["online"]["top10"]) == 10
+    assert all((ws / "plots" / f).exists() for f in ("training_curves.png", "ranker_auc.png"))
+    counts = {d: _rows(ws / d) for d in ("atomic_behavior_embeddings", "item_embeddings", "user_embeddings")}
+
+    second = run_demo(cfg)
+    assert second["ingest"]["skipped"]
+    assert second["encode"]["texts_encoded"] == 0
+    assert second["finetune"]["skipped"]
+    assert second["embed_users"]["rows_written"] == 0
+    assert all(r["skipped"] for r in second["ranker"].values())
+    assert {d: _rows(ws / d) for d in counts} == counts  # nothing appended twice
+    assert second["ranker"]["llm"]["test"] == first["ranker"]["llm"]["test"]
