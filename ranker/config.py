@@ -33,6 +33,15 @@ class ModelConfig:
         default=None,
         metadata={"help": "Add the user's recent item ids as a sparse bag; default: only in the id-only twin."},
     )
+    llm_mode: Literal["interaction", "dense"] = field(
+        default="interaction",
+        metadata={"help": "How LLM vectors enter: interaction projects each (LayerNorm, dropout, Linear d->D) to "
+                          "one more feature of the interaction arch, next to the id embeddings; dense feeds them "
+                          "to the dense arch with the numeric features."},
+    )
+    llm_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the normalised LLM vectors during training."}
+    )
     embedding_dim: int = field(default=16, metadata={"help": "Width D of every sparse embedding table."})
     dense_hidden: tuple[int, ...] = field(
         default=(128,), metadata={"help": "Hidden sizes of the dense arch (its last layer is D)."}
@@ -51,6 +60,10 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.llm_mode not in ("interaction", "dense"):
+            raise ValueError(f"llm_mode must be interaction or dense, got {self.llm_mode!r}")
+        if not 0.0 <= self.llm_dropout < 1.0:
+            raise ValueError(f"llm_dropout must be in [0, 1), got {self.llm_dropout}")
         unknown = sorted(set(self.llm_inputs) - {"user_embedding", "item_embedding"})
         if unknown or not self.llm_inputs:
             raise ValueError(
@@ -75,6 +88,7 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        kwargs.setdefault("llm_mode", "dense")  # checkpoints written before the option existed
         return cls(**kwargs)
 
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
-from torchrec.models.dlrm import DLRM, DLRM_DCN
+from torchrec.models.dlrm import DLRM, DLRM_DCN, InteractionArch, InteractionDCNArch, OverArch
+from torchrec.modules.crossnet import LowRankCrossNet
 
 from ranker.features import NUMERIC_FEATURES, FeatureEncoder
 
@@ -48,7 +49,7 @@ class LLMVectorInput(nn.Module):
 
 
 class RankingModel(nn.Module):
-    """DLRM / DLRM_DCN over an ``EmbeddingBagCollection`` with optional LLM dense slots.
+    """DLRM / DLRM_DCN over an ``EmbeddingBagCollection`` with optional LLM slots.
 
     Args:
         encoder: the fitted :class:`FeatureEncoder` (tables, dense layout, model config).
@@ -57,6 +58,16 @@ class RankingModel(nn.Module):
 
     Call with ``dense_features [B, F_dense]`` and a KJT of the ``F`` sparse features; returns
     logits ``[B]``.
+
+    How an LLM slot enters (``ModelConfig.llm_mode``):
+
+    * ``interaction`` (default): the slot's vector (normalised, or the learned missing vector) is
+      projected ``d -> D`` and joins the ``F`` id embeddings as one more feature of the
+      interaction arch, so the cross net / dot products pair it with the ids and with the other
+      LLM vector; the missing flags go to the dense arch with the numeric features. The arches
+      are torchrec's own (``DenseArch``, ``SparseArch``, ``InteractionDCNArch`` /
+      ``InteractionArch``, ``OverArch``), sized for ``F + n_llm`` features.
+    * ``dense``: the whole ``[numeric | vector, flag | ...]`` block goes through the dense arch.
 
     Example::
 
@@ -76,18 +87,25 @@ class RankingModel(nn.Module):
         ebc = EmbeddingBagCollection(tables=encoder.tables(), device=sparse_device or device)
         llm_dims = list(encoder.llm_dims.values())
         self.llm_inputs = nn.ModuleList(LLMVectorInput(d) for d in llm_dims)
+        self.llm_dropout = nn.Dropout(cfg.llm_dropout)
+        self._interaction = bool(llm_dims) and cfg.llm_mode == "interaction"
+        self.llm_proj = nn.ModuleList(
+            nn.Linear(d, cfg.embedding_dim) for d in (llm_dims if self._interaction else [])
+        )
         if device is not None:
             self.llm_inputs.to(device)
+            self.llm_proj.to(device)
         # Column ranges of the dense block: numeric first, then (vector, flag) per LLM slot.
         self._numeric = len(NUMERIC_FEATURES)
         starts = [self._numeric + sum(d + 1 for d in llm_dims[:i]) for i in range(len(llm_dims))]
         self._slots = [(s, s + d + 1) for s, d in zip(starts, llm_dims)]
+        dense_in = self._numeric + len(llm_dims) if self._interaction else encoder.dense_dim
         dense_sizes = list(cfg.dense_hidden) + [cfg.embedding_dim]
         over_sizes = list(cfg.over_hidden) + [1]
         if cfg.interaction == "dcn":
             self.dlrm: DLRM = DLRM_DCN(
                 embedding_bag_collection=ebc,
-                dense_in_features=encoder.dense_dim,
+                dense_in_features=dense_in,
                 dense_arch_layer_sizes=dense_sizes,
                 over_arch_layer_sizes=over_sizes,
                 dcn_num_layers=cfg.dcn_num_layers,
@@ -97,23 +115,46 @@ class RankingModel(nn.Module):
         else:
             self.dlrm = DLRM(
                 embedding_bag_collection=ebc,
-                dense_in_features=encoder.dense_dim,
+                dense_in_features=dense_in,
                 dense_arch_layer_sizes=dense_sizes,
                 over_arch_layer_sizes=over_sizes,
                 dense_device=device,
             )
+        if self._interaction:  # resize the interaction and over arches for F + n_llm features
+            num = len(self.dlrm.sparse_arch.sparse_feature_names) + len(llm_dims)
+            dim = cfg.embedding_dim
+            if cfg.interaction == "dcn":
+                width = (num + 1) * dim
+                cross = LowRankCrossNet(in_features=width, num_layers=cfg.dcn_num_layers,
+                                        low_rank=cfg.dcn_low_rank_dim)
+                self.dlrm.inter_arch = InteractionDCNArch(num_sparse_features=num, crossnet=cross)
+            else:
+                width = dim + num * (num + 1) // 2
+                self.dlrm.inter_arch = InteractionArch(num_sparse_features=num)
+            self.dlrm.over_arch = OverArch(in_features=width, layer_sizes=over_sizes, device=device)
+            if device is not None:
+                self.dlrm.inter_arch.to(device)
 
     @property
     def embedding_bag_collection(self) -> EmbeddingBagCollection:
         return self.dlrm.sparse_arch.embedding_bag_collection
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
-        if self._slots:  # plain slicing keeps the module fx-traceable (TrainPipelineSparseDist traces it)
-            pieces = [dense_features[:, : self._numeric]]
-            for slot, (start, end) in zip(self.llm_inputs, self._slots):
-                pieces.append(slot(dense_features[:, start:end]))
-            dense_features = torch.cat(pieces, dim=1)
-        return self.dlrm(dense_features, sparse_features).squeeze(-1)
+        if not self._slots:
+            return self.dlrm(dense_features, sparse_features).squeeze(-1)
+        # plain slicing keeps the module fx-traceable (TrainPipelineSparseDist traces it)
+        numeric = dense_features[:, : self._numeric]
+        slots = [slot(dense_features[:, start:end]) for slot, (start, end) in zip(self.llm_inputs, self._slots)]
+        if not self._interaction:
+            pieces = [numeric] + [torch.cat([self.llm_dropout(x[:, :-1]), x[:, -1:]], dim=1) for x in slots]
+            return self.dlrm(torch.cat(pieces, dim=1), sparse_features).squeeze(-1)
+        flags = [x[:, -1:] for x in slots]
+        projected = [proj(self.llm_dropout(x[:, :-1])).unsqueeze(1) for proj, x in zip(self.llm_proj, slots)]
+        embedded_dense = self.dlrm.dense_arch(torch.cat([numeric] + flags, dim=1))
+        embedded_sparse = self.dlrm.sparse_arch(sparse_features)
+        combined = torch.cat([embedded_sparse] + projected, dim=1)
+        interacted = self.dlrm.inter_arch(dense_features=embedded_dense, sparse_features=combined)
+        return self.dlrm.over_arch(interacted).squeeze(-1)
 
 
 class RankingTrain(nn.Module):

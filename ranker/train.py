@@ -98,6 +98,36 @@ def feast_source(store, service_name: str, columns: set[str] | None = None) -> F
     return fetch
 
 
+class PrefetchedSource:
+    """A :data:`FeatureSource` that joins once and then answers from memory (benchmarks, sweeps).
+
+    ``PrefetchedSource(feast_source(...), entities)`` calls the wrapped source on ``entities``
+    (in chunks of ``chunk_rows``) once; later calls look their rows up by
+    ``(user_id, item_id, event_timestamp)``, so several seeds or configurations train on the very
+    rows ``get_historical_features`` returned without joining again.
+    """
+
+    KEYS = ["user_id", "item_id", "event_timestamp"]
+
+    def __init__(self, source: FeatureSource, entities: pd.DataFrame, chunk_rows: int = 100_000) -> None:
+        parts = [source(entities.iloc[s : s + chunk_rows][ENTITY_COLUMNS])
+                 for s in range(0, len(entities), chunk_rows)]
+        frame = pd.concat(parts, ignore_index=True).drop(columns=[LABEL], errors="ignore")
+        if frame.duplicated(self.KEYS).any():
+            raise ValueError("PrefetchedSource needs unique (user_id, item_id, event_timestamp) entity rows")
+        self.frame = frame.set_index(self.KEYS)
+
+    def __call__(self, entity_df: pd.DataFrame) -> pd.DataFrame:
+        keys = pd.MultiIndex.from_frame(entity_df[self.KEYS])
+        missing = ~keys.isin(self.frame.index)
+        if missing.any():
+            raise KeyError(f"{int(missing.sum())} entity rows were not prefetched, e.g. {keys[missing][0]}")
+        out = self.frame.loc[keys].reset_index()
+        if LABEL in entity_df:
+            out[LABEL] = entity_df[LABEL].to_numpy()
+        return out
+
+
 def fetch_rows(entities: pd.DataFrame, source: FeatureSource, cfg: ModelConfig, chunk_rows: int) -> RawRows:
     """Point-in-time features of ``entities`` in chunks, each reduced to :class:`RawRows` at once."""
     parts = []

@@ -68,6 +68,41 @@ def test_forward_backward_shapes(rows: pd.DataFrame, llm: bool) -> None:
         assert "recent_item_ids" in encoder.sparse_names
 
 
+@pytest.mark.parametrize("interaction", ["dcn", "dot"])
+@pytest.mark.parametrize("mode", ["interaction", "dense"])
+def test_llm_modes_route_the_vectors(rows: pd.DataFrame, mode: str, interaction: str) -> None:
+    cfg = ModelConfig(llm_mode=mode, interaction=interaction, llm_dropout=0.1)
+    encoder = FeatureEncoder.fit(extract(rows[rows.split == "train"], cfg), cfg)
+    model = RankingModel(encoder)
+    batch = encoder.encode(rows.iloc[:32]).batch(np.arange(32))
+    loss, _ = RankingTrain(model)(batch)
+    loss.backward()
+    n_sparse = len(encoder.sparse_names)
+    if mode == "interaction":  # two projected LLM vectors join the F id embeddings in the interaction
+        assert model.dlrm.inter_arch.F == n_sparse + 2
+        assert model.dlrm.dense_arch.model._mlp[0]._linear.in_features == 3 + 2  # numeric + 2 missing flags
+        assert all(p.weight.grad is not None and p.weight.grad.abs().sum() > 0 for p in model.llm_proj)
+    else:
+        assert model.dlrm.inter_arch.F == n_sparse and len(model.llm_proj) == 0
+        assert model.dlrm.dense_arch.model._mlp[0]._linear.in_features == encoder.dense_dim
+    # the LLM vectors reach the logits: changing one row's item vector changes that row only
+    model.eval()
+    dense = batch.dense_features.clone()
+    start, end = model._slots[1]
+    dense[0, start:end - 1] += torch.randn(end - 1 - start)  # (a constant shift would vanish in LayerNorm)
+    with torch.no_grad():
+        before = model(batch.dense_features, batch.sparse_features)
+        after = model(dense, batch.sparse_features)
+    assert not torch.isclose(before[0], after[0]) and torch.equal(before[1:], after[1:])
+
+
+def test_checkpoint_config_without_llm_mode_reads_as_dense() -> None:
+    assert ModelConfig.from_dict({"llm_features": True}).llm_mode == "dense"
+    assert ModelConfig().llm_mode == "interaction"
+    with pytest.raises(ValueError, match="llm_mode"):
+        ModelConfig(llm_mode="concat")
+
+
 def test_dot_interaction_builds(rows: pd.DataFrame) -> None:
     cfg = ModelConfig(interaction="dot")
     encoder = FeatureEncoder.fit(extract(rows.iloc[:200], cfg), cfg)
