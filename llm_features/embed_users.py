@@ -101,6 +101,10 @@ class EmbedUsersConfig:
     cadence: Literal["event", "day", "last"] = field(default="event", metadata={
         "help": "event: a row at every distinct interaction time (+ a final row); day: at each active day's "
                 "start (+ a final row); last: only the final, current row per user (fast online refresh)."})
+    every: int = field(default=1, metadata={
+        "help": "With cadence=event: keep each user's first N interaction times, then every N-th (+ the final "
+                "row). A row is then at most N-1 interactions stale, and Feast's offline point-in-time join, "
+                "which pairs every entity row with every earlier row of its user, shrinks about N-fold."})
     context_size: int | None = field(default=None, metadata={
         "help": "n: strictly earlier interactions per embedding (default: the checkpoint's, as trained)."})
     targets_per_sequence: int | None = field(default=None, metadata={
@@ -213,15 +217,26 @@ class Snapshots:
     """Microseconds since the epoch, UTC."""
 
 
-def snapshots(ext: UserHistories, final_rows: np.ndarray, cadence: Cadence) -> Snapshots:
-    """Every row ``cadence`` asks for (users' empty first snapshots excluded)."""
+def snapshots(ext: UserHistories, final_rows: np.ndarray, cadence: Cadence, every: int = 1) -> Snapshots:
+    """Every row ``cadence`` asks for (users' empty first snapshots excluded).
+
+    With ``cadence="event"`` and ``every > 1``, of a user's interaction times ``1, 2, ...`` (its
+    first, with no history, is ``0``) only ``1..every`` and then the multiples of ``every`` are kept.
+    """
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
     n = len(ext)
     rows = np.arange(n, dtype=np.int64)
     real = np.ones(n, dtype=bool)
     real[final_rows] = False
     nonempty = rows != ext.user_start
     if cadence == "event":
-        pick = real & nonempty & (ext.time_start == rows)
+        starts = real & (ext.time_start == rows)
+        pick = nonempty & starts
+        if every > 1:
+            count = np.cumsum(starts)
+            idx = count - count[ext.user_start]  # 0 at the user's first interaction time
+            pick &= (idx <= every) | (idx % every == 0)
         stamp = ext.time
     elif cadence == "day":
         day = np.floor_divide(ext.time, US_PER_DAY) * US_PER_DAY
@@ -471,12 +486,13 @@ def embed_users(
     hist = data.hist
     check_no_late_interactions(hist, existing.state)
     ext, final_rows = with_final_queries(hist)
-    snaps = snapshots(ext, final_rows, cfg.cadence)
+    snaps = snapshots(ext, final_rows, cfg.cadence, cfg.every)
+    cadence = cfg.cadence if cfg.every == 1 or cfg.cadence != "event" else f"event{cfg.every}"
     done = pd.MultiIndex.from_arrays([snaps.user_id, snaps.stamp]).isin(existing.keys)
     todo = ~done
     work_users = np.unique(snaps.user_id[todo])
     log.info("embed-users: %d snapshots (%s cadence), %d already exported, %d to compute for %d users",
-             len(snaps.row), cfg.cadence, int(done.sum()), int(todo.sum()), len(work_users))
+             len(snaps.row), cadence, int(done.sum()), int(todo.sum()), len(work_users))
 
     from llm_features.finetune.train import make_packer
 
@@ -494,12 +510,12 @@ def embed_users(
         rows, stamps, uids = snaps.row[sel], snaps.stamp[sel], snaps.user_id[sel]
         # content digest of the chunk's inputs: the snapshots asked for and the users' histories
         urows = np.flatnonzero(np.isin(ext_user, chunk_users))
-        key = [identity["id"], cfg.cadence, n, identity["targets_per_sequence"]]
+        key = [identity["id"], cadence, n, identity["targets_per_sequence"]]
         h = hashlib.sha256(json.dumps(key).encode())
         for arr in (uids, stamps, ext_user[urows], ext.time[urows], bhash[ext.behavior_row[urows]],
                     ext.feedback[urows]):
             h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
-        name = (f"{PART_PREFIX}-{identity['id'][:12]}-{cfg.cadence}-n{n}-u{int(chunk_users[0])}-"
+        name = (f"{PART_PREFIX}-{identity['id'][:12]}-{cadence}-n{n}-u{int(chunk_users[0])}-"
                 f"{int(chunk_users[-1])}-{h.hexdigest()[:16]}")
         if (directory / f"part-{name}.parquet").exists():
             continue
@@ -522,7 +538,7 @@ def embed_users(
         meta = {
             FINGERPRINT_METADATA_KEY: fp.to_json(),
             CHECKPOINT_METADATA_KEY: json.dumps(identity, sort_keys=True),
-            STATE_METADATA_KEY: json.dumps({"cadence": cfg.cadence, "context_size": n,
+            STATE_METADATA_KEY: json.dumps({"cadence": cadence, "context_size": n,
                                             "targets_per_sequence": k, "users": user_state}, sort_keys=True),
         }
         write_part(directory, _part_table(uids, states, stamps), metadata=meta, name=name)
@@ -533,7 +549,7 @@ def embed_users(
     drop_placeholder(directory)
     users = np.unique(np.concatenate([existing.keys.get_level_values(0).to_numpy(), snaps.user_id[todo]]))
     report = EmbedUsersReport(
-        checkpoint_id=identity["id"], cadence=cfg.cadence, context_size=n, targets_per_sequence=k,
+        checkpoint_id=identity["id"], cadence=cadence, context_size=n, targets_per_sequence=k,
         exact=exact, users=len(users), rows_written=rows_written, rows_existing=int(done.sum()),
         parts_written=written, seconds=time.perf_counter() - started, compute_seconds=compute_seconds,
         forward_states=states_computed,

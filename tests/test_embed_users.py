@@ -178,6 +178,27 @@ def test_rows_hold_only_interactions_strictly_before_their_stamp(setup, tmp_path
     assert "weights_sha256" in meta[CHECKPOINT_METADATA_KEY]
 
 
+def test_every_keeps_the_first_times_then_every_nth_and_the_same_states(setup, tmp_path):
+    """--every 3: a subset of the event rows (first 3 interaction times, then every 3rd, + final), same vectors."""
+    ws_all, ws_every = fresh_ws(setup, tmp_path / "all"), fresh_ws(setup, tmp_path / "every")
+    embed_users(cfg(setup, ws_all))
+    report = embed_users(cfg(setup, ws_every, every=3))
+    every, full = as_dict(read_user_embeddings(ws_every)), as_dict(read_user_embeddings(ws_all))
+    assert report.cadence == "event3" and report.rows_written == len(every)
+    assert set(every) < set(full)
+    for key, vec in every.items():
+        np.testing.assert_allclose(vec, full[key], atol=1e-6)
+    # per user: interaction time t (0 = first) is kept iff 1 <= t <= 3 or t % 3 == 0, plus the final row
+    inter = pq.read_table(Workspace.at(ws_all).interactions).to_pandas()
+    for user, times in inter.groupby("user_id")["event_timestamp"]:
+        stamps = sorted(times.astype("datetime64[us, UTC]").astype("int64").unique())
+        want = {s for t, s in enumerate(stamps) if 1 <= t <= 3 or (t > 0 and t % 3 == 0)}
+        got = {t for (u, t) in every if u == user}
+        assert got == want | {stamps[-1] + 1_000_000}, user
+    with pytest.raises(ValueError, match="every"):
+        embed_users(cfg(setup, ws_every, every=0))
+
+
 def test_exported_u_is_the_training_path_state_of_each_target(setup, tmp_path):
     """Event row at T = the first interaction j at T: the query state u_j the k = 1 training path computes."""
     ws = fresh_ws(setup, tmp_path / "ws")
