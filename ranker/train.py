@@ -139,6 +139,10 @@ def fetch_rows(entities: pd.DataFrame, source: FeatureSource, cfg: ModelConfig, 
                 f"the feature source returned {len(frame)} rows for {len(chunk)} entity rows; a point-in-time "
                 "join must keep every row (use the duckdb offline store)"
             )
+        # a point-in-time join returns its rows in no fixed order: sort them, so that the seeded
+        # shuffle (and with it the whole training run) is reproducible
+        order = [c for c in PrefetchedSource.KEYS + [LABEL] if c in frame.columns]
+        frame = frame.sort_values(order, kind="stable", ignore_index=True)
         parts.append(extract(frame, cfg))
         del frame
     return RawRows.concat(parts)

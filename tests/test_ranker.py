@@ -202,6 +202,28 @@ def test_training_learns_planted_signal(rows: pd.DataFrame, checkpoints: dict[bo
     assert (checkpoints[True] / "eval-test" / METRICS_FILE).exists()
 
 
+def test_training_is_reproducible_whatever_order_the_join_returns(rows: pd.DataFrame, tmp_path: Path) -> None:
+    """Feast's point-in-time join returns rows in no fixed order; the same seed must still give the same model."""
+    from safetensors.torch import load_file
+
+    base = SyntheticFeatureSource(rows)
+    calls = iter(range(100))
+
+    def shuffled(entity_df: pd.DataFrame) -> pd.DataFrame:
+        frame = base(entity_df)
+        return frame.sample(frac=1.0, random_state=next(calls)).reset_index(drop=True)
+
+    weights = []
+    for run in range(2):
+        cfg = TrainConfig(out=tmp_path / f"run{run}", epochs=1, batch_size=256, seed=3, validate=False,
+                          progress=False)
+        train(cfg, entities=rows[rows.split == "train"].iloc[:1500], source=shuffled)
+        weights.append(load_file(str(cfg.out / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
 def test_checkpoint_roundtrip(rows: pd.DataFrame, checkpoints: dict[bool, Path]) -> None:
     model, encoder, payload = load_checkpoint(checkpoints[True])
     assert payload["feature_service"] == "ranker_llm"
