@@ -272,8 +272,8 @@ class Existing:
     parts: list[Path]
 
 
-def _serving_identity(ckpt: dict[str, Any], n: int, k: int, exact: bool) -> dict[str, Any]:
-    return {**ckpt, "context_size": n, "targets_per_sequence": 1 if exact else k}
+def _serving_identity(ckpt: dict[str, Any], n: int, k: int, exact: bool, cadence: str) -> dict[str, Any]:
+    return {**ckpt, "context_size": n, "targets_per_sequence": 1 if exact else k, "cadence": cadence}
 
 
 def read_existing(directory: Path, identity: dict[str, Any], fingerprint_digest: str) -> Existing:
@@ -285,18 +285,19 @@ def read_existing(directory: Path, identity: dict[str, Any], fingerprint_digest:
         meta = file_metadata(p)
         raw = meta.get(CHECKPOINT_METADATA_KEY)
         got = json.loads(raw) if raw else None
-        same = got is not None and got.get("id") == identity["id"] and \
-            got.get("context_size") == identity["context_size"] and \
-            got.get("targets_per_sequence") == identity["targets_per_sequence"]
+        if got is not None and "cadence" not in got:  # parts written before the cadence was recorded here
+            got["cadence"] = json.loads(meta.get(STATE_METADATA_KEY, "{}")).get("cadence")
+        same = got is not None and all(got.get(k) == identity.get(k)
+                                       for k in ("id", "context_size", "targets_per_sequence", "cadence"))
         if not same:
             what = "no checkpoint metadata" if got is None else (
                 f"checkpoint {got.get('id')} ({got.get('path')}), n={got.get('context_size')}, "
-                f"k={got.get('targets_per_sequence')}")
+                f"k={got.get('targets_per_sequence')}, cadence {got.get('cadence')}")
             raise CheckpointMismatchError(
                 f"{p} holds user embeddings of {what}, but this run exports checkpoint {identity['id']} "
-                f"({identity['path']}), n={identity['context_size']}, k={identity['targets_per_sequence']}. "
-                "Embeddings of two models must never be mixed: pass --overwrite to delete the old parts, or "
-                "use another --data-dir."
+                f"({identity['path']}), n={identity['context_size']}, k={identity['targets_per_sequence']}, "
+                f"cadence {identity.get('cadence')}. Rows of two models or cadences must never be mixed: pass "
+                "--overwrite to delete the old parts, or use another --data-dir."
             )
         fp = json.loads(meta.get(FINGERPRINT_METADATA_KEY, "{}")).get("digest")
         if fp != fingerprint_digest:
@@ -471,7 +472,10 @@ def embed_users(
     if not exact:
         log.warning("leakage=%s with k=%d: DTI-packed states differ from the k=1 (sliding-window) states",
                     model.leakage, k)
-    identity = _serving_identity(ident, n, k, exact)
+    if cfg.every < 1:
+        raise ValueError(f"every must be >= 1, got {cfg.every}")
+    cadence = cfg.cadence if cfg.every == 1 or cfg.cadence != "event" else f"event{cfg.every}"
+    identity = _serving_identity(ident, n, k, exact, cadence)
 
     directory = ws.user_embeddings
     if cfg.overwrite:
@@ -487,7 +491,6 @@ def embed_users(
     check_no_late_interactions(hist, existing.state)
     ext, final_rows = with_final_queries(hist)
     snaps = snapshots(ext, final_rows, cfg.cadence, cfg.every)
-    cadence = cfg.cadence if cfg.every == 1 or cfg.cadence != "event" else f"event{cfg.every}"
     done = pd.MultiIndex.from_arrays([snaps.user_id, snaps.stamp]).isin(existing.keys)
     todo = ~done
     work_users = np.unique(snaps.user_id[todo])

@@ -327,6 +327,9 @@ def test_rows_of_another_checkpoint_are_refused(setup, tmp_path, bert, tiny_bert
         embed_users(cfg(setup, ws, checkpoint=other, cadence="last"))
     with pytest.raises(CheckpointMismatchError):  # a different n is a different embedding too
         embed_users(cfg(setup, ws, context_size=N + 1, cadence="last"))
+    for other_cadence in ({"cadence": "day"}, {"cadence": "event", "every": 2}):  # nor two cadences mixed
+        with pytest.raises(CheckpointMismatchError, match="cadence"):
+            embed_users(cfg(setup, ws, **other_cadence))
     r = embed_users(cfg(setup, ws, checkpoint=other, cadence="last", overwrite=True))
     ids = {file_metadata(p)[CHECKPOINT_METADATA_KEY] for p in list_parts(Workspace.at(ws).user_embeddings)}
     assert len(ids) == 1 and r.checkpoint_id in ids.pop()
