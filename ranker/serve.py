@@ -12,6 +12,11 @@ batched call (``item_profile``, ``item_embeddings``); then one forward pass over
 A user or item the store does not know is scored with the documented defaults (OOV rows, the
 learned missing vector plus its flag; see :mod:`ranker.features`), counted in ``missing`` and
 reported in one warning per request -- never an exception.
+
+Threads: a forward pass over ~100 candidates gains nothing from several intra-op threads; run a
+serving worker with ``torch.set_num_threads(1)`` (one worker per core). On a busy 2-core machine
+the default (one thread per core in every process) oversubscribed the cores and made p50 about
+10x slower in ``bench/bench_ranker.py``.
 """
 
 from __future__ import annotations

@@ -33,12 +33,14 @@ def load_summarize(bench: Path):
     return module
 
 
-def script_args(script: Path, source: Path, quick: bool) -> list[str]:
-    """The options this script understands: ``--source`` and ``--quick`` only where it declares them."""
+def script_args(script: Path, source: Path, quick: bool, data_dir: Path | None = None) -> list[str]:
+    """The options this script understands: ``--source``, ``--data-dir`` and ``--quick`` where it declares them."""
     text = script.read_text()
     args: list[str] = []
     if '"--source"' in text:
         args += ["--source", str(source)]
+    if data_dir is not None and '"--data-dir"' in text:
+        args += ["--data-dir", str(data_dir)]
     if quick and '"--quick"' in text:
         args.append("--quick")
     return args
@@ -47,10 +49,13 @@ def script_args(script: Path, source: Path, quick: bool) -> list[str]:
 @click.command("bench")
 @click.option("--source", type=click.Path(path_type=Path), default=Path("../shared/data/ml-1m"), show_default=True,
               help="MovieLens-1M directory passed to the scripts that take a dataset.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="A workspace the main job prepared (default: $LLMFEAT_DATA_DIR, else feast_repo/data when it "
+                   "exists); passed to the scripts that read one (finetune, ranker).")
 @click.option("--quick", is_flag=True, help="Tiny versions where a script supports it (a smoke test).")
 @click.option("--summary-only", is_flag=True, help="Only rebuild SUMMARY.md from the existing JSON results.")
 @click.option("--only", multiple=True, help="Run only these scripts (e.g. --only finetune); repeatable.")
-def command(source: Path, quick: bool, summary_only: bool, only: tuple[str, ...]) -> None:
+def command(source: Path, data_dir: Path | None, quick: bool, summary_only: bool, only: tuple[str, ...]) -> None:
     """Run the benchmarks in bench/ (each as a subprocess) and summarise their ratios against the floors.
 
     Writes bench/results/<name>.json/.md per benchmark and bench/results/SUMMARY.md (measured ratios
@@ -67,8 +72,15 @@ def command(source: Path, quick: bool, summary_only: bool, only: tuple[str, ...]
         if only:
             scripts = [s for s in scripts if s.stem.removeprefix("bench_") in only or s.stem in only]
         source = source.resolve()
+        if data_dir is None:
+            env_dir = os.environ.get("LLMFEAT_DATA_DIR")
+            default = Path(env_dir) if env_dir else bench.parent / "feast_repo" / "data"
+            data_dir = default if (default / "canonical").is_dir() else None
+        if data_dir is not None:
+            data_dir = data_dir.resolve()
+            click.echo(f"== workspace: {data_dir}")
         for script in scripts:
-            cmd = [sys.executable, str(script)] + script_args(script, source, quick)
+            cmd = [sys.executable, str(script)] + script_args(script, source, quick, data_dir)
             click.echo(f"== {script.name}: {' '.join(cmd[2:]) or '(no options)'}")
             t0 = time.perf_counter()
             rc = subprocess.run(cmd, cwd=bench.parent, env={**os.environ, "HF_HUB_OFFLINE": "1",
