@@ -15,7 +15,7 @@ import io
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,7 +88,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     import pandas as pd
 
     from llm_features.backbone import Backbone
-    from llm_features.embed_users import EmbedUsersConfig, embed_users
+    from llm_features.embed_users import CheckpointMismatchError, EmbedUsersConfig, embed_users
     from llm_features.encode import EncodeConfig, encode
     from llm_features.finetune import FinetuneConfig, finetune
     from llm_features.ingest import IngestConfig, format_summary, ingest
@@ -128,7 +128,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     inputs = [_file_state(ws.interactions), backbone.fingerprint.digest]
     ft_out = runs / "finetune"
-    ft_cfg = FinetuneConfig(data_dir=data_dir, out=ft_out, packing="dti",
+    # leakage=isolated: DTI-packed training states equal the sliding-window ones, so embed-users can
+    # pack every event of a user into a few sequences and export one row per interaction time fast.
+    ft_cfg = FinetuneConfig(data_dir=data_dir, out=ft_out, packing="dti", leakage="isolated",
                             limit_users=cfg.finetune_users or (150 if small else 400), epochs=1)
     with steps.step("finetune (BAHE + DTI)"):
         stamp = _stamp(inputs, asdict(ft_cfg))
@@ -145,7 +147,15 @@ def run_demo(cfg: DemoConfig) -> dict:
                               "train_seconds": ft["train_seconds"], "peak_rss_mb": ft.get("peak_rss_mb")}
 
     with steps.step("embed users (deep layers over recent behaviours)"):
-        eu = embed_users(EmbedUsersConfig(checkpoint=ft_out, data_dir=data_dir, cadence="day"))
+        eu_cfg = EmbedUsersConfig(checkpoint=ft_out, data_dir=data_dir, cadence="event", every=8)
+        try:
+            eu = embed_users(eu_cfg)
+        except CheckpointMismatchError:
+            # rows of an earlier checkpoint of this job (finetune ran again, e.g. on new interactions):
+            # stale now, so they are replaced, never mixed in or left to stop every later run
+            click.echo(f"embed-users: user_embeddings/ holds rows of an earlier checkpoint; "
+                       f"recomputing them with {ft_out}")
+            eu = embed_users(replace(eu_cfg, overwrite=True))
         click.echo(eu.summary())
         report["embed_users"] = {"rows_written": eu.rows_written, "rows_existing": eu.rows_existing,
                                  "seconds": eu.seconds}
