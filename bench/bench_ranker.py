@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--latency-only", action="store_true",
                     help="only re-measure serving latency with the checkpoints of an earlier run (--runs)")
     ap.add_argument("--twins-only", action="store_true", help="only the two twins, not the LLM-twin variants")
-    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--candidates", type=int, default=100)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
