@@ -343,10 +343,45 @@ def test_finetune_writes_checkpoint_and_metrics(tiny_bert_dir, tiny_workspace, t
     from llm_features.finetune.train import evaluate, make_packer, split_blocks
 
     data = load_finetune_data(tiny_workspace, model.backbone.fingerprint, need_behavior_vectors=True)
-    again = evaluate(model, make_packer(cfg, data, model.backbone), split_blocks(cfg, data, "test", cfg.eval_k, 2),
+    again = evaluate(model, make_packer(cfg, data, model.backbone), split_blocks(cfg, data, "test", cfg.eval_k),
                      64, torch.device("cpu"))
     assert again["auc"] == pytest.approx(m["test"]["auc"], abs=1e-6)
     assert again["logloss"] == pytest.approx(m["test"]["logloss"], abs=1e-5)
+    # the saved test predictions are the targets the test metrics were computed on
+    pred = np.load(out / "test_predictions.npz")
+    assert len(pred["row"]) == m["test"]["targets"] and len(np.unique(pred["row"])) == len(pred["row"])
+    assert roc_auc(pred["label"], pred["logit"]) == pytest.approx(m["test"]["auc"], abs=1e-6)
+    from llm_features.finetune.train import split_targets
+
+    assert set(pred["row"].tolist()) == set(np.flatnonzero(split_targets(cfg, data, "test")).tolist())
+    # speed and memory of the training steps alone
+    assert m["steady_targets_per_s"] > 0 and m["steady_steps"] == max(0, m["steps"] - 2)
+    assert 0 < m["rss_before_train_mb"] <= m["train_peak_rss_mb"] <= m["peak_rss_mb"] + 1
+    assert m["train_rss_increase_mb"] == pytest.approx(m["train_peak_rss_mb"] - m["rss_before_train_mb"])
+
+
+def test_training_memory_counts_what_training_adds():
+    """The training increase sees an allocation made during training, not one freed before it started."""
+    from llm_features.finetune.memory import TrainingMemory, current_rss_mb
+
+    if current_rss_mb() is None:
+        pytest.skip("no /proc/self/status on this platform")
+    before = np.ones(40 * 2**20 // 8)  # 40 MiB, touched, then freed before training starts
+    del before
+    mem = TrainingMemory(torch.device("cpu"))
+    mem.start()
+    during = np.ones(80 * 2**20 // 8)  # 80 MiB held by "training"
+    del during
+    mem.pause()
+    evaluation = np.ones(200 * 2**20 // 8)  # evaluation between epochs is not training
+    del evaluation
+    mem.resume()
+    mem.stop()
+    m = mem.metrics()
+    if not mem.exact:
+        pytest.skip("the kernel's peak RSS cannot be reset here (/proc/self/clear_refs)")
+    assert 75 <= m["train_rss_increase_mb"] < 150, m
+    assert mem.process_peak_mb() >= m["rss_before_train_mb"] + 195
 
 
 @pytest.mark.slow

@@ -17,6 +17,11 @@ END = "<!-- cli-reference:end -->"
 
 
 def _walk(cmd: click.Command, ctx: click.Context, path: list[str]) -> list[tuple[str, str]]:
+    # click caches a command's help option the first time it is built, with the help option names of
+    # that context: a subcommand invoked on its own before (a test's CliRunner) would show "--help"
+    # without the group's "-h". Rebuild it under this context.
+    if hasattr(cmd, "_help_option"):
+        cmd._help_option = None
     out = [(" ".join(path), cmd.get_help(ctx).replace("\x08", ""))]
     if isinstance(cmd, click.Group):
         for name in cmd.list_commands(ctx):

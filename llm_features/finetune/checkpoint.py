@@ -6,7 +6,10 @@ A checkpoint directory holds
   the query token, feedback embedding, distance bias and CTR head),
 - ``config.json``: every :class:`FinetuneConfig` option and the backbone's fingerprint,
 - ``trainer_state.pt``: optimizer, scheduler, data position and RNG states (for ``--resume``),
-- ``metrics.json``: what the run measured.
+- ``metrics.json``: what the run measured,
+- ``test_predictions.npz``: ``row`` (history row of each test target, in the order of
+  :class:`~llm_features.finetune.packing.UserHistories` for the same data options), ``label``
+  and ``logit``, to compare two runs target by target.
 
 Every file is written to a temporary name and renamed into place, so a killed run leaves the
 previous checkpoint readable.
@@ -20,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -33,6 +37,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAINER_STATE = "trainer_state.pt"
 METRICS = "metrics.json"
+TEST_PREDICTIONS = "test_predictions.npz"
 
 
 def _replace(tmp: Path, dest: Path) -> None:
@@ -45,6 +50,16 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    _replace(tmp, path)
+
+
+def write_predictions(path: Path, rows, labels, logits) -> None:
+    """``[T]`` target rows, labels and logits to ``path`` (``.npz``), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, row=np.asarray(rows, np.int64), label=np.asarray(labels, np.float32),
+                 logit=np.asarray(logits, np.float32))
     _replace(tmp, path)
 
 

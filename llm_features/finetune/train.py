@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from llm_features.backbone import Backbone, configure_threads
 from llm_features.finetune.checkpoint import (
     METRICS,
+    TEST_PREDICTIONS,
     TRAINER_STATE,
     build_model,
     config_to_dict,
@@ -33,10 +33,12 @@ from llm_features.finetune.checkpoint import (
     read_checkpoint_config,
     save_checkpoint,
     write_json,
+    write_predictions,
     WEIGHTS,
 )
 from llm_features.finetune.config import FinetuneConfig
 from llm_features.finetune.data import FinetuneData, limit_targets, load_finetune_data
+from llm_features.finetune.memory import TrainingMemory, peak_rss_mb  # noqa: F401 (re-exported)
 from llm_features.finetune.model import FinetuneModel, count_parameters
 from llm_features.finetune.packing import BehaviorPacker, Blocks, TokenPacker, batch_indices, make_blocks
 
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 # Options that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "log_every", "save_every", "device", "num_threads",
                      "eval_batch_size"}
+# Optimizer steps of each process left out of the steady-state throughput (allocator and optimizer-state
+# warm-up, first-touch page faults).
+TIMING_WARMUP_STEPS = 2
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -73,11 +78,6 @@ def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
     return float(F.binary_cross_entropy_with_logits(x, y))
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 # ------------------------------------------------------------------------------------------ helpers
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -92,9 +92,19 @@ def make_packer(cfg: FinetuneConfig, data: FinetuneData, backbone: Backbone) -> 
                        pad_id=int(backbone.tokenizer.pad_token_id))
 
 
-def split_blocks(cfg: FinetuneConfig, data: FinetuneData, split: str, k: int, seed_offset: int) -> Blocks:
-    targets = limit_targets(data.hist, data.split_mask(split), cfg.max_targets, cfg.seed + seed_offset)
-    return make_blocks(data.hist, targets, k, cfg.context_size)
+SPLIT_SEED_OFFSETS = {"train": 0, "valid": 1, "test": 2}
+
+
+def split_targets(cfg: FinetuneConfig, data: FinetuneData, split: str) -> np.ndarray:
+    """``[N]`` boolean: the rows of ``split`` this run trains on or evaluates (after ``max_targets``).
+
+    Baselines that must see exactly the same targets (``bench/bench_finetune.py``) call this too.
+    """
+    return limit_targets(data.hist, data.split_mask(split), cfg.max_targets, cfg.seed + SPLIT_SEED_OFFSETS[split])
+
+
+def split_blocks(cfg: FinetuneConfig, data: FinetuneData, split: str, k: int) -> Blocks:
+    return make_blocks(data.hist, split_targets(cfg, data, split), k, cfg.context_size)
 
 
 def epoch_batches(blocks: Blocks, targets_per_batch: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -124,14 +134,20 @@ def predict(
 
 def evaluate(
     model: FinetuneModel, packer, blocks: Blocks, targets_per_batch: int, device: torch.device,
-    rank: int = 0, world: int = 1,
+    rank: int = 0, world: int = 1, predictions: Path | None = None,
 ) -> dict:
-    """AUC / LogLoss over the targets of ``blocks`` (each rank predicts a share, all ranks get the metrics)."""
+    """AUC / LogLoss over the targets of ``blocks`` (each rank predicts a share, all ranks get the metrics).
+
+    With ``predictions``, rank 0 also writes the history rows, labels and logits of every target there
+    (``.npz``), so that two runs on the same data can be compared target by target.
+    """
     t0 = time.perf_counter()
     local = blocks.take(np.arange(rank, len(blocks), world)) if world > 1 else blocks
-    _, labels, logits = predict(model, packer, local, targets_per_batch, device)
-    labels, logits = _gather([labels, logits], world)
+    rows, labels, logits = predict(model, packer, local, targets_per_batch, device)
+    rows, labels, logits = _gather([rows, labels, logits], world)
     seconds = time.perf_counter() - t0
+    if predictions is not None and rank == 0:
+        write_predictions(predictions, rows, labels, logits)
     return {
         "auc": roc_auc(labels, logits),
         "logloss": log_loss(labels, logits),
@@ -140,6 +156,19 @@ def evaluate(
         "seconds": seconds,
         "targets_per_s": len(labels) / seconds if seconds > 0 else float("nan"),
     }
+
+
+def make_optimizer(model: FinetuneModel, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW over the model's parameter groups, fused where the device supports it.
+
+    Fused: one kernel for all parameters instead of a loop over tensors. The optimizer step is a
+    fixed cost per step, so this matters most for short steps (DTI packs many targets in few tokens).
+    """
+    groups = model.param_groups(cfg.lr, cfg.head_lr, cfg.weight_decay)
+    try:
+        return torch.optim.AdamW(groups, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups)
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -227,9 +256,9 @@ def finetune(
     model.to(device)
     packer = make_packer(cfg, data, backbone)
 
-    train_blocks = split_blocks(cfg, data, "train", cfg.k, 0)
-    valid_blocks = split_blocks(cfg, data, "valid", cfg.eval_k, 1)
-    test_blocks = split_blocks(cfg, data, "test", cfg.eval_k, 2)
+    train_blocks = split_blocks(cfg, data, "train", cfg.k)
+    valid_blocks = split_blocks(cfg, data, "valid", cfg.eval_k)
+    test_blocks = split_blocks(cfg, data, "test", cfg.eval_k)
     if len(train_blocks) == 0:
         raise ValueError("no training targets: the train split of this workspace is empty")
     steps_per_epoch = len(batch_indices(train_blocks.num_targets, cfg.batch_size))
@@ -237,7 +266,7 @@ def finetune(
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.head_lr, cfg.weight_decay))
+    optimizer = make_optimizer(model, cfg)
     # DDP averages gradients over ranks: each rank's loss is its share of the global batch mean, times world.
     forward = model
     if world > 1:
@@ -277,10 +306,11 @@ def finetune(
         "%d trainable parameters", cfg.granularity, cfg.packing, cfg.k, cfg.context_size, cfg.leakage,
         int(train_blocks.num_targets.sum()), len(train_blocks), total_steps, count_parameters(model),
     )
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    memory = TrainingMemory(device)  # also resets the CUDA peak statistics
+    steps_this_process = 0
     model.train()
     done = state["step"] >= total_steps
+    memory.start()
     while not done and state["epoch"] < cfg.epochs:
         batches = epoch_batches(train_blocks, cfg.batch_size, cfg.seed, state["epoch"])
         window_loss, window_targets, t_window = 0.0, 0, time.perf_counter()
@@ -308,7 +338,12 @@ def finetune(
             state["train_targets"] += global_targets
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            state["train_seconds"] += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            state["train_seconds"] += seconds
+            steps_this_process += 1
+            if steps_this_process > TIMING_WARMUP_STEPS:
+                state["steady_seconds"] = state.get("steady_seconds", 0.0) + seconds
+                state["steady_targets"] = state.get("steady_targets", 0) + global_targets
             batch_loss = loss.detach() * global_targets / world  # this rank's share of the batch loss
             if world > 1:
                 torch.distributed.all_reduce(batch_loss)
@@ -332,15 +367,21 @@ def finetune(
             state["epoch"] += 1
             state["batch"] = 0
         if len(valid_blocks) and state["batch"] == 0 and not done:
+            memory.pause()
             v = evaluate(model, packer, valid_blocks, cfg.eval_batch_size, device, rank, world)
+            memory.resume()
             state["history"].append({"epoch": state["epoch"], "step": state["step"], "valid": v,
                                      "train_loss": epoch_loss / max(1, epoch_targets)})
             log.info("epoch %d step %d: valid AUC %.4f LogLoss %.4f", state["epoch"], state["step"], v["auc"],
                      v["logloss"])
+        memory.pause()
         checkpoint()
+        memory.resume()
 
+    memory.stop()
     valid = evaluate(model, packer, valid_blocks, cfg.eval_batch_size, device, rank, world)
-    test = evaluate(model, packer, test_blocks, cfg.eval_batch_size, device, rank, world)
+    test = evaluate(model, packer, test_blocks, cfg.eval_batch_size, device, rank, world,
+                    predictions=out / TEST_PREDICTIONS)
     metrics = {
         "valid": valid,
         "test": test,
@@ -350,8 +391,14 @@ def finetune(
         "train_targets": state["train_targets"],
         "train_sequences": int(len(train_blocks)),
         "targets_per_s": state["train_targets"] / state["train_seconds"] if state["train_seconds"] else float("nan"),
+        # the same without the first TIMING_WARMUP_STEPS steps of each process (all steps if there are no more)
+        "steady_targets_per_s": (state["steady_targets"] / state["steady_seconds"] if state.get("steady_seconds")
+                                 else state["train_targets"] / state["train_seconds"] if state["train_seconds"]
+                                 else float("nan")),
+        "steady_steps": max(0, steps_this_process - TIMING_WARMUP_STEPS),
         "steps": state["step"],
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": memory.process_peak_mb(),  # the whole process: includes loading and evaluation
+        **memory.metrics(),  # the training steps alone, as an increase over the memory held before them
         "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "trainable_parameters": count_parameters(model),
         "history": state["history"],
@@ -373,4 +420,4 @@ def finetune(
     return metrics
 
 
-__all__ = ["evaluate", "finetune", "log_loss", "peak_rss_mb", "predict", "roc_auc"]
+__all__ = ["evaluate", "finetune", "log_loss", "peak_rss_mb", "predict", "roc_auc", "split_targets"]
