@@ -1,22 +1,34 @@
-"""Fine-tuning benchmark: the four training modes, the DTI k sweep and the leakage variants on ML-1M.
+"""Fine-tuning benchmark: BAHE vs token level, DTI vs sliding window, and an id-only baseline, on ML-1M.
 
-Every configuration runs as its own ``llmfeat finetune ... --out DIR`` subprocess (so the peak RSS
-of one run is not inflated by another) on one workspace, one model and one seeded user sample;
-the numbers are read back from ``DIR/metrics.json``.
+Every configuration runs as its own ``llmfeat finetune ... --out DIR`` subprocess on one workspace,
+one model and one seeded user sample; the numbers are read back from ``DIR/metrics.json``.
 
-- **modes**: behaviour / token level x sliding window / DTI, speed and peak memory over a fixed
-  number of optimizer steps. Token level runs every layer over ~30 behaviour texts per target and
-  is very slow on CPU, so its speed is measured on a smaller fixed batch and step count; its AUC
-  is not meaningful (a few dozen training targets).
-- **k sweep**: behaviour-level DTI, k in (1, 4, 8, 16, 32, 64), one full epoch over the same
-  training targets (k = 1 is the sliding window), AUC and speed.
-- **leakage**: windowed / block / isolated at the largest k.
+- **modes** (BAHE vs token level): behaviour / token level x sliding window / DTI, the same
+  targets per optimizer step in each pair, a fixed number of steps. Measured: training speed and
+  training memory. Token level runs every layer over ~30 behaviour texts per target and is very
+  slow on CPU, hence few steps and small batches; the AUCs of these runs are not meaningful.
+- **k sweep** (DTI vs sliding window): behaviour level, k in ``--ks`` (k = 1 is the sliding
+  window), one epoch over every train target of the sampled users, the default batch and
+  learning rate. Measured: training speed and test AUC (with a paired bootstrap over test users
+  of the difference to k = 1).
+- **leakage**: windowed / block / isolated at the default k.
+- **id-only baselines**: user + item positive rates, and a logistic matrix factorisation, fitted on
+  exactly the train targets of the k sweep and scored on exactly its test targets.
+
+How things are measured, identically for every run:
+
+- *speed* = training targets per second of training-step time (packing, forward, backward,
+  optimizer step), leaving out each run's first 2 steps (warm-up), i.e. ``steady_targets_per_s``;
+- *training memory* = peak RSS while the training steps run minus the RSS just before the first
+  step (after the model, the tables and the data are loaded), i.e. ``train_rss_increase_mb``. The
+  whole-process peak RSS (which adds ~0.8 GB of torch, model and workspace that every mode pays) is
+  reported next to it.
 
 Writes ``finetune.json``, ``finetune.md`` and ``finetune.png`` to ``--out``. Numbers, not
 assertions: a benchmark never fails on a timing or a floor.
 
-    HF_HUB_OFFLINE=1 python bench/bench_finetune.py --source ../shared/data/ml-1m
-    python bench/bench_finetune.py --quick          # tiny version, < 2 minutes
+    HF_HUB_OFFLINE=1 python bench/bench_finetune.py --data-dir /work/ws_ft --out bench/results
+    python bench/bench_finetune.py --quick          # tiny version, a few minutes
 """
 
 from __future__ import annotations
@@ -31,12 +43,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 FLOORS = {"bahe_time": 5.0, "bahe_memory": 5.0, "dti_speed": 10.0, "dti_auc_gap": 0.002, "bahe_dti_speed": 50.0}
 PAPERS = {"bahe_time": 5.0, "bahe_memory": 5.0, "dti_time_reduction": 0.92, "dti_speed": 70.5 / 5.31}
 DEFAULT_K = 32  # FinetuneConfig.targets_per_sequence
+TIMING_WARMUP_STEPS = 2  # llm_features.finetune.train.TIMING_WARMUP_STEPS
 
 
 def llmfeat() -> list[str]:
@@ -56,32 +71,40 @@ def run_finetune(name: str, runs: Path, data_dir: Path, common: dict, extra: dic
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     t0 = time.perf_counter()
     print(f"[bench_finetune] {name}: {' '.join(cmd[1:])}", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
-                                                                     "TRANSFORMERS_OFFLINE": "1"})
+    # PASSIVE: idle OpenMP threads sleep instead of spinning, which matters on a shared machine.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not (out / "metrics.json").exists():
         print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
         return {"name": name, "options": opts, "error": f"exit {proc.returncode}", "wall_s": wall}
     m = json.loads((out / "metrics.json").read_text())
-    tps = m["targets_per_s"]
+    tps = m["steady_targets_per_s"]
     rec = {
         "name": name,
+        "out": str(out),
         "options": opts,
         "train_targets": m["train_targets"],
         "train_sequences": m["train_sequences"],
         "steps": m["steps"],
+        "timed_steps": m["steady_steps"],
         "train_seconds": m["train_seconds"],
-        "targets_per_s": tps,
+        "targets_per_s": tps,  # steady state: the first TIMING_WARMUP_STEPS steps left out
+        "targets_per_s_all_steps": m["targets_per_s"],
         "seconds_per_10k_targets": 1e4 / tps if tps else None,
         "peak_rss_mb": m["peak_rss_mb"],
+        "rss_before_train_mb": m.get("rss_before_train_mb"),
+        "train_peak_rss_mb": m.get("train_peak_rss_mb"),
+        "train_rss_increase_mb": m.get("train_rss_increase_mb"),
+        "train_memory_method": m.get("train_memory_method"),
         "test_auc": m["test"]["auc"],
         "test_logloss": m["test"]["logloss"],
         "test_targets": m["test"]["targets"],
         "valid_auc": m["valid"]["auc"],
         "wall_s": wall,
     }
-    print(f"[bench_finetune]   {tps:.1f} targets/s, {m['peak_rss_mb']:.0f} MiB, test AUC {rec['test_auc']:.4f} "
-          f"({wall:.0f}s)", flush=True)
+    print(f"[bench_finetune]   {tps:.1f} targets/s, training +{rec['train_rss_increase_mb'] or 0:.0f} MiB "
+          f"(peak RSS {m['peak_rss_mb']:.0f} MiB), test AUC {rec['test_auc']:.4f} ({wall:.0f}s)", flush=True)
     return rec
 
 
@@ -95,6 +118,32 @@ def ensure_workspace(args) -> Path:
     return ws
 
 
+def workspace_parser(doc: str, benchmark: str) -> argparse.ArgumentParser:
+    """The options every finetune-style benchmark shares: where the data is, where runs and results go."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--source", type=Path, default=REPO.parent / "shared" / "data" / "ml-1m",
+                    help="ML-1M directory (used only when --data-dir is not given: ingest + encode first)")
+    ap.add_argument("--data-dir", type=Path, default=None, help="an ingested + encoded workspace (not modified)")
+    ap.add_argument("--runs", type=Path, default=REPO / "runs" / f"bench_{benchmark}")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--limit-users", type=int, default=200, help="seeded user sample shared by every run")
+    return ap
+
+
+def run_header(benchmark: str, args: argparse.Namespace) -> dict:
+    """What every result file of a finetune-style benchmark starts with: when, where, how it was run."""
+    return {
+        "benchmark": benchmark,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "quick": args.quick,
+        "dataset": str(args.source) if args.data_dir is None else str(args.data_dir),
+        "command": " ".join([Path(sys.executable).name, f"bench/bench_{benchmark}.py"] + sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.num_threads,
+                    "load_avg_1m": os.getloadavg()[0]},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+
+
 def ratio(a, b):
     try:
         return a / b if a and b else None
@@ -102,34 +151,151 @@ def ratio(a, b):
         return None
 
 
+# ------------------------------------------------------------------------------------------ id-only baselines
+def load_targets(data_dir: Path, limit_users: int | None, max_targets: int | None, seed: int) -> dict:
+    """The users, items and labels of the train / valid / test targets a finetune run with these options uses."""
+    from llm_features.finetune import FinetuneConfig
+    from llm_features.finetune.data import load_finetune_data
+    from llm_features.finetune.train import split_targets
+
+    cfg = FinetuneConfig(data_dir=data_dir, limit_users=limit_users, max_targets=max_targets, seed=seed)
+    data = load_finetune_data(data_dir, None, need_behavior_vectors=False, limit_users=limit_users, seed=seed)
+    h = data.hist
+    user = np.repeat(np.arange(len(h.user_ids)), np.diff(h.offsets))
+    out = {"user": user, "item": h.item_row, "label": h.label.astype(np.float64),
+           "num_users": len(h.user_ids), "num_items": int(h.item_row.max()) + 1}
+    for split in ("train", "valid", "test"):
+        out[split] = np.flatnonzero(split_targets(cfg, data, split))
+    return out
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    from llm_features.finetune import roc_auc
+
+    return roc_auc(labels, scores)
+
+
+def rate_baseline(t: dict) -> dict:
+    """logit(user positive rate) + logit(item positive rate), both shrunk towards the global rate.
+
+    The shrinkage strength (pseudo-count) is chosen on the valid targets.
+    """
+    y, tr = t["label"], t["train"]
+    g = y[tr].mean()
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+
+    def rates(key: np.ndarray, size: int, alpha: float) -> np.ndarray:
+        pos = np.bincount(key[tr], weights=y[tr], minlength=size)
+        cnt = np.bincount(key[tr], minlength=size)
+        return (pos + alpha * g) / (cnt + alpha)
+
+    def score(rows: np.ndarray, alpha: float) -> np.ndarray:
+        u, i = rates(t["user"], t["num_users"], alpha), rates(t["item"], t["num_items"], alpha)
+        return logit(u[t["user"][rows]]) + logit(i[t["item"][rows]])
+
+    alphas = [1.0, 3.0, 10.0, 30.0, 100.0]
+    valid = [_auc(y[t["valid"]], score(t["valid"], a)) for a in alphas]
+    best = alphas[int(np.nanargmax(valid))]
+    return {"name": "user + item positive rate", "test_auc": _auc(y[t["test"]], score(t["test"], best)),
+            "valid_auc": max(valid), "chosen": {"pseudo_count": best}}
+
+
+def mf_baseline(t: dict, dim: int = 32, epochs: int = 30, seed: int = 0) -> dict:
+    """Logistic matrix factorisation ``b + b_u + b_i + <p_u, q_i>`` (BCE, Adam), the epoch chosen on valid."""
+    import torch
+
+    torch.manual_seed(seed)
+    y = torch.as_tensor(t["label"], dtype=torch.float32)
+    user, item = torch.as_tensor(t["user"]), torch.as_tensor(t["item"])
+    best = {"valid_auc": -1.0}
+    for wd in (1e-4, 1e-3):
+        emb_u = torch.nn.Embedding(t["num_users"], dim + 1)
+        emb_i = torch.nn.Embedding(t["num_items"], dim + 1)
+        for e in (emb_u, emb_i):
+            torch.nn.init.normal_(e.weight, std=0.01)
+        bias = torch.nn.Parameter(torch.zeros(()))
+        params = [emb_u.weight, emb_i.weight, bias]
+        opt = torch.optim.Adam(params, lr=0.01)
+
+        def logits(rows: np.ndarray) -> torch.Tensor:
+            r = torch.as_tensor(rows)
+            pu, qi = emb_u(user[r]), emb_i(item[r])
+            return bias + pu[:, 0] + qi[:, 0] + (pu[:, 1:] * qi[:, 1:]).sum(-1)
+
+        gen = np.random.default_rng(seed)
+        for epoch in range(epochs):
+            order = gen.permutation(t["train"])
+            for start in range(0, len(order), 1024):
+                rows = order[start:start + 1024]
+                r = torch.as_tensor(rows)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits(rows), y[r])
+                # L2 on the rows used, scaled like weight decay
+                loss = loss + wd * (emb_u(user[r]).pow(2).sum(-1) + emb_i(item[r]).pow(2).sum(-1)).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                v = _auc(t["label"][t["valid"]], logits(t["valid"]).numpy())
+                if v > best["valid_auc"]:
+                    test = _auc(t["label"][t["test"]], logits(t["test"]).numpy())
+                    best = {"valid_auc": v, "test_auc": test, "chosen": {"epoch": epoch + 1, "l2": wd, "dim": dim}}
+    return {"name": f"logistic MF (dim {dim})", **best}
+
+
+def bootstrap_gap(a_out: str, b_out: str, users: np.ndarray, reps: int = 1000, seed: int = 0) -> dict | None:
+    """AUC(a) - AUC(b) on the same test targets, with a 95% interval from resampling test users."""
+    try:
+        a = np.load(Path(a_out) / "test_predictions.npz")
+        b = np.load(Path(b_out) / "test_predictions.npz")
+    except OSError:
+        return None
+    order_a, order_b = np.argsort(a["row"]), np.argsort(b["row"])
+    if not np.array_equal(a["row"][order_a], b["row"][order_b]):
+        return None
+    rows, label = a["row"][order_a], a["label"][order_a]
+    sa, sb = a["logit"][order_a], b["logit"][order_b]
+    u = users[rows]
+    uniq, inv = np.unique(u, return_inverse=True)
+    members = [np.flatnonzero(inv == i) for i in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    gaps = []
+    for _ in range(reps):
+        pick = np.concatenate([members[i] for i in rng.integers(0, len(uniq), len(uniq))])
+        gaps.append(_auc(label[pick], sa[pick]) - _auc(label[pick], sb[pick]))
+    gaps = np.asarray(gaps)
+    gaps = gaps[np.isfinite(gaps)]
+    return {"gap": _auc(label, sa) - _auc(label, sb), "ci95": [float(np.quantile(gaps, 0.025)),
+            float(np.quantile(gaps, 0.975))], "test_users": int(len(uniq)), "test_targets": int(len(rows))}
+
+
+# ------------------------------------------------------------------------------------------ main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--source", type=Path, default=REPO.parent / "shared" / "data" / "ml-1m",
-                    help="ML-1M directory (used only when --data-dir is not given: ingest + encode first)")
-    ap.add_argument("--data-dir", type=Path, default=None, help="an ingested + encoded workspace (not modified)")
-    ap.add_argument("--runs", type=Path, default=REPO / "runs" / "bench_finetune")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
-    ap.add_argument("--limit-users", type=int, default=300, help="seeded user sample shared by every run")
-    ap.add_argument("--max-targets", type=int, default=3000,
-                    help="targets per split of the k-sweep / leakage runs (whole users; same for every k)")
+    ap = workspace_parser(__doc__, "finetune")
+    ap.add_argument("--max-targets", type=int, default=None,
+                    help="cap the targets of each split of the k-sweep runs (default: every target of the users)")
     ap.add_argument("--epochs", type=int, default=1, help="epochs of the k-sweep / leakage runs")
-    ap.add_argument("--max-steps", type=int, default=20, help="optimizer steps of a behaviour-level speed run")
-    ap.add_argument("--token-steps", type=int, default=2, help="optimizer steps of a token-level speed run")
-    ap.add_argument("--token-batch-size", type=int, default=8, help="targets per step of a token-level speed run")
-    ap.add_argument("--token-max-targets", type=int, default=16, help="targets per split of a token-level run")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--context-size", type=int, default=30)
-    ap.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="targets per step of the k-sweep / leakage runs (default: llmfeat finetune's default)")
+    ap.add_argument("--ks", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--default-k", type=int, default=DEFAULT_K)
+    ap.add_argument("--auc-seeds", type=int, default=1,
+                    help="seeds of the k = 1 and default-k runs (initialisation, data order, dropout)")
+    ap.add_argument("--mode-batch-size", type=int, default=16,
+                    help="targets per step of the sliding-window runs of the modes table (both granularities)")
+    ap.add_argument("--mode-max-targets", type=int, default=100,
+                    help="targets per split of a modes run (whole users; the same for all four modes)")
+    ap.add_argument("--behavior-steps", type=int, default=20, help="optimizer steps of a behaviour-level modes run")
+    ap.add_argument("--token-steps", type=int, default=5, help="optimizer steps of a token-level modes run")
+    ap.add_argument("--context-size", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num-threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="tiny version (< 2 minutes) to check the script works")
+    ap.add_argument("--num-threads", type=int, default=1,
+                    help="torch threads per run (1: robust on a shared machine; ratios are what is compared)")
+    ap.add_argument("--quick", action="store_true", help="tiny version to check the script works")
     args = ap.parse_args()
     if args.quick:
-        args.limit_users, args.max_targets, args.max_steps = 40, 300, 3
-        args.token_steps, args.token_batch_size, args.token_max_targets = 1, 2, 4
-        args.context_size, args.ks = 8, [1, 8, 32]
-        args.default_k = 8
+        args.limit_users, args.max_targets = 30, 300
+        args.behavior_steps, args.token_steps, args.mode_batch_size, args.mode_max_targets = 4, 3, 2, 8
+        args.context_size, args.ks, args.default_k = 8, [1, 8], 8
         args.runs = args.runs.with_name(args.runs.name + "_quick")
     args.runs.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -137,55 +303,73 @@ def main() -> None:
     data_dir = ensure_workspace(args)
     common = {"limit_users": args.limit_users, "seed": args.seed, "num_threads": args.num_threads,
               "context_size": args.context_size, "log_every": 0, "device": "cpu"}
+    k = args.default_k
 
-    # ---- four modes: speed + memory over a fixed number of steps
+    # ---- four modes: the same targets per step within each pair, a fixed number of steps
     modes = {}
     for gran in ("behavior", "token"):
         for packing in ("sliding-window", "dti"):
-            extra = {"granularity": gran, "packing": packing, "targets_per_sequence": args.default_k}
-            if gran == "behavior":
-                extra |= {"max_targets": args.max_targets, "max_steps": args.max_steps, "batch_size": args.batch_size,
-                          "eval_batch_size": args.batch_size}
-            else:
-                # k targets per sequence: a token-level DTI step needs at least one whole sequence
-                tb = args.token_batch_size if packing == "sliding-window" else max(args.token_batch_size, args.default_k)
-                extra |= {"max_targets": args.token_max_targets if packing == "sliding-window"
-                          else max(args.token_max_targets, args.default_k),
-                          "max_steps": args.token_steps, "batch_size": tb, "eval_batch_size": tb}
+            # token-level DTI needs one whole sequence (k targets) per step; its behaviour-level twin gets the same
+            batch = args.mode_batch_size if packing == "sliding-window" else max(args.mode_batch_size, k)
+            steps = args.behavior_steps if gran == "behavior" else args.token_steps
+            # the same capped targets for all four (the same users and texts); as many epochs as the steps need
+            extra = {"granularity": gran, "packing": packing, "targets_per_sequence": k, "batch_size": batch,
+                     "eval_batch_size": batch, "max_steps": steps, "epochs": 1000, "max_targets": args.mode_max_targets}
             modes[f"{gran}/{packing}"] = run_finetune(f"mode_{gran}_{packing}", args.runs, data_dir, common, extra)
 
-    # ---- k sweep, behaviour-level DTI (k=1 = sliding window), one epoch over the same targets
-    sweep = {}
-    for k in args.ks:
-        extra = {"granularity": "behavior", "packing": "dti", "targets_per_sequence": k,
-                 "max_targets": args.max_targets, "epochs": args.epochs, "batch_size": args.batch_size}
-        sweep[k] = run_finetune(f"sweep_k{k}", args.runs, data_dir, common, extra)
+    # ---- k sweep, behaviour level (k = 1 = sliding window), one epoch over the same targets
+    sweep_common = {"granularity": "behavior", "packing": "dti", "max_targets": args.max_targets,
+                    "epochs": args.epochs, "batch_size": args.batch_size}
+    sweep, seeds = {}, {}
+    for kk in args.ks:
+        sweep[kk] = run_finetune(f"sweep_k{kk}", args.runs, data_dir, common, {**sweep_common, "targets_per_sequence": kk})
+    for s in range(1, args.auc_seeds):
+        for kk in (1, k):
+            seeds[f"k{kk}_seed{args.seed + s}"] = run_finetune(
+                f"sweep_k{kk}_seed{args.seed + s}", args.runs, data_dir, {**common, "seed": args.seed + s},
+                {**sweep_common, "targets_per_sequence": kk})
 
-    # ---- leakage variants at the largest k
-    kmax = max(args.ks)
-    leakage = {"windowed": sweep[kmax]}
+    # ---- leakage variants at the default k
+    leakage = {"windowed": sweep.get(k)}
     for variant in ("block", "isolated"):
-        extra = {"granularity": "behavior", "packing": "dti", "targets_per_sequence": kmax, "leakage": variant,
-                 "max_targets": args.max_targets, "epochs": args.epochs, "batch_size": args.batch_size}
-        leakage[variant] = run_finetune(f"leakage_{variant}_k{kmax}", args.runs, data_dir, common, extra)
+        leakage[variant] = run_finetune(f"leakage_{variant}_k{k}", args.runs, data_dir, common,
+                                        {**sweep_common, "targets_per_sequence": k, "leakage": variant})
+
+    # ---- id-only baselines on the k sweep's own train / test targets
+    targets = load_targets(data_dir, args.limit_users, args.max_targets, args.seed)
+    baselines = {"rate": rate_baseline(targets), "mf": mf_baseline(targets, seed=args.seed)}
+    target_counts = {s: int(len(targets[s])) for s in ("train", "valid", "test")}
+    target_counts["test_users"] = int(len(np.unique(targets["user"][targets["test"]])))
 
     # ---- ratios
     g = lambda rec, key: rec.get(key) if rec else None  # noqa: E731
     b_sw, t_sw, b_dti = modes["behavior/sliding-window"], modes["token/sliding-window"], modes["behavior/dti"]
-    k1, kd = sweep.get(1), sweep.get(args.default_k)
+    k1, kd = sweep.get(1), sweep.get(k)
     dti_auc_gap = (g(kd, "test_auc") - g(k1, "test_auc")) if g(kd, "test_auc") is not None and g(k1, "test_auc") is not None else None
     dti_speed = ratio(g(kd, "targets_per_s"), g(k1, "targets_per_s"))
+    seed_gaps = [g(kd, "test_auc") - g(k1, "test_auc")] if dti_auc_gap is not None else []
+    for s in range(1, args.auc_seeds):
+        a, b = seeds.get(f"k{k}_seed{args.seed + s}"), seeds.get(f"k1_seed{args.seed + s}")
+        if g(a, "test_auc") is not None and g(b, "test_auc") is not None:
+            seed_gaps.append(a["test_auc"] - b["test_auc"])
+    gap_ci = bootstrap_gap(kd["out"], k1["out"], targets["user"]) if "out" in (kd or {}) and "out" in (k1 or {}) else None
+    best_baseline = max(baselines.values(), key=lambda b: b.get("test_auc") or 0.0)
     ratios = {
         "bahe_vs_token_time": ratio(g(t_sw, "seconds_per_10k_targets"), g(b_sw, "seconds_per_10k_targets")),
-        "bahe_vs_token_memory": ratio(g(t_sw, "peak_rss_mb"), g(b_sw, "peak_rss_mb")),
+        # training memory: peak RSS increase over the RSS just before the first training step
+        "bahe_vs_token_memory": ratio(g(t_sw, "train_rss_increase_mb"), g(b_sw, "train_rss_increase_mb")),
+        "bahe_vs_token_peak_rss": ratio(g(t_sw, "peak_rss_mb"), g(b_sw, "peak_rss_mb")),
         "dti_vs_sw_speed": dti_speed,
-        # the same comparison from the fixed-step speed runs of the modes section (another sample of the noise)
-        "dti_vs_sw_speed_fixed_steps": ratio(g(b_dti, "targets_per_s"), g(b_sw, "targets_per_s")),
         "dti_time_reduction": (1 - 1 / dti_speed) if dti_speed else None,
         "dti_auc_gap": dti_auc_gap,
+        "dti_auc_gap_ci95": gap_ci["ci95"] if gap_ci else None,
+        "dti_auc_gap_seeds": seed_gaps,
+        "dti_auc_gap_seed_mean": float(np.mean(seed_gaps)) if seed_gaps else None,
         "bahe_dti_vs_token_sw_speed": ratio(g(b_dti, "targets_per_s"), g(t_sw, "targets_per_s")),
         "token_dti_vs_token_sw_speed": ratio(g(modes["token/dti"], "targets_per_s"), g(t_sw, "targets_per_s")),
-        "default_k": args.default_k,
+        "bahe_dti_minus_id_only_auc": (g(kd, "test_auc") - best_baseline["test_auc"])
+        if g(kd, "test_auc") is not None and best_baseline.get("test_auc") is not None else None,
+        "default_k": k,
     }
     meets = {
         "bahe_time": bool(ratios["bahe_vs_token_time"] and ratios["bahe_vs_token_time"] >= FLOORS["bahe_time"]),
@@ -195,17 +379,20 @@ def main() -> None:
         "bahe_dti_speed": bool(ratios["bahe_dti_vs_token_sw_speed"]
                                and ratios["bahe_dti_vs_token_sw_speed"] >= FLOORS["bahe_dti_speed"]),
     }
+    from llm_features.finetune import FinetuneConfig
+
+    defaults = FinetuneConfig()
     result = {
-        "benchmark": "finetune",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "quick": args.quick,
-        "dataset": str(args.source) if args.data_dir is None else str(args.data_dir),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.num_threads,
-                    "load_avg_1m": os.getloadavg()[0]},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **run_header("finetune", args),
+        "finetune_defaults": {"batch_size": defaults.batch_size, "lr": defaults.lr, "head_lr": defaults.head_lr,
+                              "warmup_steps": defaults.warmup_steps, "targets_per_sequence": defaults.targets_per_sequence},
+        "targets": target_counts,
         "modes": modes,
-        "k_sweep": {str(k): v for k, v in sweep.items()},
+        "k_sweep": {str(kk): v for kk, v in sweep.items()},
+        "seeds": seeds,
         "leakage": leakage,
+        "baselines": baselines,
+        "dti_auc_gap_bootstrap": gap_ci,
         "ratios": ratios,
         "floors": FLOORS,
         "papers": PAPERS,
@@ -228,86 +415,123 @@ def _f(x, fmt="{:.1f}", none="-"):
 
 def markdown(r: dict) -> str:
     s, rt, fl, mt = r["settings"], r["ratios"], r["floors"], r["meets_floor"]
+    d, tg = r["finetune_defaults"], r["targets"]
+    k = rt["default_k"]
     yes = lambda b: "met" if b else "**not met**"  # noqa: E731
     lines = [
         "# Fine-tuning: BAHE / token level x DTI / sliding window (ML-1M)",
         "",
         f"{r['when']}; {r['machine']['platform']}, {r['machine']['cpus']} shared CPUs, {s['num_threads']} torch "
-        f"threads (load average {r['machine']['load_avg_1m']:.2f} at the end). Default MiniLM-L6 (split 3 of 6), "
-        f"context n = {s['context_size']}, one seeded sample of {s['limit_users']} users (seed {s['seed']}) for every "
-        f"run; each configuration is its own `llmfeat finetune` subprocess (peak RSS is per process and includes "
-        f"loading the workspace; evaluation uses the training batch size so that the peak is the training step's)." + (" **Quick (tiny) run: numbers are only a smoke test.**" if r["quick"] else ""),
+        f"thread(s) per run (load average {r['machine']['load_avg_1m']:.2f} at the end). Default MiniLM-L6 (split 3 "
+        f"of 6), context n = {s['context_size']}, one seeded sample of {s['limit_users']} users (seed {s['seed']}) "
+        f"for every run; each configuration is its own `llmfeat finetune` subprocess. Command: `{r['command']}`."
+        + (" **Quick (tiny) run: numbers are only a smoke test.**" if r["quick"] else ""),
         "",
-        "## Four modes (speed and memory)",
+        "How every run is measured (the same definitions for every mode):",
         "",
-        f"Behaviour level: {s['max_steps']} optimizer steps of {s['batch_size']} targets. Token level is far slower on "
-        f"CPU, so its speed is measured on a small fixed subset: {s['token_steps']} steps of {s['token_batch_size']} "
-        f"targets (DTI: one packed sequence of k = {s['default_k']} per step) over at most "
-        f"~{s['token_max_targets']} targets per split. AUCs of these short runs are *not* meaningful "
-        f"(see the k sweep for AUC).",
+        f"- **targets/s**: training targets per second of training-step time (packing, forward, backward, optimizer "
+        f"step), the first {TIMING_WARMUP_STEPS} steps of each run left out as warm-up.",
+        "- **training memory**: peak RSS while the training steps run, minus the RSS just before the first step "
+        "(model, frozen tables and data already loaded; `gc` + `malloc_trim` first). The peak is the kernel's "
+        "high-water mark (`VmHWM`), reset at the start of training, so it is exact, not sampled. It holds "
+        "activations, gradients, optimizer state and batches. **Peak RSS** is the whole process "
+        "(loading and evaluation included), shown for reference: every mode pays its ~0.8 GB fixed part.",
         "",
-        "| mode | train targets | targets/s | s per 10k targets | peak RSS MiB | test AUC (not meaningful) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "## BAHE vs token level: four modes at equal targets per step",
+        "",
+        f"Each pair has the same targets per optimizer step (sliding window: {s['mode_batch_size']}; DTI: "
+        f"{max(s['mode_batch_size'], k)}, one token-level sequence of k = {k}); behaviour level runs "
+        f"{s['behavior_steps']} steps, token level (far slower on CPU) {s['token_steps']}. AUCs of these short runs "
+        f"are *not* meaningful.",
+        "",
+        "| mode | targets/step | timed steps | targets/s | s per 10k targets | training memory MiB | RSS before "
+        "training MiB | peak RSS MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, m in r["modes"].items():
         if "error" in m:
-            lines.append(f"| {name} | failed: {m['error']} | | | | |")
+            lines.append(f"| {name} | failed: {m['error']} | | | | | | |")
             continue
-        lines.append(f"| {name} | {m['train_targets']} | {m['targets_per_s']:.1f} | {m['seconds_per_10k_targets']:.0f} "
-                     f"| {m['peak_rss_mb']:.0f} | {m['test_auc']:.4f} |")
+        lines.append(f"| {name} | {m['options']['batch_size']} | {m['timed_steps']} | {m['targets_per_s']:.1f} | "
+                     f"{m['seconds_per_10k_targets']:.0f} | {_f(m['train_rss_increase_mb'], '{:.0f}')} | "
+                     f"{_f(m['rss_before_train_mb'], '{:.0f}')} | {m['peak_rss_mb']:.0f} |")
+    bs = s["batch_size"] or d["batch_size"]
     lines += [
         "",
-        f"## k sweep: behaviour-level DTI, {s['epochs']} epoch(s) over ~{s['max_targets']} train targets "
-        f"(test split capped the same way; k = 1 is the sliding window)",
+        f"## DTI vs sliding window: k sweep (behaviour level, {s['epochs']} epoch(s))",
         "",
-        "| k | train targets | sequences | targets/s | s per 10k targets | peak RSS MiB | test AUC | test LogLoss |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"Every train target of the sampled users ({tg['train']} train, {tg['valid']} valid, {tg['test']} test "
+        f"targets; {tg['test_users']} users have test targets), {bs} targets per step, lr {d['lr']:g} "
+        f"(head {d['head_lr']:g}), {d['warmup_steps']} warm-up steps; k = 1 is the sliding window. Speed from these "
+        f"same full-epoch runs.",
+        "",
+        "| k | sequences | steps | targets/s | s per 10k targets | training memory MiB | test AUC | test LogLoss "
+        "| valid AUC |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for k, m in r["k_sweep"].items():
+    for kk, m in r["k_sweep"].items():
         if "error" in m:
-            lines.append(f"| {k} | failed: {m['error']} | | | | | | |")
+            lines.append(f"| {kk} | failed: {m['error']} | | | | | | | |")
             continue
-        lines.append(f"| {k} | {m['train_targets']} | {m['train_sequences']} | {m['targets_per_s']:.1f} | "
-                     f"{m['seconds_per_10k_targets']:.0f} | {m['peak_rss_mb']:.0f} | {m['test_auc']:.4f} | "
-                     f"{m['test_logloss']:.4f} |")
-    lines += ["", f"## Leakage variants at k = {max(int(k) for k in r['k_sweep'])}", "",
+        lines.append(f"| {kk} | {m['train_sequences']} | {m['steps']} | {m['targets_per_s']:.1f} | "
+                     f"{m['seconds_per_10k_targets']:.0f} | {_f(m['train_rss_increase_mb'], '{:.0f}')} | "
+                     f"{m['test_auc']:.4f} | {m['test_logloss']:.4f} | {m['valid_auc']:.4f} |")
+    if r["seeds"]:
+        lines += ["", "Other seeds (initialisation, data order, dropout):", "",
+                  "| run | targets/s | test AUC | valid AUC |", "| --- | ---: | ---: | ---: |"]
+        for name, m in r["seeds"].items():
+            if "error" not in m:
+                lines.append(f"| {name} | {m['targets_per_s']:.1f} | {m['test_auc']:.4f} | {m['valid_auc']:.4f} |")
+    lines += ["", f"## Leakage variants at k = {k}", "",
               "| leakage | targets/s | test AUC | test LogLoss |", "| --- | ---: | ---: | ---: |"]
     for name, m in r["leakage"].items():
         if m is None or "error" in m:
             lines.append(f"| {name} | failed | | |")
             continue
         lines.append(f"| {name} | {m['targets_per_s']:.1f} | {m['test_auc']:.4f} | {m['test_logloss']:.4f} |")
-    gap = rt["dti_auc_gap"]
+    lines += ["", "## Id-only baselines (same users, same train and test targets as the k sweep)", "",
+              "| model | test AUC | valid AUC | chosen on valid |", "| --- | ---: | ---: | --- |"]
+    for b in r["baselines"].values():
+        chosen = ", ".join(f"{kk} {v}" for kk, v in b.get("chosen", {}).items())
+        lines.append(f"| {b['name']} | {_f(b.get('test_auc'), '{:.4f}')} | {_f(b.get('valid_auc'), '{:.4f}')} "
+                     f"| {chosen} |")
+    kd = r["k_sweep"].get(str(k), {})
+    if "test_auc" in kd:
+        lines.append(f"| BAHE + DTI (k = {k}), for comparison | {kd['test_auc']:.4f} | {kd['valid_auc']:.4f} | - |")
+    gap, ci = rt["dti_auc_gap"], rt.get("dti_auc_gap_ci95")
+    ci_txt = f" (95% CI over test users {ci[0]:+.4f} .. {ci[1]:+.4f})" if ci else ""
+    seeds_txt = ""
+    if len(rt.get("dti_auc_gap_seeds") or []) > 1:
+        seeds_txt = (f"; over {len(rt['dti_auc_gap_seeds'])} seeds: "
+                     + ", ".join(f"{x:+.4f}" for x in rt["dti_auc_gap_seeds"])
+                     + f" (mean {rt['dti_auc_gap_seed_mean']:+.4f})")
     lines += [
         "",
         "## Ratios against the floors and the papers",
         "",
         "| comparison | measured | floor | paper | floor met |",
         "| --- | ---: | ---: | ---: | --- |",
-        f"| BAHE vs token level, both sliding window: training time per target | {_f(rt['bahe_vs_token_time'], '{:.1f}x')} "
-        f"| {fl['bahe_time']:.0f}x | 5x (BAHE) | {yes(mt['bahe_time'])} |",
-        f"| BAHE vs token level, both sliding window: peak RSS | {_f(rt['bahe_vs_token_memory'], '{:.2f}x')} "
+        f"| BAHE vs token level, both sliding window, {s['mode_batch_size']} targets/step: training time per target | "
+        f"{_f(rt['bahe_vs_token_time'], '{:.1f}x')} | {fl['bahe_time']:.0f}x | 5x (BAHE) | {yes(mt['bahe_time'])} |",
+        f"| same: training memory (peak RSS increase during training) | {_f(rt['bahe_vs_token_memory'], '{:.1f}x')} "
         f"| {fl['bahe_memory']:.0f}x | 5x (BAHE) | {yes(mt['bahe_memory'])} |",
-        f"| DTI (k = {rt['default_k']}) vs sliding window, behaviour level: targets/s | "
-        f"{_f(rt['dti_vs_sw_speed'], '{:.1f}x')} ({_f(rt['dti_time_reduction'] and 100 * rt['dti_time_reduction'], '{:.0f}%')} less time) "
-        f"| {fl['dti_speed']:.0f}x | 92% less time (13.3x) | {yes(mt['dti_speed'])} |",
-        f"| same, from the {s['max_steps']}-step speed runs of the modes table | "
-        f"{_f(rt.get('dti_vs_sw_speed_fixed_steps'), '{:.1f}x')} | {fl['dti_speed']:.0f}x | 92% less time (13.3x) | "
-        f"{yes((rt.get('dti_vs_sw_speed_fixed_steps') or 0) >= fl['dti_speed'])} |",
-        f"| DTI (k = {rt['default_k']}) minus sliding window: test AUC | {_f(gap, '{:+.4f}')} | within "
-        f"{fl['dti_auc_gap']} | equal AUC | {yes(mt['dti_auc'])} |",
+        f"| same: whole-process peak RSS (for reference) | {_f(rt['bahe_vs_token_peak_rss'], '{:.2f}x')} | - | - | - |",
+        f"| DTI (k = {k}) vs sliding window, behaviour level, one epoch each: targets/s | "
+        f"{_f(rt['dti_vs_sw_speed'], '{:.1f}x')} ({_f(rt['dti_time_reduction'] and 100 * rt['dti_time_reduction'], '{:.0f}%')} "
+        f"less time) | {fl['dti_speed']:.0f}x | 92% less time (13.3x) | {yes(mt['dti_speed'])} |",
+        f"| DTI (k = {k}) minus sliding window: test AUC, same epochs{ci_txt}{seeds_txt} | {_f(gap, '{:+.4f}')} | "
+        f"within {fl['dti_auc_gap']} | equal AUC | {yes(mt['dti_auc'])} |",
+        f"| BAHE + DTI (k = {k}) minus the best id-only baseline: test AUC | "
+        f"{_f(rt.get('bahe_dti_minus_id_only_auc'), '{:+.4f}')} | - | - | - |",
         f"| BAHE + DTI vs token-level sliding window: targets/s | {_f(rt['bahe_dti_vs_token_sw_speed'], '{:.0f}x')} "
         f"| {fl['bahe_dti_speed']:.0f}x | - | {yes(mt['bahe_dti_speed'])} |",
         f"| token-level DTI vs token-level sliding window: targets/s (for reference) | "
         f"{_f(rt['token_dti_vs_token_sw_speed'], '{:.1f}x')} | - | 92% less time | - |",
         "",
-        "Caveats: 2 shared CPU cores (other jobs were running), so timings are noisy: the two DTI-vs-sliding-window "
-        "speed lines measure the same thing (first: k sweep, one full epoch; second: 20-step runs) and differ "
-        "because the sliding-window rate differed between them. The k-sweep runs evaluate with the default eval "
-        "batch (1024 targets), so their peak RSS includes evaluation. Token-level numbers "
-        "come from a handful of steps. The AUCs come from a small sample trained for one epoch; their "
-        "run-to-run noise is far larger than 0.002, so the AUC line is indicative only. Peak RSS includes "
-        "the process's fixed cost (torch, the workspace tables), which compresses the memory ratio.",
+        "Caveats: 2 shared CPU cores (other jobs were running), so absolute timings are noisy; ratios come from runs "
+        "of the same script, one after the other. Token-level numbers come from a handful of steps. The AUC gap "
+        "is one seed unless seeds are listed; the interval resamples test users, not training runs, so it "
+        "does not include the seed-to-seed variation.",
         "",
         f"Total benchmark time: {r['total_seconds']:.0f} s.",
         "",
@@ -321,27 +545,37 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a3) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (a1, a3, a4) = plt.subplots(1, 3, figsize=(16, 4.5))
     ks = [int(k) for k, m in r["k_sweep"].items() if "error" not in m]
     ms = [r["k_sweep"][str(k)] for k in ks]
     a1.plot(ks, [m["test_auc"] for m in ms], "o-", color="C0", label="test AUC")
+    best = max(r["baselines"].values(), key=lambda b: b.get("test_auc") or 0.0)
+    if best.get("test_auc") is not None:
+        a1.axhline(best["test_auc"], color="C0", ls=":", label=f"id-only: {best['name']}")
     a1.set_xscale("log", base=2)
     a1.set_xlabel("k (targets per sequence), behaviour-level DTI")
     a1.set_ylabel("test AUC", color="C0")
+    a1.legend(loc="lower left", fontsize=8)
     a2 = a1.twinx()
     a2.plot(ks, [m["targets_per_s"] for m in ms], "s--", color="C1", label="targets/s")
     a2.set_ylabel("train targets/s", color="C1")
-    a1.set_title("k sweep")
+    a1.set_title("k sweep (k = 1: sliding window)")
     names = [n for n, m in r["modes"].items() if "error" not in m]
     vals = [r["modes"][n]["targets_per_s"] for n in names]
-    a3.bar(range(len(names)), vals, color=["C2", "C3", "C4", "C5"][: len(names)])
+    colors = ["C2", "C3", "C4", "C5"][: len(names)]
+    a3.bar(range(len(names)), vals, color=colors)
     a3.set_yscale("log")
     a3.set_xticks(range(len(names)), names, rotation=15)
     a3.set_ylabel("train targets/s (log)")
+    a3.set_title("four modes: speed")
+    mem = [r["modes"][n]["train_rss_increase_mb"] or 0.0 for n in names]
+    a4.bar(range(len(names)), mem, color=colors)
+    a4.set_xticks(range(len(names)), names, rotation=15)
+    a4.set_ylabel("training memory, MiB (peak RSS increase)")
     for i, n in enumerate(names):
-        a3.annotate(f"{vals[i]:.1f}/s\n{r['modes'][n]['peak_rss_mb']:.0f} MiB", (i, vals[i]), ha="center",
+        a4.annotate(f"{mem[i]:.0f} MiB\n@{r['modes'][n]['options']['batch_size']}/step", (i, mem[i]), ha="center",
                     va="bottom", fontsize=8)
-    a3.set_title("four modes")
+    a4.set_title("four modes: training memory")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -92,19 +92,38 @@ def summary_rows(results: Path) -> list[tuple[str, str, str, str, str, str]]:
 
     frow("BAHE vs token level (sliding window): training time", "bahe_vs_token_time", "{:.1f}x", "bahe_time",
          "{:.0f}x", "5x (BAHE)", "bahe_time")
-    frow("BAHE vs token level (sliding window): peak memory", "bahe_vs_token_memory", "{:.2f}x", "bahe_memory",
-         "{:.0f}x", "5x (BAHE)", "bahe_memory")
+    frow("BAHE vs token level (sliding window): training memory (peak RSS increase while training)",
+         "bahe_vs_token_memory", "{:.1f}x", "bahe_memory", "{:.0f}x", "5x (BAHE)", "bahe_memory")
     frow(f"DTI (k={k}) vs sliding window (behaviour level): targets/s", "dti_vs_sw_speed", "{:.1f}x", "dti_speed",
          "{:.0f}x", "92% less time (13.3x) (DTI)", "dti_speed")
-    v = _num(rt.get("dti_vs_sw_speed_fixed_steps"), "{:.1f}x")
-    if v != NOT_RUN:  # the same ratio from the fixed-step speed runs: a second sample of the timing noise
-        ok = rt["dti_vs_sw_speed_fixed_steps"] >= fl["dti_speed"]
-        rows.append(("finetune", f"DTI (k={k}) vs sliding window: targets/s, fixed-step speed runs", v,
-                     _num(fl["dti_speed"], "{:.0f}x"), "92% less time (13.3x) (DTI)", _met(ok, v)))
     frow(f"DTI (k={k}) minus sliding window: test AUC", "dti_auc_gap", "{:+.4f}", "dti_auc_gap", "within {}",
          "equal AUC (DTI)", "dti_auc")
     frow("BAHE + DTI vs token-level sliding window: targets/s", "bahe_dti_vs_token_sw_speed", "{:.0f}x",
          "bahe_dti_speed", "{:.0f}x", "-", "bahe_dti_speed")
+    v = _num(rt.get("bahe_dti_minus_id_only_auc"), "{:+.4f}")
+    rows.append(("finetune", f"BAHE + DTI (k={k}) minus the best id-only baseline (same targets): test AUC", v, "-",
+                 "-", "-"))
+
+    cost = _load(results / "cost.json")
+    n = str(_get(cost, "settings", "sweep_n") or 30)
+    for key, label in (("by_n", "n"), ("by_batch", "targets per step")):
+        sweep = _get(cost, key) or {}
+        last = max(sweep, key=int) if sweep else None
+        time_ratio = _get(sweep, n if key == "by_n" and n in sweep else last, "ratios", "time")
+        mem_ratio = _get(sweep, last, "ratios", "memory")
+        if key == "by_n":
+            at = n if n in sweep else last
+            rows.append(("cost", f"BAHE vs token level, sliding window, n = {at if at else n}: training time",
+                         _num(time_ratio, "{:.1f}x"), "5x", "5x (BAHE)",
+                         _met(None if time_ratio is None else time_ratio >= 5.0, _num(time_ratio, "{:.1f}x"))))
+            xs = ", ".join(f"{x}: {_num(_get(sweep, x, 'ratios', 'time'), '{:.0f}x')}" for x in sorted(sweep, key=int))
+            rows.append(("cost", "the same as n grows (n: time ratio)", xs or NOT_RUN, "-", "-", "-"))
+        else:
+            xs = ", ".join(f"{x}: {_num(_get(sweep, x, 'ratios', 'memory'), '{:.1f}x')}"
+                           for x in sorted(sweep, key=int))
+            rows.append(("cost", f"BAHE vs token level, n = {n}: training memory as the batch grows "
+                         "(targets per step: ratio)", xs or NOT_RUN, "5x", "5x (BAHE)",
+                         _met(None if mem_ratio is None else mem_ratio >= 5.0, _num(mem_ratio, "{:.1f}x"))))
     return rows
 
 
@@ -112,7 +131,7 @@ def build_summary(results: Path | str) -> Path:
     """Write ``<results>/SUMMARY.md`` from the JSON files there; returns its path."""
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
-    present = [n for n in ("encode", "feast", "ranker", "finetune") if (results / f"{n}.json").exists()]
+    present = [n for n in ("encode", "feast", "ranker", "finetune", "cost") if (results / f"{n}.json").exists()]
     lines = [
         "# Benchmark summary",
         "",

@@ -27,17 +27,27 @@ def test_summary_from_fake_results(tmp_path: Path) -> None:
         "meets_floor": {"bahe_time": True, "bahe_memory": False, "dti_speed": False, "dti_auc": True,
                         "bahe_dti_speed": True},
     }))
+    (tmp_path / "cost.json").write_text(json.dumps({
+        "settings": {"sweep_n": 30},
+        "by_n": {"10": {"ratios": {"time": 3.2, "memory": 1.5}}, "30": {"ratios": {"time": 41.0, "memory": 2.0}}},
+        "by_batch": {"2": {"ratios": {"time": 40.0, "memory": 2.1}}, "16": {"ratios": {"time": 44.0, "memory": 9.7}}},
+    }))
     (tmp_path / "ranker.json").write_text("{not json")  # unreadable -> not run, no crash
     out = _summarize().build_summary(tmp_path)
     text = out.read_text()
     assert out == tmp_path / "SUMMARY.md"
     assert "| encode | length-bucketed vs naive batching: texts/s | 1.64x | 1.5x |" in text
-    assert "12.3x" in text and "2.50x" in text and "7.2x" in text and "-0.0011" in text and "88x" in text
+    assert "12.3x" in text and "2.5x" in text and "7.2x" in text and "-0.0011" in text and "88x" in text
     assert "5x (BAHE)" in text and "92% less time" in text
-    memory = next(line for line in text.splitlines() if "peak memory" in line)
+    memory = next(line for line in text.splitlines() if "| finetune |" in line and "training memory" in line)
     assert "**not met**" in memory
     speed = next(line for line in text.splitlines() if "BAHE + DTI" in line)
     assert speed.endswith("| 50x | - | met |")
+    cost_time = next(line for line in text.splitlines() if line.startswith("| cost | BAHE vs token level, sliding"))
+    assert "n = 30" in cost_time and "| 41.0x | 5x | 5x (BAHE) | met |" in cost_time
+    assert "| 10: 3x, 30: 41x |" in text
+    cost_memory = next(line for line in text.splitlines() if line.startswith("| cost |") and "memory" in line)
+    assert "2: 2.1x, 16: 9.7x" in cost_memory and cost_memory.endswith("| met |")
     feast = next(line for line in text.splitlines() if line.startswith("| feast | online lookup"))
     assert "not run" in feast
     ranker = next(line for line in text.splitlines() if line.startswith("| ranker | +LLM"))

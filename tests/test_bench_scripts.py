@@ -1,0 +1,56 @@
+"""The fine-tuning benchmark scripts run end to end in their --quick form on ML-100K (slow: a few minutes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ML100K = Path(os.environ.get("LLMFEAT_ML100K", "/work/shared/data/ml-100k"))
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bench_dirs(tmp_path_factory):
+    if not (ML100K / "u.data").exists():
+        pytest.fail(f"ML-100K not found at {ML100K}: set LLMFEAT_ML100K")
+    root = tmp_path_factory.mktemp("bench")
+    return root / "runs", root / "results"
+
+
+def _run(script: str, runs: Path, out: Path) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--source", str(ML100K),
+                           "--runs", str(runs), "--out", str(out)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name = script.removeprefix("bench_").removesuffix(".py")
+    assert (out / f"{name}.md").exists() and (out / f"{name}.png").exists()
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_bench_finetune_quick(bench_dirs):
+    runs, out = bench_dirs
+    r = _run("bench_finetune.py", runs, out)
+    assert not [m for m in r["modes"].values() if "error" in m]
+    for m in r["modes"].values():
+        assert m["targets_per_s"] > 0 and m["train_rss_increase_mb"] > 0
+    assert r["ratios"]["bahe_vs_token_time"] > 0 and r["ratios"]["bahe_vs_token_memory"] > 0
+    assert 0.0 <= r["baselines"]["rate"]["test_auc"] <= 1.0 and 0.0 <= r["k_sweep"]["1"]["test_auc"] <= 1.0
+    assert r["targets"]["train"] > 0
+
+
+def test_bench_cost_quick(bench_dirs):
+    runs, out = bench_dirs
+    r = _run("bench_cost.py", runs, out)  # reuses the workspace the test above ingested and encoded
+    for sweep in ("by_n", "by_length", "by_batch"):
+        assert r[sweep]
+        for pair in r[sweep].values():
+            assert "error" not in pair["behavior"] and "error" not in pair["token"], pair
+            assert pair["ratios"]["time"] > 0 and pair["ratios"]["memory"] > 0
+    assert r["text_tokens"]["mean"] > 1
