@@ -12,7 +12,8 @@ not on text length. Token level runs every layer over n texts per target, so it 
 The length sweep therefore varies token level's ``--max-tokens`` and compares it with the one
 behaviour-level run at the same n.
 
-Writes ``cost.json``, ``cost.md`` and ``cost.png`` to ``--out``. Numbers, not assertions.
+Writes ``cost.json``, ``cost.md`` and ``cost.png`` to ``--out`` (``cost_quick.*`` with ``--quick``).
+Numbers, not assertions.
 
     HF_HUB_OFFLINE=1 python bench/bench_cost.py --data-dir /path/to/encoded/workspace
     python bench/bench_cost.py --quick
@@ -136,13 +137,14 @@ def main() -> None:
         "by_batch": {str(k): v for k, v in by_batch.items()},
         "total_seconds": time.perf_counter() - t_start,
     }
-    (args.out / "cost.json").write_text(json.dumps(result, indent=2, default=str))
-    (args.out / "cost.md").write_text(markdown(result))
+    stem = "cost_quick" if args.quick else "cost"  # a smoke test never overwrites real results
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(result))
     try:
-        plot(result, args.out / "cost.png")
+        plot(result, args.out / f"{stem}.png")
     except Exception as exc:  # noqa: BLE001 - the plot is optional, the numbers are not
         print(f"[bench_cost] plot skipped: {exc}", file=sys.stderr)
-    print((args.out / "cost.md").read_text())
+    print((args.out / f"{stem}.md").read_text())
 
 
 def _f(x, fmt="{:.1f}", none="-"):

@@ -29,7 +29,7 @@ def _run(script: str, runs: Path, out: Path) -> dict:
     proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--source", str(ML100K),
                            "--runs", str(runs), "--out", str(out)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    name = script.removeprefix("bench_").removesuffix(".py")
+    name = script.removeprefix("bench_").removesuffix(".py") + "_quick"  # --quick never overwrites real results
     assert (out / f"{name}.md").exists() and (out / f"{name}.png").exists()
     return json.loads((out / f"{name}.json").read_text())
 
