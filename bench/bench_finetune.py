@@ -280,6 +280,9 @@ def main() -> None:
     ap.add_argument("--default-k", type=int, default=DEFAULT_K)
     ap.add_argument("--auc-seeds", type=int, default=1,
                     help="seeds of the k = 1 and default-k runs (initialisation, data order, dropout)")
+    ap.add_argument("--dti-epochs", type=int, default=2,
+                    help="epochs of an extra default-k run per seed: does DTI reach the sliding window's AUC with "
+                         "more epochs, and in how much of its time? (0: skip)")
     ap.add_argument("--mode-batch-size", type=int, default=16,
                     help="targets per step of the sliding-window runs of the modes table (both granularities)")
     ap.add_argument("--mode-max-targets", type=int, default=100,
@@ -329,6 +332,14 @@ def main() -> None:
                 f"sweep_k{kk}_seed{args.seed + s}", args.runs, data_dir, {**common, "seed": args.seed + s},
                 {**sweep_common, "targets_per_sequence": kk})
 
+    # ---- time to equal AUC: the default k for more epochs, against the sliding window's runs above
+    longer = {}
+    if args.dti_epochs:
+        for s in range(args.auc_seeds):
+            longer[args.seed + s] = run_finetune(
+                f"sweep_k{k}_epochs{args.dti_epochs}_seed{args.seed + s}", args.runs, data_dir,
+                {**common, "seed": args.seed + s}, {**sweep_common, "targets_per_sequence": k, "epochs": args.dti_epochs})
+
     # ---- leakage variants at the default k
     leakage = {"windowed": sweep.get(k)}
     for variant in ("block", "isolated"):
@@ -352,6 +363,15 @@ def main() -> None:
         a, b = seeds.get(f"k{k}_seed{args.seed + s}"), seeds.get(f"k1_seed{args.seed + s}")
         if g(a, "test_auc") is not None and g(b, "test_auc") is not None:
             seed_gaps.append(a["test_auc"] - b["test_auc"])
+    equal_auc = []
+    for seed, rec in longer.items():
+        sw = k1 if seed == args.seed else seeds.get(f"k1_seed{seed}")
+        if g(rec, "test_auc") is not None and g(sw, "test_auc") is not None:
+            equal_auc.append({"seed": seed, "dti_epochs": args.dti_epochs, "sw_epochs": args.epochs,
+                              "dti_test_auc": rec["test_auc"], "sw_test_auc": sw["test_auc"],
+                              "gap": rec["test_auc"] - sw["test_auc"], "dti_train_seconds": rec["train_seconds"],
+                              "sw_train_seconds": sw["train_seconds"],
+                              "time_ratio": ratio(sw["train_seconds"], rec["train_seconds"])})
     gap_ci = bootstrap_gap(kd["out"], k1["out"], targets["user"]) if "out" in (kd or {}) and "out" in (k1 or {}) else None
     best_baseline = max(baselines.values(), key=lambda b: b.get("test_auc") or 0.0)
     ratios = {
@@ -370,6 +390,9 @@ def main() -> None:
         "bahe_dti_minus_id_only_auc": (g(kd, "test_auc") - best_baseline["test_auc"])
         if g(kd, "test_auc") is not None and best_baseline.get("test_auc") is not None else None,
         "default_k": k,
+        "dti_longer_epochs": args.dti_epochs,
+        "dti_longer_auc_gaps": [e["gap"] for e in equal_auc],
+        "dti_longer_time_ratios": [e["time_ratio"] for e in equal_auc],
     }
     meets = {
         "bahe_time": bool(ratios["bahe_vs_token_time"] and ratios["bahe_vs_token_time"] >= FLOORS["bahe_time"]),
@@ -393,6 +416,8 @@ def main() -> None:
         "leakage": leakage,
         "baselines": baselines,
         "dti_auc_gap_bootstrap": gap_ci,
+        "dti_longer": {str(kk): v for kk, v in longer.items()},
+        "equal_auc": equal_auc,
         "ratios": ratios,
         "floors": FLOORS,
         "papers": PAPERS,
@@ -482,6 +507,16 @@ def markdown(r: dict) -> str:
         for name, m in r["seeds"].items():
             if "error" not in m:
                 lines.append(f"| {name} | {m['targets_per_s']:.1f} | {m['test_auc']:.4f} | {m['valid_auc']:.4f} |")
+    if r.get("equal_auc"):
+        e0 = r["equal_auc"][0]
+        lines += ["", f"## Time to equal AUC: DTI (k = {k}) for {e0['dti_epochs']} epochs vs the sliding window for "
+                  f"{e0['sw_epochs']}", "",
+                  "The same users, targets, batch and learning rate; training seconds are the training steps alone.",
+                  "", "| seed | sliding window test AUC | DTI test AUC | DTI minus sliding window | sliding window s | "
+                  "DTI s | time ratio |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for e in r["equal_auc"]:
+            lines.append(f"| {e['seed']} | {e['sw_test_auc']:.4f} | {e['dti_test_auc']:.4f} | {e['gap']:+.4f} | "
+                         f"{e['sw_train_seconds']:.0f} | {e['dti_train_seconds']:.0f} | {_f(e['time_ratio'], '{:.1f}x')} |")
     lines += ["", f"## Leakage variants at k = {k}", "",
               "| leakage | targets/s | test AUC | test LogLoss |", "| --- | ---: | ---: | ---: |"]
     for name, m in r["leakage"].items():
@@ -521,6 +556,12 @@ def markdown(r: dict) -> str:
         f"less time) | {fl['dti_speed']:.0f}x | 92% less time (13.3x) | {yes(mt['dti_speed'])} |",
         f"| DTI (k = {k}) minus sliding window: test AUC, same epochs{ci_txt}{seeds_txt} | {_f(gap, '{:+.4f}')} | "
         f"within {fl['dti_auc_gap']} | equal AUC | {yes(mt['dti_auc'])} |",
+        f"| DTI (k = {k}) for {rt.get('dti_longer_epochs')} epochs minus sliding window for {s['epochs']}: test AUC, "
+        f"per seed | {', '.join(f'{x:+.4f}' for x in rt.get('dti_longer_auc_gaps') or []) or '-'} | within "
+        f"{fl['dti_auc_gap']} | equal AUC | - |",
+        f"| same: sliding-window training time / DTI training time, per seed | "
+        f"{', '.join(_f(x, '{:.1f}x') for x in rt.get('dti_longer_time_ratios') or []) or '-'} | - | 92% less time "
+        f"(13.3x) | - |",
         f"| BAHE + DTI (k = {k}) minus the best id-only baseline: test AUC | "
         f"{_f(rt.get('bahe_dti_minus_id_only_auc'), '{:+.4f}')} | - | - | - |",
         f"| BAHE + DTI vs token-level sliding window: targets/s | {_f(rt['bahe_dti_vs_token_sw_speed'], '{:.0f}x')} "

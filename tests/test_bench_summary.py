@@ -21,7 +21,9 @@ def test_summary_from_fake_results(tmp_path: Path) -> None:
         {"speedup_bucketed_vs_naive": 1.64, "floor_speedup": 1.5, "meets_floor": True, "dedup_ratio": 134.9}))
     (tmp_path / "finetune.json").write_text(json.dumps({
         "ratios": {"bahe_vs_token_time": 12.3, "bahe_vs_token_memory": 2.5, "dti_vs_sw_speed": 7.25,
-                   "dti_auc_gap": -0.0011, "bahe_dti_vs_token_sw_speed": 88.0, "default_k": 32},
+                   "dti_auc_gap": -0.0011, "bahe_dti_vs_token_sw_speed": 88.0, "default_k": 32,
+                   "dti_longer_epochs": 2, "dti_longer_auc_gaps": [-0.0009, -0.0014],
+                   "dti_longer_time_ratios": [3.63, 3.5]},
         "floors": {"bahe_time": 5.0, "bahe_memory": 5.0, "dti_speed": 10.0, "dti_auc_gap": 0.002,
                    "bahe_dti_speed": 50.0},
         "meets_floor": {"bahe_time": True, "bahe_memory": False, "dti_speed": False, "dti_auc": True,
@@ -43,6 +45,8 @@ def test_summary_from_fake_results(tmp_path: Path) -> None:
     assert "**not met**" in memory
     speed = next(line for line in text.splitlines() if "BAHE + DTI" in line)
     assert speed.endswith("| 50x | - | met |")
+    longer = next(line for line in text.splitlines() if "for 2 epochs vs sliding window for 1" in line)
+    assert "| -0.0009, -0.0014; 3.6x, 3.5x | within 0.002 |" in longer
     cost_time = next(line for line in text.splitlines() if line.startswith("| cost | BAHE vs token level, sliding"))
     assert "n = 30" in cost_time and "| 41.0x | 5x | 5x (BAHE) | met |" in cost_time
     assert "| 10: 3x, 30: 41x |" in text
