@@ -38,9 +38,11 @@ import json
 import os
 import platform
 import shutil
+import queue
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +61,39 @@ def llmfeat() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-c", "from llm_features.cli import run; run()"]
 
 
-def run_finetune(name: str, runs: Path, data_dir: Path, common: dict, extra: dict) -> dict:
-    """One ``llmfeat finetune`` subprocess; returns a compact record of its metrics.json."""
+# Options that do not change what a run computes: a finished run that differs only in these is reused.
+REUSE_IGNORED = {"out", "log_every", "save_every", "resume", "eval_batch_size", "device"}
+
+
+def _reusable(out: Path, data_dir: Path, opts: dict) -> bool:
+    """``out`` holds a finished run with exactly these options (the finetune defaults filling the rest)."""
+    from llm_features.finetune import FinetuneConfig
+    from llm_features.finetune.checkpoint import config_to_dict
+
+    try:
+        m = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    defaults = config_to_dict(FinetuneConfig())
+    want = {**defaults, **{k: v for k, v in opts.items() if v is not None}}
+    saved = {**defaults, **m.get("options", {})}  # an option newer than the run: the run had its default
+    if Path(str(saved.get("data_dir"))).resolve() != Path(data_dir).resolve():
+        return False
+    if opts.get("device") not in (None, "auto") and m.get("device") != opts["device"]:
+        return False
+    return all(str(saved.get(k)) == str(v) for k, v in want.items() if k not in REUSE_IGNORED | {"data_dir"})
+
+
+def run_finetune(name: str, runs: Path, data_dir: Path, common: dict, extra: dict, *,
+                 core: int | None = None, reuse: bool = False) -> dict:
+    """One ``llmfeat finetune`` subprocess; returns a compact record of its metrics.json.
+
+    Args:
+        core: pin the subprocess to this CPU core (parallel runs must not share cores).
+        reuse: keep a finished run in ``runs/name`` made with the same options instead of running it
+            again (a killed benchmark resumes; the code must not have changed in between).
+    """
     out = runs / name
-    shutil.rmtree(out, ignore_errors=True)
     opts = {**common, **extra}
     cmd = llmfeat() + ["finetune", "--data-dir", str(data_dir), "--out", str(out)]
     for k, v in opts.items():
@@ -70,15 +101,24 @@ def run_finetune(name: str, runs: Path, data_dir: Path, common: dict, extra: dic
             continue
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     t0 = time.perf_counter()
-    print(f"[bench_finetune] {name}: {' '.join(cmd[1:])}", flush=True)
-    # PASSIVE: idle OpenMP threads sleep instead of spinning, which matters on a shared machine.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0 or not (out / "metrics.json").exists():
-        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-        return {"name": name, "options": opts, "error": f"exit {proc.returncode}", "wall_s": wall}
+    if reuse and _reusable(out, data_dir, opts):
+        print(f"[bench_finetune] {name}: reusing the finished run in {out}", flush=True)
+        reused = True
+    else:
+        reused = False
+        shutil.rmtree(out, ignore_errors=True)
+        where = f" (core {core})" if core is not None else ""
+        print(f"[bench_finetune] {name}{where}: {' '.join(cmd[1:])}", flush=True)
+        # PASSIVE: idle OpenMP threads sleep instead of spinning, which matters on a shared machine.
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+        pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=pin)
+        if proc.returncode != 0 or not (out / "metrics.json").exists():
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            return {"name": name, "options": opts, "error": f"exit {proc.returncode}",
+                    "wall_s": time.perf_counter() - t0}
     m = json.loads((out / "metrics.json").read_text())
+    wall = m.get("wall_seconds") if reused else time.perf_counter() - t0
     tps = m["steady_targets_per_s"]
     rec = {
         "name": name,
@@ -102,10 +142,39 @@ def run_finetune(name: str, runs: Path, data_dir: Path, common: dict, extra: dic
         "test_targets": m["test"]["targets"],
         "valid_auc": m["valid"]["auc"],
         "wall_s": wall,
+        "core": None if reused else core,
+        "reused": reused,
     }
     print(f"[bench_finetune]   {tps:.1f} targets/s, training +{rec['train_rss_increase_mb'] or 0:.0f} MiB "
           f"(peak RSS {m['peak_rss_mb']:.0f} MiB), test AUC {rec['test_auc']:.4f} ({wall:.0f}s)", flush=True)
     return rec
+
+
+class Runner:
+    """Runs :func:`run_finetune` calls ``jobs`` at a time; with ``jobs > 1`` each subprocess gets a core of its own.
+
+    Calls start in the order they are submitted, so submit the longest first.
+    """
+
+    def __init__(self, runs: Path, data_dir: Path, jobs: int = 1, reuse: bool = False) -> None:
+        self.runs, self.data_dir, self.reuse = runs, data_dir, reuse
+        cores = sorted(os.sched_getaffinity(0))
+        if not 1 <= jobs <= len(cores):
+            raise SystemExit(f"--jobs {jobs}: choose 1 to {len(cores)} (the cores this process may use)")
+        self._free: queue.Queue = queue.Queue()
+        for c in cores[:jobs]:
+            self._free.put(c if jobs > 1 else None)
+        self._pool = ThreadPoolExecutor(jobs)
+
+    def submit(self, name: str, common: dict, extra: dict) -> Future:
+        def job() -> dict:
+            core = self._free.get()
+            try:
+                return run_finetune(name, self.runs, self.data_dir, common, extra, core=core, reuse=self.reuse)
+            finally:
+                self._free.put(core)
+
+        return self._pool.submit(job)
 
 
 def ensure_workspace(args) -> Path:
@@ -276,7 +345,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1, help="epochs of the k-sweep / leakage runs")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="targets per step of the k-sweep / leakage runs (default: llmfeat finetune's default)")
-    ap.add_argument("--ks", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
     ap.add_argument("--default-k", type=int, default=DEFAULT_K)
     ap.add_argument("--auc-seeds", type=int, default=1,
                     help="seeds of the k = 1 and default-k runs (initialisation, data order, dropout)")
@@ -293,6 +362,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-threads", type=int, default=1,
                     help="torch threads per run (1: robust on a shared machine; ratios are what is compared)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at a time, each pinned to a core of its own (at most the cores available)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep finished runs in --runs made with the same options (resume a killed benchmark)")
     ap.add_argument("--quick", action="store_true", help="tiny version to check the script works")
     args = ap.parse_args()
     if args.quick:
@@ -308,8 +381,19 @@ def main() -> None:
               "context_size": args.context_size, "log_every": 0, "device": "cpu"}
     k = args.default_k
 
+    runner = Runner(args.runs, data_dir, args.jobs, args.reuse)
+    sweep_common = {"granularity": "behavior", "packing": "dti", "max_targets": args.max_targets,
+                    "epochs": args.epochs, "batch_size": args.batch_size}
+    sweep, seeds, longer, modes = {}, {}, {}, {}
+    # ---- the sliding-window runs first: they are the longest, so parallel jobs finish together
+    extra_seeds = [args.seed + s for s in range(1, args.auc_seeds)]
+    sliding = {**sweep_common, "packing": "sliding-window"}  # k = 1
+    if 1 in args.ks:
+        sweep[1] = runner.submit("sweep_k1", common, sliding)
+    for seed in extra_seeds:
+        seeds[f"k1_seed{seed}"] = runner.submit(f"sweep_k1_seed{seed}", {**common, "seed": seed}, sliding)
+
     # ---- four modes: the same targets per step within each pair, a fixed number of steps
-    modes = {}
     for gran in ("behavior", "token"):
         for packing in ("sliding-window", "dti"):
             # token-level DTI needs one whole sequence (k targets) per step; its behaviour-level twin gets the same
@@ -318,33 +402,35 @@ def main() -> None:
             # the same capped targets for all four (the same users and texts); as many epochs as the steps need
             extra = {"granularity": gran, "packing": packing, "targets_per_sequence": k, "batch_size": batch,
                      "eval_batch_size": batch, "max_steps": steps, "epochs": 1000, "max_targets": args.mode_max_targets}
-            modes[f"{gran}/{packing}"] = run_finetune(f"mode_{gran}_{packing}", args.runs, data_dir, common, extra)
+            modes[f"{gran}/{packing}"] = runner.submit(f"mode_{gran}_{packing}", common, extra)
 
     # ---- k sweep, behaviour level (k = 1 = sliding window), one epoch over the same targets
-    sweep_common = {"granularity": "behavior", "packing": "dti", "max_targets": args.max_targets,
-                    "epochs": args.epochs, "batch_size": args.batch_size}
-    sweep, seeds = {}, {}
     for kk in args.ks:
-        sweep[kk] = run_finetune(f"sweep_k{kk}", args.runs, data_dir, common, {**sweep_common, "targets_per_sequence": kk})
-    for s in range(1, args.auc_seeds):
-        for kk in (1, k):
-            seeds[f"k{kk}_seed{args.seed + s}"] = run_finetune(
-                f"sweep_k{kk}_seed{args.seed + s}", args.runs, data_dir, {**common, "seed": args.seed + s},
-                {**sweep_common, "targets_per_sequence": kk})
+        if kk != 1:
+            sweep[kk] = runner.submit(f"sweep_k{kk}", common, {**sweep_common, "targets_per_sequence": kk})
+    for seed in extra_seeds:
+        seeds[f"k{k}_seed{seed}"] = runner.submit(f"sweep_k{k}_seed{seed}", {**common, "seed": seed},
+                                                  {**sweep_common, "targets_per_sequence": k})
 
     # ---- time to equal AUC: the default k for more epochs, against the sliding window's runs above
-    longer = {}
     if args.dti_epochs:
-        for s in range(args.auc_seeds):
-            longer[args.seed + s] = run_finetune(
-                f"sweep_k{k}_epochs{args.dti_epochs}_seed{args.seed + s}", args.runs, data_dir,
-                {**common, "seed": args.seed + s}, {**sweep_common, "targets_per_sequence": k, "epochs": args.dti_epochs})
+        for seed in [args.seed] + extra_seeds:
+            longer[seed] = runner.submit(
+                f"sweep_k{k}_epochs{args.dti_epochs}_seed{seed}", {**common, "seed": seed},
+                {**sweep_common, "targets_per_sequence": k, "epochs": args.dti_epochs})
 
     # ---- leakage variants at the default k
-    leakage = {"windowed": sweep.get(k)}
+    leakage = {}
     for variant in ("block", "isolated"):
-        leakage[variant] = run_finetune(f"leakage_{variant}_k{k}", args.runs, data_dir, common,
-                                        {**sweep_common, "targets_per_sequence": k, "leakage": variant})
+        leakage[variant] = runner.submit(f"leakage_{variant}_k{k}", common,
+                                         {**sweep_common, "targets_per_sequence": k, "leakage": variant})
+
+    def done(futures: dict) -> dict:
+        return {key: f.result() if f is not None else None for key, f in futures.items()}
+
+    sweep = dict(sorted(done(sweep).items()))
+    seeds, longer, modes = done(seeds), done(longer), done(modes)
+    leakage = {"windowed": sweep.get(k), **done(leakage)}
 
     # ---- id-only baselines on the k sweep's own train / test targets
     targets = load_targets(data_dir, args.limit_users, args.max_targets, args.seed)
@@ -443,6 +529,10 @@ def markdown(r: dict) -> str:
     d, tg = r["finetune_defaults"], r["targets"]
     k = rt["default_k"]
     yes = lambda b: "met" if b else "**not met**"  # noqa: E731
+    jobs = s.get("jobs", 1)
+    runs = [*r["modes"].values(), *r["k_sweep"].values(), *r["seeds"].values(), *r["leakage"].values(),
+            *r["dti_longer"].values()]
+    reused = any(rec and rec.get("reused") for rec in runs)
     lines = [
         "# Fine-tuning: BAHE / token level x DTI / sliding window (ML-1M)",
         "",
@@ -569,8 +659,11 @@ def markdown(r: dict) -> str:
         f"| token-level DTI vs token-level sliding window: targets/s (for reference) | "
         f"{_f(rt['token_dti_vs_token_sw_speed'], '{:.1f}x')} | - | 92% less time | - |",
         "",
-        "Caveats: 2 shared CPU cores (other jobs were running), so absolute timings are noisy; ratios come from runs "
-        "of the same script, one after the other. Token-level numbers come from a handful of steps. The AUC gap "
+        "Caveats: shared CPU cores, so absolute timings are noisy; ratios come from runs of the same script "
+        + ("one after the other. " if jobs == 1 else
+           f"{jobs} at a time, each pinned to a core of its own (they share memory bandwidth and caches). ")
+        + ("Some runs were reused from an earlier invocation with identical options (`--reuse`). " if reused else "")
+        + "Token-level numbers come from a handful of steps. The AUC gap "
         "is one seed unless seeds are listed; the interval resamples test users, not training runs, so it "
         "does not include the seed-to-seed variation.",
         "",

@@ -393,10 +393,11 @@ def test_training_learns_the_signal(tiny_bert_dir, tiny_workspace, tmp_path):
     assert m["valid"]["auc"] > 0.65 and m["test"]["auc"] > 0.65, (m["valid"], m["test"])
 
 
-def test_resume_gives_identical_metrics(tiny_bert_dir, tiny_workspace, tmp_path):
-    full = finetune(_cfg(tiny_bert_dir, tiny_workspace, tmp_path / "full", epochs=2))
+@pytest.mark.parametrize("ema_decay", [0.0, 0.8])
+def test_resume_gives_identical_metrics(tiny_bert_dir, tiny_workspace, tmp_path, ema_decay):
+    full = finetune(_cfg(tiny_bert_dir, tiny_workspace, tmp_path / "full", epochs=2, ema_decay=ema_decay))
     # same run, stopped after 3 steps, then resumed
-    part = _cfg(tiny_bert_dir, tiny_workspace, tmp_path / "part", epochs=2, save_every=3)
+    part = _cfg(tiny_bert_dir, tiny_workspace, tmp_path / "part", epochs=2, save_every=3, ema_decay=ema_decay)
     import llm_features.finetune.train as tr
 
     class Stop(Exception):
@@ -421,6 +422,50 @@ def test_resume_gives_identical_metrics(tiny_bert_dir, tiny_workspace, tmp_path)
     assert resumed["steps"] == full["steps"]
     assert resumed["test"]["auc"] == pytest.approx(full["test"]["auc"], abs=1e-7)
     assert resumed["test"]["logloss"] == pytest.approx(full["test"]["logloss"], abs=1e-7)
+
+
+def test_weight_average_update_and_swap():
+    from llm_features.finetune.ema import WeightAverage
+
+    lin = torch.nn.Linear(3, 2)
+    frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    lin.register_parameter("frozen", frozen)
+    ema = WeightAverage(lin, decay=0.9)
+    assert len(ema.shadow) == 2  # weight and bias, not the frozen parameter
+    expected = [p.detach().clone() for p in (lin.weight, lin.bias)]
+    for t in range(1, 6):
+        with torch.no_grad():
+            lin.weight.add_(1.0)
+            lin.bias.sub_(0.5)
+        ema.update()
+        d = min(0.9, (1 + t) / (10 + t))
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, (lin.weight, lin.bias))]
+    for s_, e in zip(ema.shadow, expected):
+        torch.testing.assert_close(s_, e)
+    trained = lin.weight.detach().clone()
+    with ema.applied():
+        torch.testing.assert_close(lin.weight.detach(), expected[0])
+    torch.testing.assert_close(lin.weight.detach(), trained)
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(lin, decay=1.0)
+
+
+def test_ema_weights_are_what_is_evaluated_and_saved(tiny_bert_dir, tiny_workspace, tmp_path):
+    raw = finetune(_cfg(tiny_bert_dir, tiny_workspace, tmp_path / "raw", epochs=2))
+    out = tmp_path / "ema"
+    cfg = _cfg(tiny_bert_dir, tiny_workspace, out, epochs=2, ema_decay=0.8)
+    m = finetune(cfg)
+    assert raw["train_targets"] == m["train_targets"]
+    a, b = np.load(tmp_path / "raw" / "test_predictions.npz"), np.load(out / "test_predictions.npz")
+    assert (a["row"] == b["row"]).all() and not np.allclose(a["logit"], b["logit"])  # the average is evaluated
+    model, _ = load_finetuned(out)  # and it is what the checkpoint holds
+    from llm_features.finetune.train import evaluate, make_packer, split_blocks
+
+    data = load_finetune_data(tiny_workspace, model.backbone.fingerprint, need_behavior_vectors=True)
+    again = evaluate(model, make_packer(cfg, data, model.backbone), split_blocks(cfg, data, "test", cfg.eval_k),
+                     64, torch.device("cpu"))
+    assert again["auc"] == pytest.approx(m["test"]["auc"], abs=1e-6)
+    assert again["logloss"] == pytest.approx(m["test"]["logloss"], abs=1e-5)
 
 
 def test_cli(tiny_bert_dir, tiny_workspace, tmp_path):

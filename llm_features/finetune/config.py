@@ -67,6 +67,11 @@ class FinetuneConfig(BackboneConfig):
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps, then linear decay to 0."})
     grad_clip: float = field(default=1.0, metadata={"help": "Max gradient norm (0 = off)."})
+    ema_decay: float = field(
+        default=0.0,
+        metadata={"help": "Keep an exponential moving average of the trained weights with this decay (e.g. "
+                          "0.995) and evaluate, save and export it instead of the last weights (0 = off)."},
+    )
     seed: int = field(default=0, metadata={"help": "Random seed (data order, initialisation, dropout)."})
     limit_users: int | None = field(
         default=None, metadata={"help": "Use a seeded sample of this many users."}

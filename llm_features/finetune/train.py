@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from llm_features.finetune.checkpoint import (
 )
 from llm_features.finetune.config import FinetuneConfig
 from llm_features.finetune.data import FinetuneData, limit_targets, load_finetune_data
+from llm_features.finetune.ema import WeightAverage
 from llm_features.finetune.memory import TrainingMemory, peak_rss_mb  # noqa: F401 (re-exported)
 from llm_features.finetune.model import FinetuneModel, count_parameters
 from llm_features.finetune.packing import BehaviorPacker, Blocks, TokenPacker, batch_indices, make_blocks
@@ -267,6 +269,11 @@ def finetune(
         total_steps = min(total_steps, cfg.max_steps)
 
     optimizer = make_optimizer(model, cfg)
+    ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    def averaged():
+        """Evaluate and save the weight average when there is one."""
+        return ema.applied() if ema is not None else nullcontext()
     # DDP averages gradients over ranks: each rank's loss is its share of the global batch mean, times world.
     forward = model
     if world > 1:
@@ -289,6 +296,9 @@ def finetune(
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
+        if ema is not None:  # model.safetensors holds the average; the trained weights are in the trainer state
+            ema.load_state_dict(saved["ema"])
+            ema.load_raw_state(saved["raw_weights"])
         _set_rng_state(saved["rng"])
         log.info("resuming from %s at step %d (epoch %d, batch %d)", out, state["step"], state["epoch"],
                  state["batch"])
@@ -296,10 +306,12 @@ def finetune(
     def checkpoint() -> None:
         if rank != 0:
             return
-        save_checkpoint(out, model, cfg, item_dim=item_dim, trainer_state={
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
-            "rng": _rng_state(),
-        })
+        trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
+                         "rng": _rng_state()}
+        if ema is not None:
+            trainer_state.update(ema=ema.state_dict(), raw_weights=ema.raw_state())
+        with averaged():
+            save_checkpoint(out, model, cfg, item_dim=item_dim, trainer_state=trainer_state)
 
     log.info(
         "finetune: %s level, %s (k=%d, n=%d, leakage=%s), %d train targets in %d sequences, %d steps; "
@@ -332,6 +344,8 @@ def finetune(
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
+            if ema is not None:
+                ema.update()
             scheduler.step()
             state["step"] += 1
             state["batch"] += 1
@@ -368,7 +382,8 @@ def finetune(
             state["batch"] = 0
         if len(valid_blocks) and state["batch"] == 0 and not done:
             memory.pause()
-            v = evaluate(model, packer, valid_blocks, cfg.eval_batch_size, device, rank, world)
+            with averaged():
+                v = evaluate(model, packer, valid_blocks, cfg.eval_batch_size, device, rank, world)
             memory.resume()
             state["history"].append({"epoch": state["epoch"], "step": state["step"], "valid": v,
                                      "train_loss": epoch_loss / max(1, epoch_targets)})
@@ -379,9 +394,10 @@ def finetune(
         memory.resume()
 
     memory.stop()
-    valid = evaluate(model, packer, valid_blocks, cfg.eval_batch_size, device, rank, world)
-    test = evaluate(model, packer, test_blocks, cfg.eval_batch_size, device, rank, world,
-                    predictions=out / TEST_PREDICTIONS)
+    with averaged():
+        valid = evaluate(model, packer, valid_blocks, cfg.eval_batch_size, device, rank, world)
+        test = evaluate(model, packer, test_blocks, cfg.eval_batch_size, device, rank, world,
+                        predictions=out / TEST_PREDICTIONS)
     metrics = {
         "valid": valid,
         "test": test,
