@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import LongTensor, Tensor, nn
 
+from llm_features.attention import use_llmfeat_attention
 from llm_features.fingerprint import ModelFingerprint
 
 log = logging.getLogger(__name__)
@@ -120,13 +121,14 @@ class LayerStack(nn.Module):
         Args:
             hidden: ``[B, L, D]`` input hidden states.
             attn_bias: ``[B, 1 or H, L, L]`` additive float bias: 0 = attend, ``finfo.min`` = masked; finite
-                values (ALiBi, learned distance bias) are allowed.
+                values (ALiBi, learned distance bias) are allowed. Or the same bias kept on its allowed
+                tiles only (:class:`~llm_features.attention.TiledBias`), for block-sparse attention.
             position_ids: ``[B, L]``; rotary positions for RoPE models, ignored by absolute-position encoders.
 
         Returns:
             ``[B, L, D]`` hidden states.
         """
-        attn_bias = attn_bias.to(dtype=hidden.dtype, device=hidden.device)
+        attn_bias = attn_bias.to(dtype=hidden.dtype, device=hidden.device)  # a Tensor or a TiledBias
         kwargs: dict = {}
         if self.family == "decoder":
             position_ids = position_ids.to(hidden.device)
@@ -197,6 +199,8 @@ class Backbone(nn.Module):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.hf_config = hf_model.config
+        # dense masks run the chosen kernel as before; TiledBias masks run block-sparse attention
+        use_llmfeat_attention(hf_model, cfg.attn_implementation)
         self.hidden_size = int(self.hf_config.hidden_size)
 
         if hasattr(hf_model, "embed_tokens") and hasattr(hf_model, "layers"):

@@ -56,10 +56,10 @@ def random_arrays(seed: int, users: int = 3, max_len: int = 14):
     )
 
 
-def make_model(backbone, granularity, leakage, n, seed=0, distance_bias="auto"):
+def make_model(backbone, granularity, leakage, n, seed=0, distance_bias="auto", attention="auto"):
     torch.manual_seed(seed)
     model = FinetuneModel(backbone, granularity=granularity, context_size=n, leakage=leakage,
-                          distance_bias=distance_bias)
+                          distance_bias=distance_bias, attention=attention)
     with torch.no_grad():  # make every new part non-trivial
         if model.distance_bias is not None and model.distance_bias.kind == "learned":
             model.distance_bias.table.normal_(0, 1.0)
@@ -149,11 +149,12 @@ def sliding_window_reference(model: FinetuneModel, hist: UserHistories, tabs, n:
 @pytest.mark.parametrize("granularity", ["behavior", "token"])
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 @pytest.mark.parametrize("leakage", LEAKAGE_VARIANTS)
-def test_k1_reproduces_sliding_window_logits(backbones, kind, granularity, leakage):
+@pytest.mark.parametrize("attention", ["auto", "tiled"])
+def test_k1_reproduces_sliding_window_logits(backbones, kind, granularity, leakage, attention):
     n = 4
     hist = UserHistories.from_arrays(**random_arrays(0))
     tabs = tables()
-    model = make_model(backbones[kind], granularity, leakage, n)
+    model = make_model(backbones[kind], granularity, leakage, n, attention=attention)
     want = sliding_window_reference(model, hist, tabs, n)
     got = all_logits(model, hist, tabs, 1, n)
     assert got.keys() == want.keys()
@@ -184,15 +185,15 @@ def _keyed(hist, logits):
     return {(int(user[r]), r - int(hist.user_start[r])): v for r, v in logits.items()}
 
 
-@pytest.mark.parametrize("granularity", ["behavior", "token"])
+@pytest.mark.parametrize("granularity,attention", [("behavior", "auto"), ("token", "auto"), ("behavior", "tiled")])
 @pytest.mark.parametrize("leakage", LEAKAGE_VARIANTS)
-def test_logit_independent_of_own_label_and_later_interactions(backbones, granularity, leakage):
+def test_logit_independent_of_own_label_and_later_interactions(backbones, granularity, leakage, attention):
     n = 3
     tabs = tables()
     for seed in range(3 if granularity == "behavior" else 2):
         rng = np.random.default_rng(100 + seed)
         kind = ["bert", "llama"][seed % 2]
-        model = make_model(backbones[kind], granularity, leakage, n, seed=seed)
+        model = make_model(backbones[kind], granularity, leakage, n, seed=seed, attention=attention)
         base = random_arrays(seed + 10)
         hist = UserHistories.from_arrays(**base)
         cut = int(rng.choice(hist.time))  # everything at or after `cut` changes

@@ -16,6 +16,8 @@ from llm_features.finetune.masks import (
 from llm_features.finetune.packing import (
     BehaviorPacker,
     TokenPacker,
+    assign_rows,
+    balance_rows,
     UserHistories,
     batch_indices,
     make_blocks,
@@ -57,11 +59,12 @@ def behavior_batch(hist, k, n, targets=None):
 
 
 def tokens_of(layout):
-    """Per sequence: list of (token index, row, is_query) of the valid tokens."""
+    """Per packed sequence: (batch row, [(token index, history row, is_query)] of its valid tokens)."""
     out = []
     for b in range(layout.shape[0]):
-        idx = torch.nonzero(layout.valid[b]).flatten().tolist()
-        out.append([(p, int(layout.interaction[b, p]), bool(layout.is_query[b, p])) for p in idx])
+        for seg in layout.segment[b][layout.valid[b]].unique().tolist():
+            idx = torch.nonzero(layout.valid[b] & (layout.segment[b] == seg)).flatten().tolist()
+            out.append((b, [(p, int(layout.interaction[b, p]), bool(layout.is_query[b, p])) for p in idx]))
     return out
 
 
@@ -73,7 +76,13 @@ def test_behavior_mask_matches_brute_force(seed, k, leakage):
     hist = random_histories(seed)
     blocks, batch = behavior_batch(hist, k, n)
     allowed = allowed_attention(batch.layout, n, leakage)
-    for b, toks in enumerate(tokens_of(batch.layout)):
+    seqs = tokens_of(batch.layout)
+    assert len(seqs) == len(blocks)
+    for b, toks in seqs:
+        mine = torch.zeros(batch.layout.shape[1], dtype=torch.bool)
+        mine[[p for p, _, _ in toks]] = True
+        for p, _, _ in toks:  # nothing of another sequence sharing the row
+            assert not allowed[b, p][~mine].any()
         present = {r for _, r, q in toks if not q}
         for p, row, is_q in toks:
             if is_q:
@@ -93,7 +102,7 @@ def test_behavior_mask_matches_brute_force(seed, k, leakage):
                 if t != p and allowed[b, p, t]:
                     assert not q
                     assert hist.time[r] < hist.time[row]
-        # padding: seen by nobody, sees only itself
+    for b in range(batch.layout.shape[0]):  # padding: seen by nobody, sees only itself
         pad = ~batch.layout.valid[b]
         for p in torch.nonzero(pad).flatten().tolist():
             assert allowed[b, p].sum() == 1 and allowed[b, p, p]
@@ -126,7 +135,7 @@ def test_equal_timestamps_never_context_for_each_other():
         for k in (1, 2, 6):
             _, batch = behavior_batch(hist, k, 10)
             allowed = allowed_attention(batch.layout, 10, leakage)
-            for b, toks in enumerate(tokens_of(batch.layout)):
+            for b, toks in tokens_of(batch.layout):
                 for p, r, _ in toks:
                     for t, r2, _ in toks:
                         if t != p and time[r2] == time[r]:
@@ -173,6 +182,7 @@ def test_token_level_mask(leakage, span_causal):
     batch = packer(blocks)
     lay = batch.layout
     allowed = allowed_attention(lay, 2, leakage, span_causal=span_causal)
+    assert lay.shape[0] < len(blocks), "short sequences share rows"
     for b in range(lay.shape[0]):
         idx = torch.nonzero(lay.valid[b]).flatten().tolist()
         for p in idx:
@@ -180,7 +190,9 @@ def test_token_level_mask(leakage, span_causal):
             for t in idx:
                 r2, q2 = int(lay.interaction[b, t]), bool(lay.is_query[b, t])
                 same_span = (not q and not q2 and r2 == row) or t == p
-                if same_span:
+                if lay.segment[b, p] != lay.segment[b, t]:
+                    want = False
+                elif same_span:
                     want = t <= p if span_causal else True
                 elif q2:
                     want = False
@@ -197,7 +209,8 @@ def test_token_level_mask(leakage, span_causal):
     for qi in batch.query_index.tolist():
         b, p = divmod(qi, lay.shape[1])
         row = int(lay.interaction[b, p])
-        ctx = lay.valid[b] & ~lay.is_query[b] & (lay.interaction[b] < int(hist.time_start[row]))
+        ctx = (lay.valid[b] & ~lay.is_query[b] & (lay.segment[b] == lay.segment[b, p])
+               & (lay.interaction[b] < int(hist.time_start[row])))
         if ctx.any():
             assert batch.position_ids[b, p] == batch.position_ids[b][ctx].max() + 1
 
@@ -227,3 +240,60 @@ def test_batches_hold_about_the_requested_targets():
     groups = batch_indices(nt, 32)
     assert np.concatenate(groups).tolist() == list(range(len(nt)))
     assert [int(nt[g].sum()) for g in groups] == [32, 20, 32]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_assign_rows_fills_rows_without_overlap(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 20, int(rng.integers(1, 60)))
+    row, offset, rows = assign_rows(lengths)
+    cap = int(lengths.max())
+    used = np.zeros((rows, cap), int)
+    for r, o, n in zip(row, offset, lengths):
+        assert o + n <= cap
+        used[r, o:o + n] += 1
+    assert used.max() == 1 and used.sum() == lengths.sum()
+    assert rows <= len(lengths) and rows >= -(-lengths.sum() // cap)
+    # best-fit decreasing is within 11/9 OPT + 1 of the optimum; the sum bound is a lower bound of OPT
+    assert rows <= 11 / 9 * -(-lengths.sum() // cap) + 1
+    again = assign_rows(lengths)
+    assert np.array_equal(again[0], row) and np.array_equal(again[1], offset)
+    with pytest.raises(ValueError, match="does not fit"):
+        assign_rows(lengths, cap - 1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_balance_rows_keeps_rows_within_one_sequence(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(60, 200, int(rng.integers(2, 40)))
+    rows = max(1, int(lengths.sum() // 400))
+    row, offset, longest = balance_rows(lengths, rows)
+    loads = np.bincount(row, weights=lengths, minlength=rows)
+    assert loads.max() == longest and loads.sum() == lengths.sum()
+    assert loads.max() - loads.min() <= lengths.max()  # LPT: no row is more than one sequence longer
+    for r in range(rows):  # the sequences of a row lie end to end from column 0
+        mine = np.flatnonzero(row == r)
+        spans = sorted(zip(offset[mine], lengths[mine]))
+        assert spans[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:]))
+
+
+@pytest.mark.parametrize("k", [1, 4, 40])
+def test_row_packing_changes_only_the_padding(k):
+    hist = random_histories(3, users=8, max_len=120 if k == 40 else 25)
+    blocks = make_blocks(hist, np.ones(len(hist), bool), k, 3)
+    e, v = torch.randn(7, 4), torch.randn(5, 4)
+    packed = BehaviorPacker(hist, e, v)(blocks)
+    plain = BehaviorPacker(hist, e, v, pack_rows=False)(blocks)
+    assert packed.layout.shape[0] < plain.layout.shape[0] == len(blocks)
+    assert int(packed.layout.valid.sum()) == int(plain.layout.valid.sum())
+    assert torch.equal(packed.target_rows, plain.target_rows)
+    assert torch.equal(packed.labels, plain.labels)
+    # every query sees the same contexts at the same distances and positions
+    pa, pl = allowed_attention(packed.layout, 3), allowed_attention(plain.layout, 3)
+    da, dl = interaction_distance(packed.layout), interaction_distance(plain.layout)
+    for qa, ql in zip(packed.query_index.tolist(), plain.query_index.tolist()):
+        (ba, xa), (bl, xl) = divmod(qa, packed.layout.shape[1]), divmod(ql, plain.layout.shape[1])
+        seen_a = sorted((int(packed.layout.interaction[ba, t]), int(da[ba, xa, t])) for t in torch.nonzero(pa[ba, xa]))
+        seen_l = sorted((int(plain.layout.interaction[bl, t]), int(dl[bl, xl, t])) for t in torch.nonzero(pl[bl, xl]))
+        assert seen_a == seen_l
+        assert packed.position_ids[ba, xa] == plain.position_ids[bl, xl]

@@ -77,6 +77,7 @@ def build_model(cfg: FinetuneConfig, backbone: Backbone, item_dim: int) -> Finet
         distance_bias=cfg.distance_bias,
         item_dim=item_dim,
         head_hidden=cfg.head_hidden,
+        attention=cfg.attention,
     )
     if cfg.dropout is not None:
         model.set_dropout(cfg.dropout)

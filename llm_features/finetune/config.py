@@ -48,6 +48,12 @@ class FinetuneConfig(BackboneConfig):
         metadata={"help": "Relative behaviour-distance attention bias; auto: learned for absolute-position "
                           "models (MiniLM), none for RoPE models (explicit position ids)."},
     )
+    attention: Literal["auto", "dense", "tiled"] = field(
+        default="auto",
+        metadata={"help": "Attention over the deep layers: dense L x L masks, tiled (block-sparse: only the mask "
+                          "tiles that allow attention are computed) or auto (tiled where clearly cheaper: long "
+                          "DTI rows). The same mask either way."},
+    )
     dropout: float | None = field(
         default=None, metadata={"help": "Override the dropout probability of the deep layers (default: the model's)."}
     )

@@ -37,6 +37,8 @@ Rules (query row ``p``, key column ``t``):
   With k = 1 ``windowed`` and ``block`` both equal the causal sliding window.
 * Tokens of one span (the tokens of one behaviour's text at token level) see each other:
   bidirectionally for encoders, causally for decoders (``span_causal``).
+* Tokens of different packed sequences (``segment``) never see each other: one row of a batch
+  may hold several short sequences (row packing), each as if it were alone.
 * Padding tokens see only themselves (a finite softmax, no NaN) and are seen by nobody.
 """
 
@@ -46,7 +48,10 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import BoolTensor, LongTensor, Tensor
+
+from llm_features.attention import TiledBias  # noqa: F401 (re-exported: the tiled form of attention_bias)
 
 Leakage = Literal["windowed", "block", "isolated"]
 LEAKAGE_VARIANTS: tuple[str, ...] = ("windowed", "block", "isolated")
@@ -56,7 +61,8 @@ LEAKAGE_VARIANTS: tuple[str, ...] = ("windowed", "block", "isolated")
 class SequenceLayout:
     """Per-token description of a batch of packed sequences; every field is ``[B, L]``.
 
-    All tokens of one sequence belong to one user.
+    A row of the batch holds one or more sequences (``segment``); all tokens of one sequence belong
+    to one user.
     """
 
     interaction: LongTensor
@@ -69,6 +75,8 @@ class SequenceLayout:
     """Tokens with the same span id form one unit (one behaviour's text, or one query token)."""
     valid: BoolTensor
     """False for padding."""
+    segment: LongTensor
+    """Which packed sequence of the row a token belongs to; tokens of different segments never see each other."""
 
     def to(self, device: torch.device | str) -> "SequenceLayout":
         return SequenceLayout(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -111,7 +119,8 @@ def allowed_attention(
     if span_causal:
         idx = torch.arange(length, device=device)
         same_span = same_span & (idx[None, :, None] >= idx[None, None, :])
-    allowed = (allowed | same_span) & layout.valid[:, :, None] & layout.valid[:, None, :]
+    same_segment = layout.segment[:, :, None] == layout.segment[:, None, :]
+    allowed = (allowed | same_span) & same_segment & layout.valid[:, :, None] & layout.valid[:, None, :]
     # Padding rows attend to themselves only: a finite softmax, and nobody reads them.
     return allowed | torch.eye(length, dtype=torch.bool, device=device)[None]
 
@@ -136,9 +145,9 @@ def attention_bias(allowed: BoolTensor, bias: Tensor | None = None, dtype: torch
     """The additive float mask ``[B, 1 or H, L, L]`` that ``LayerStack.forward`` and SDPA take.
 
     Args:
-        allowed: ``[B, L, L]`` from :func:`allowed_attention`.
-        bias: optional finite ``[B, H, L, L]`` (or broadcastable) score bias, e.g. a distance bias;
-            applied only where attention is allowed.
+        allowed: ``[B, L, L]`` from :func:`allowed_attention` (or its tiles ``[B, nt, T, M*T]``).
+        bias: optional finite ``[B, H, L, L]`` (or broadcastable; ``[B, H, nt, T, M*T]`` for tiles)
+            score bias, e.g. a distance bias; applied only where attention is allowed.
         dtype: the dtype of the attention scores.
 
     Returns:
@@ -150,3 +159,35 @@ def attention_bias(allowed: BoolTensor, bias: Tensor | None = None, dtype: torch
         out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return out.masked_fill_(~allowed, masked)
     return torch.where(allowed, bias.to(dtype), torch.tensor(masked, dtype=dtype, device=allowed.device))
+
+
+# ------------------------------------------------------------------------------------------ block sparsity
+DEFAULT_TILE = 16
+
+
+def tile_keys(allowed: BoolTensor, tile: int = DEFAULT_TILE) -> tuple[LongTensor, BoolTensor, LongTensor]:
+    """The block-sparse form of an ``[B, L, L]`` mask.
+
+    Returns:
+        ``(key_tiles [B, nt, M], allowed [B, nt, tile, M * tile], key_position [B, nt, M * tile])``:
+        the key tiles each query tile needs (ascending; the dummy index ``nt`` pads), the mask on
+        them, and the position of every gathered key (positions ``>= L`` are padding).
+    """
+    b, length, _ = allowed.shape
+    nt = -(-length // tile)
+    pad = nt * tile - length
+    padded = F.pad(allowed, (0, pad + tile, 0, pad))  # one extra all-masked dummy key tile
+    occupied = padded.view(b, nt, tile, nt + 1, tile).any(4).any(2)  # [B, nt, nt + 1]
+    m = max(1, int(occupied.sum(-1).max()))
+    order = torch.argsort((~occupied).to(torch.int8), dim=-1, stable=True)[..., :m]  # occupied first, ascending
+    key_tiles = torch.where(occupied.gather(-1, order), order, nt)
+    tiles = padded.view(b, nt, tile, nt + 1, tile)
+    idx = key_tiles[:, :, None, :, None].expand(b, nt, tile, m, tile)
+    tiled = tiles.gather(3, idx).reshape(b, nt, tile, m * tile)
+    key_position = (key_tiles[..., None] * tile + torch.arange(tile, device=allowed.device)).reshape(b, nt, m * tile)
+    return key_tiles, tiled, key_position
+
+
+def worth_tiling(length: int, key_tiles: LongTensor, tile: int) -> bool:
+    """Tiles pay off when each query reads clearly fewer keys than the whole row (gathers cost extra)."""
+    return key_tiles.shape[-1] * tile <= 0.6 * length

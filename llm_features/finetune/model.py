@@ -28,7 +28,17 @@ import torch.nn.functional as F
 from torch import LongTensor, Tensor, nn
 
 from llm_features.backbone import Backbone
-from llm_features.finetune.masks import Leakage, allowed_attention, attention_bias, interaction_distance
+from llm_features.attention import TiledBias
+from llm_features.finetune.masks import (
+    DEFAULT_TILE,
+    Leakage,
+    allowed_attention,
+    attention_bias,
+    interaction_distance,
+    interaction_slot,
+    tile_keys,
+    worth_tiling,
+)
 from llm_features.finetune.packing import NUM_FEEDBACK, PackedBatch
 
 
@@ -56,11 +66,12 @@ class DistanceBias(nn.Module):
             raise ValueError(f"unknown distance bias {kind!r}")
 
     def forward(self, distance: LongTensor) -> Tensor:
-        """``[B, L, L]`` distances to a ``[B, H, L, L]`` bias."""
+        """``[B, ...]`` distances (``[B, L, L]``, or tiles ``[B, nt, T, M*T]``) to a ``[B, H, ...]`` bias."""
         d = distance.clamp(max=self.max_distance)
         if self.kind == "learned":
-            return F.embedding(d, self.table).permute(0, 3, 1, 2)
-        return -self.slopes[None, :, None, None] * d[:, None].to(self.slopes.dtype)
+            return F.embedding(d, self.table).movedim(-1, 1)
+        slopes = self.slopes.view(1, -1, *([1] * (d.dim() - 1)))
+        return -slopes * d[:, None].to(self.slopes.dtype)
 
 
 class CTRHead(nn.Module):
@@ -93,6 +104,10 @@ class FinetuneModel(nn.Module):
         item_dim: width of the item vectors (default: the backbone width).
         head_hidden: hidden width of the CTR head.
         max_distance: distances beyond this share one bias bucket (default ``context_size + 1``).
+        attention: ``dense`` (one ``L x L`` mask per row), ``tiled`` (block-sparse: only the tiles
+            of the mask that allow attention are computed) or ``auto`` (tiled where it is clearly
+            cheaper, i.e. long packed DTI rows; dense for short sliding-window rows). The same
+            mask either way, so the same logits up to float rounding.
     """
 
     def __init__(
@@ -105,8 +120,12 @@ class FinetuneModel(nn.Module):
         item_dim: int | None = None,
         head_hidden: int = 256,
         max_distance: int | None = None,
+        attention: Literal["auto", "dense", "tiled"] = "auto",
     ) -> None:
         super().__init__()
+        if attention not in ("auto", "dense", "tiled"):
+            raise ValueError(f"unknown attention {attention!r}; choose auto, dense or tiled")
+        self.attention = attention
         if granularity not in ("behavior", "token"):
             raise ValueError(f"unknown granularity {granularity!r}; choose behavior or token")
         self.backbone = backbone
@@ -133,10 +152,26 @@ class FinetuneModel(nn.Module):
         """Tokens of one behaviour text attend causally in decoders, bidirectionally in encoders."""
         return self.granularity == "token" and self.backbone.family == "decoder"
 
-    def attention_bias(self, batch: PackedBatch) -> Tensor:
-        """``[B, 1 or H, L, L]`` additive mask of the batch (+ the distance bias where allowed)."""
+    def attention_bias(self, batch: PackedBatch) -> Tensor | TiledBias:
+        """The additive mask of the batch (+ the distance bias where allowed).
+
+        ``[B, 1 or H, L, L]``, or its allowed tiles (:class:`TiledBias`, see ``attention``).
+        """
         layout = batch.layout
         allowed = allowed_attention(layout, self.context_size, self.leakage, span_causal=self.span_causal)
+        length = allowed.shape[-1]
+        if self.attention == "tiled" or (self.attention == "auto" and length > 2 * DEFAULT_TILE):
+            key_tiles, allowed_t, key_pos = tile_keys(allowed, DEFAULT_TILE)
+            if self.attention == "tiled" or worth_tiling(length, key_tiles, DEFAULT_TILE):
+                bias = None
+                if self.distance_bias is not None:
+                    b, nt, m = key_tiles.shape
+                    slot = F.pad(interaction_slot(layout), (0, (nt + 1) * DEFAULT_TILE - length))
+                    q_slot = slot[:, : nt * DEFAULT_TILE].view(b, nt, DEFAULT_TILE, 1)
+                    k_slot = slot.gather(1, key_pos.view(b, -1)).view(b, nt, 1, -1)
+                    bias = self.distance_bias((q_slot - k_slot).clamp_(min=0))
+                return TiledBias(DEFAULT_TILE, length, key_tiles,
+                                 attention_bias(allowed_t, bias, dtype=self.backbone.dtype))
         bias = self.distance_bias(interaction_distance(layout)) if self.distance_bias is not None else None
         return attention_bias(allowed, bias, dtype=self.backbone.dtype)
 

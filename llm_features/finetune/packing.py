@@ -21,6 +21,8 @@ Example::
 
 from __future__ import annotations
 
+import bisect
+import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
@@ -250,13 +252,108 @@ class PackedBatch:
         return PackedBatch(**out)
 
 
-def _targets_of(blocks: Blocks) -> tuple[np.ndarray, np.ndarray]:
-    """(target rows ``[T]``, sequence index ``[T]``) in block order."""
-    nt = blocks.num_targets
-    seq = np.repeat(np.arange(len(blocks)), nt)
-    first = np.repeat(np.cumsum(nt) - nt, nt)
-    rows = np.repeat(blocks.target_start, nt) + (np.arange(nt.sum()) - first)
-    return rows, seq
+def assign_rows(lengths: np.ndarray, capacity: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Place sequences of ``lengths`` tokens into as few rows of ``capacity`` tokens as best-fit decreasing finds.
+
+    Row packing removes most of the padding of a batch without making its rows longer: the capacity
+    defaults to the longest sequence. Deterministic (ties keep the input order).
+
+    Returns:
+        ``(row, offset, rows)``: each sequence's row and first column, and the number of rows.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    capacity = int(lengths.max()) if capacity is None and len(lengths) else int(capacity or 0)
+    if len(lengths) and lengths.max() > capacity:
+        raise ValueError(f"a sequence of {int(lengths.max())} tokens does not fit rows of {capacity}")
+    row = np.zeros(len(lengths), np.int64)
+    offset = np.zeros(len(lengths), np.int64)
+    free: list[tuple[int, int]] = []  # (free tokens, row), sorted
+    used: list[int] = []
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        n = int(lengths[i])
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):  # the fullest row that still fits it
+            _, r = free.pop(at)
+        else:
+            r = len(used)
+            used.append(0)
+        row[i], offset[i] = r, used[r]
+        used[r] += n
+        if used[r] < capacity:
+            bisect.insort(free, (capacity - used[r], r))
+    return row, offset, len(used)
+
+
+def balance_rows(lengths: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Spread sequences over ``rows`` rows so that the longest row is as short as greedy finds.
+
+    Longest first, each into the currently shortest row (LPT): rows end up within one sequence
+    of each other, so there is little padding even when the rows are few.
+
+    Returns:
+        ``(row, offset, longest row)``.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    rows = max(1, min(int(rows), len(lengths)))
+    row = np.zeros(len(lengths), np.int64)
+    offset = np.zeros(len(lengths), np.int64)
+    heap = [(0, r) for r in range(rows)]
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        used, r = heapq.heappop(heap)
+        row[i], offset[i] = r, used
+        heapq.heappush(heap, (used + int(lengths[i]), r))
+    return row, offset, max(u for u, _ in heap)
+
+
+LONG_SEQUENCE = 64
+"""Sequences at least this long (DTI blocks) are spread over rows about twice as long as the longest."""
+
+
+class _RowPlacer:
+    """Scatters the tokens of variable-length sequences, given flat in sequence order, into ``[R, L]`` rows.
+
+    With ``pack_rows`` several sequences may share a row; without it each sequence gets its own row
+    and ``L`` is the longest sequence. Short sequences (sliding window) fill rows as long as the
+    longest of them (:func:`assign_rows`). Long ones (DTI blocks) are balanced over rows about twice
+    that long (:func:`balance_rows`): little padding, and block-sparse attention
+    (:class:`~llm_features.attention.TiledBias`) makes the longer rows cost nothing extra.
+    """
+
+    def __init__(self, lengths: np.ndarray, pack_rows: bool) -> None:
+        lengths = np.asarray(lengths, dtype=np.int64)
+        longest = int(lengths.max())
+        if not pack_rows:
+            seq_row, seq_offset, self.rows = np.arange(len(lengths)), np.zeros(len(lengths), np.int64), len(lengths)
+            self.length = longest
+        elif longest >= LONG_SEQUENCE:
+            self.rows = max(1, -(-int(lengths.sum()) // (2 * longest)))
+            seq_row, seq_offset, self.length = balance_rows(lengths, self.rows)
+        else:
+            self.length = longest
+            seq_row, seq_offset, self.rows = assign_rows(lengths, self.length)
+        self.seq = np.repeat(np.arange(len(lengths)), lengths)
+        """``[N]`` sequence of each flat token."""
+        self.within = np.arange(len(self.seq)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        """``[N]`` index of each flat token inside its sequence."""
+        self.flat = seq_row[self.seq] * self.length + seq_offset[self.seq] + self.within
+        """``[N]`` index of each flat token in the ``[R, L]`` rows (row-major)."""
+
+    def __call__(self, values: np.ndarray, fill) -> np.ndarray:
+        out = np.full(self.rows * self.length, fill, dtype=np.asarray(values).dtype)
+        out[self.flat] = values
+        return out.reshape(self.rows, self.length)
+
+    def layout(self, interaction: np.ndarray, time_start: np.ndarray, is_query: np.ndarray, span: np.ndarray,
+               pad_interaction: int) -> SequenceLayout:
+        """The :class:`SequenceLayout` of the flat tokens (padding: not valid, its own segment -1)."""
+        return SequenceLayout(
+            interaction=torch.from_numpy(self(interaction, pad_interaction)),
+            time_start=torch.from_numpy(self(time_start, pad_interaction)),
+            is_query=torch.from_numpy(self(is_query, False)),
+            span=torch.from_numpy(self(span, -1)),
+            valid=torch.from_numpy(self(np.ones(len(self.seq), bool), False)),
+            segment=torch.from_numpy(self(self.seq, -1)),
+        )
 
 
 class BehaviorPacker:
@@ -266,52 +363,49 @@ class BehaviorPacker:
         hist: the histories.
         behavior_table: ``[NB, D]`` atomic behaviour vectors, indexed by ``hist.behavior_row``.
         item_table: ``[NI, Dv]`` item vectors, indexed by ``hist.item_row``.
+        pack_rows: let short sequences share a row of the batch (exact: segments never see each
+            other; it only removes padding).
     """
 
-    def __init__(self, hist: UserHistories, behavior_table: Tensor, item_table: Tensor) -> None:
+    def __init__(self, hist: UserHistories, behavior_table: Tensor, item_table: Tensor, pack_rows: bool = True) -> None:
         self.hist = hist
         self.behavior_table = behavior_table
         self.item_table = item_table
+        self.pack_rows = pack_rows
         self._labels = torch.from_numpy(hist.label.astype(np.float32))
         self._feedback = torch.from_numpy(hist.feedback)
 
     def __call__(self, blocks: Blocks) -> PackedBatch:
         h = self.hist
-        nctx = (blocks.context_end - blocks.context_start)[:, None]
-        ntok = blocks.num_tokens[:, None]
-        length = int(ntok.max())
-        tok = np.arange(length)[None, :]
-        is_ctx = tok < nctx
-        valid = tok < ntok
-        is_query = valid & ~is_ctx
-        row = np.where(is_ctx, blocks.context_start[:, None] + tok, blocks.target_start[:, None] + tok - nctx)
-        row = np.where(valid, row, blocks.target_start[:, None])  # padding borrows a real row, masked anyway
+        ntok = blocks.num_tokens
+        place = _RowPlacer(ntok, self.pack_rows)
+        seq, t = place.seq, place.within
+        nctx = (blocks.context_end - blocks.context_start)[seq]
+        is_ctx = t < nctx
+        row = np.where(is_ctx, blocks.context_start[seq] + t, blocks.target_start[seq] + t - nctx)
         time_start = h.time_start[row]
-        slot = np.where(is_query, time_start, row)
-        base = np.where(valid, slot, np.iinfo(np.int64).max).min(axis=1, keepdims=True)
-        layout = SequenceLayout(
-            interaction=torch.from_numpy(row),
-            time_start=torch.from_numpy(time_start),
-            is_query=torch.from_numpy(is_query),
-            span=torch.from_numpy(np.where(is_query, row + len(h), row)),
-            valid=torch.from_numpy(valid),
-        )
-        rows_t = torch.from_numpy(row)
-        ctx_t = torch.from_numpy(is_ctx)
+        slot = np.where(is_ctx, row, time_start)
+        # positions count from each sequence's first slot
+        first = np.cumsum(ntok) - ntok
+        position = slot - np.minimum.reduceat(slot, first)[seq]
+        layout = place.layout(row, time_start, ~is_ctx, np.where(is_ctx, row, row + len(h)),
+                              pad_interaction=int(blocks.target_start[0]))
         vectors = self.behavior_table[torch.from_numpy(h.behavior_row[row])]
-        vectors = vectors * ctx_t[..., None].to(vectors.dtype)
-        feedback = torch.where(ctx_t, self._feedback[rows_t], 0)
-        q_b, q_p = np.nonzero(is_query)  # row-major: block order, then target order
-        target_rows = torch.from_numpy(row[q_b, q_p])
+        vectors = vectors * torch.from_numpy(is_ctx)[:, None].to(vectors.dtype)
+        feedback = torch.where(torch.from_numpy(is_ctx), self._feedback[torch.from_numpy(row)], 0)
+        # flat tokens in sequence order, so the queries are in block order, then target order
+        target_rows = torch.from_numpy(row[~is_ctx])
+        dense = torch.zeros(place.rows * place.length, vectors.shape[-1], dtype=vectors.dtype)
+        dense[torch.from_numpy(place.flat)] = vectors
         return PackedBatch(
             layout=layout,
-            position_ids=torch.from_numpy(np.where(valid, slot - base, 0)),
-            query_index=torch.from_numpy(q_b * length + q_p),
+            position_ids=torch.from_numpy(place(position, 0)),
+            query_index=torch.from_numpy(place.flat[~is_ctx]),
             target_rows=target_rows,
             labels=self._labels[target_rows],
             item_vectors=self.item_table[torch.from_numpy(h.item_row)[target_rows]],
-            behavior_vectors=vectors,
-            feedback=feedback,
+            behavior_vectors=dense.view(place.rows, place.length, -1),
+            feedback=torch.from_numpy(place(feedback.numpy(), 0)),
         )
 
 
@@ -324,6 +418,7 @@ class TokenPacker:
         item_table: ``[NI, Dv]`` item vectors.
         tokenize: texts to token id lists (e.g. :meth:`Backbone.tokenize`).
         pad_id: token id written at query and padding positions (their embeddings are replaced).
+        pack_rows: let short sequences share a row of the batch (see :class:`BehaviorPacker`).
     """
 
     def __init__(
@@ -333,8 +428,10 @@ class TokenPacker:
         item_table: Tensor,
         tokenize: Callable[[list[str]], list[list[int]]],
         pad_id: int,
+        pack_rows: bool = True,
     ) -> None:
         self.hist = hist
+        self.pack_rows = pack_rows
         self.behavior_texts = behavior_texts
         self.item_table = item_table
         self.tokenize = tokenize
@@ -370,35 +467,18 @@ class TokenPacker:
             is_query = np.concatenate([np.zeros(cum[-1], bool), np.ones(len(tgt), bool)])
             embed_pos = np.concatenate([within, np.zeros(len(tgt), np.int64)])
             seqs.append((ids, row, pos, is_query, embed_pos))
-        length = max(len(x[0]) for x in seqs)
-        bsz = len(seqs)
-
-        def pad(values, fill, dtype):
-            out = np.full((bsz, length), fill, dtype=dtype)
-            for i, v in enumerate(values):
-                out[i, : len(v)] = v
-            return out
-
-        valid = pad([np.ones(len(x[0]), bool) for x in seqs], False, bool)
-        row = pad([x[1] for x in seqs], 0, np.int64)
-        row = np.where(valid, row, blocks.target_start[:, None])
-        is_query = pad([x[3] for x in seqs], False, bool)
-        q_b, q_p = np.nonzero(is_query)
-        target_rows = torch.from_numpy(row[q_b, q_p])
-        layout = SequenceLayout(
-            interaction=torch.from_numpy(row),
-            time_start=torch.from_numpy(h.time_start[row]),
-            is_query=torch.from_numpy(is_query),
-            span=torch.from_numpy(np.where(is_query, row + n_rows, row)),
-            valid=torch.from_numpy(valid),
-        )
+        place = _RowPlacer(np.array([len(x[0]) for x in seqs]), self.pack_rows)
+        ids, row, pos, is_query, embed_pos = (np.concatenate([x[i] for x in seqs]) for i in range(5))
+        target_rows = torch.from_numpy(row[is_query])
+        layout = place.layout(row, h.time_start[row], is_query, np.where(is_query, row + n_rows, row),
+                              pad_interaction=int(blocks.target_start[0]))
         return PackedBatch(
             layout=layout,
-            position_ids=torch.from_numpy(pad([x[2] for x in seqs], 0, np.int64)),
-            query_index=torch.from_numpy(q_b * length + q_p),
+            position_ids=torch.from_numpy(place(pos, 0)),
+            query_index=torch.from_numpy(place.flat[is_query]),
             target_rows=target_rows,
             labels=self._labels[target_rows],
             item_vectors=self.item_table[torch.from_numpy(h.item_row)[target_rows]],
-            input_ids=torch.from_numpy(pad([x[0] for x in seqs], self.pad_id, np.int64)),
-            embed_position_ids=torch.from_numpy(pad([x[4] for x in seqs], 0, np.int64)),
+            input_ids=torch.from_numpy(place(ids, self.pad_id)),
+            embed_position_ids=torch.from_numpy(place(embed_pos, 0)),
         )

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 # Options that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "log_every", "save_every", "device", "num_threads",
-                     "eval_batch_size"}
+                     "eval_batch_size", "attention"}
 # Optimizer steps of each process left out of the steady-state throughput (allocator and optimizer-state
 # warm-up, first-touch page faults).
 TIMING_WARMUP_STEPS = 2
