@@ -48,11 +48,17 @@ class TiledBias:
     key_tiles: LongTensor
     """``[B, nt, M]``."""
     bias: Tensor
-    """``[B, 1 or H, nt, tile, M * tile]``: 0 or a finite bias where allowed, ``finfo.min`` where masked."""
+    """``[B, 1 or H, nt, tile, M * tile]``: 0 or a finite bias where allowed, ``finfo.min`` where masked.
+
+    The diagonal (a token attending to itself) is never on the tiles: a query token's own position
+    lies far from its window, and keeping it would cost a whole key tile per query tile.
+    """
+    self_bias: Tensor
+    """``[B, 1 or H, L]``: the finite bias of each token attending to itself (always allowed)."""
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "TiledBias":
         return TiledBias(self.tile, self.length, self.key_tiles.to(device) if device is not None else self.key_tiles,
-                         self.bias.to(dtype=dtype, device=device))
+                         self.bias.to(dtype=dtype, device=device), self.self_bias.to(dtype=dtype, device=device))
 
     @property
     def shape(self) -> torch.Size:
@@ -68,7 +74,10 @@ class TiledBias:
         rows = torch.arange(nt * t, device=self.bias.device).view(nt, t)
         bi = torch.arange(b, device=self.bias.device)[:, None, None, None]
         out[bi, :, rows[None, :, :, None], cols[:, :, None, :]] = self.bias.permute(0, 2, 3, 4, 1)
-        return out[..., : self.length, : self.length]
+        out = out[..., : self.length, : self.length].clone()
+        diag = torch.arange(self.length, device=out.device)
+        out[..., diag, diag] = self.self_bias.expand(b, h, self.length)
+        return out
 
 
 def _repeat_kv(x: Tensor, heads: int) -> Tensor:
@@ -108,10 +117,15 @@ def tiled_attention(query: Tensor, key: Tensor, value: Tensor, bias: TiledBias, 
 
     q = F.pad(query, (0, 0, 0, pad)).view(b, heads, nt, t, d)
     scores = torch.matmul(q, key_tiles(key).transpose(-1, -2)) * scaling + bias.bias
-    weights = scores.softmax(-1)
+    # each token with itself: one more score column
+    own = (query * key).sum(-1) * scaling + bias.self_bias  # [B, H, L]
+    own = F.pad(own, (0, pad)).view(b, heads, nt, t, 1)
+    weights = torch.cat([scores, own], -1).softmax(-1)
     if dropout > 0:
         weights = F.dropout(weights, dropout, training=True)
-    out = torch.matmul(weights.to(value.dtype), key_tiles(value))  # [B, H, nt, t, d]
+    weights = weights.to(value.dtype)
+    out = torch.matmul(weights[..., :-1], key_tiles(value))  # [B, H, nt, t, d]
+    out = out + weights[..., -1:] * F.pad(value, (0, 0, 0, pad)).view(b, heads, nt, t, d)
     return out.reshape(b, heads, nt * t, d)[:, :, :length].transpose(1, 2).contiguous()
 
 

@@ -469,6 +469,20 @@ def test_ema_weights_are_what_is_evaluated_and_saved(tiny_bert_dir, tiny_workspa
     assert again["logloss"] == pytest.approx(m["test"]["logloss"], abs=1e-5)
 
 
+def test_micro_batches_make_the_same_step(tiny_bert_dir, tiny_workspace, tmp_path):
+    from llm_features.finetune.train import token_groups
+
+    assert [g.tolist() for g in token_groups(np.array([5, 5, 12, 3, 3]), 10)] == [[0, 1], [2], [3, 4]]
+    assert [g.tolist() for g in token_groups(np.array([5, 5]), 0)] == [[0, 1]]
+    opts = dict(epochs=1, dropout=0.0, batch_size=24)
+    whole = finetune(_cfg(tiny_bert_dir, tiny_workspace, tmp_path / "whole", micro_batch_tokens=0, **opts))
+    parts = finetune(_cfg(tiny_bert_dir, tiny_workspace, tmp_path / "parts", micro_batch_tokens=20, **opts))
+    assert parts["steps"] == whole["steps"]
+    assert parts["loss_curve"] == pytest.approx(whole["loss_curve"], abs=1e-5)
+    for split in ("valid", "test"):
+        assert parts[split]["logloss"] == pytest.approx(whole[split]["logloss"], abs=1e-5)
+
+
 def test_cli(tiny_bert_dir, tiny_workspace, tmp_path):
     from llm_features.cli import main
 
@@ -493,8 +507,9 @@ def test_ddp_two_processes_match_one(tiny_bert_dir, tiny_workspace, tmp_path):
     import sys
 
     opts = dict(epochs=2, dropout=0.0, num_threads=1, batch_size=24)
-    single = finetune(_cfg(tiny_bert_dir, tiny_workspace, tmp_path / "one", **opts))
-    cfg = _cfg(tiny_bert_dir, tiny_workspace, tmp_path / "two", **opts)
+    single = finetune(_cfg(tiny_bert_dir, tiny_workspace, tmp_path / "one", **opts, micro_batch_tokens=0))
+    # each rank accumulates several passes per step; gradients are averaged once, on the last
+    cfg = _cfg(tiny_bert_dir, tiny_workspace, tmp_path / "two", **opts, micro_batch_tokens=30)
     args = []
     for k, v in config_to_dict(cfg).items():
         if v is None or v is False:

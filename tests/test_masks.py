@@ -285,6 +285,12 @@ def test_row_packing_changes_only_the_padding(k):
     packed = BehaviorPacker(hist, e, v)(blocks)
     plain = BehaviorPacker(hist, e, v, pack_rows=False)(blocks)
     assert packed.layout.shape[0] < plain.layout.shape[0] == len(blocks)
+    lay = packed.layout
+    for b in range(lay.shape[0]):  # every row: the contexts of all its sequences, then all their queries
+        ctx = torch.nonzero(lay.valid[b] & ~lay.is_query[b]).flatten()
+        qry = torch.nonzero(lay.valid[b] & lay.is_query[b]).flatten()
+        if len(ctx) and len(qry):
+            assert ctx.max() < qry.min()
     assert int(packed.layout.valid.sum()) == int(plain.layout.valid.sum())
     assert torch.equal(packed.target_rows, plain.target_rows)
     assert torch.equal(packed.labels, plain.labels)

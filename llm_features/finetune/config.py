@@ -65,12 +65,22 @@ class FinetuneConfig(BackboneConfig):
     batch_size: int = field(
         default=64, metadata={"help": "Targets per optimizer step (sequences per step = about batch_size / k)."}
     )
+    micro_batch_tokens: int = field(
+        default=4096,
+        metadata={"help": "Run each optimizer step in forward/backward passes of at most this many sequence "
+                          "positions, accumulating gradients (the same step; bounds memory and keeps "
+                          "CPU caches warm). 0 = one pass per step."},
+    )
     eval_batch_size: int = field(default=1024, metadata={"help": "Targets per evaluation batch."})
     lr: float = field(default=5e-5, metadata={"help": "Learning rate of the deep layers (or LoRA adapters)."})
     head_lr: float = field(
         default=1e-3, metadata={"help": "Learning rate of the new parts (head, Q, F, bias)."}
     )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    adam_beta1: float = field(
+        default=0.9, metadata={"help": "AdamW beta1 (gradient momentum): higher averages the gradients of more steps."}
+    )
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps, then linear decay to 0."})
     grad_clip: float = field(default=1.0, metadata={"help": "Max gradient norm (0 = off)."})
     ema_decay: float = field(
@@ -79,6 +89,11 @@ class FinetuneConfig(BackboneConfig):
                           "0.995) and evaluate, save and export it instead of the last weights (0 = off)."},
     )
     seed: int = field(default=0, metadata={"help": "Random seed (data order, initialisation, dropout)."})
+    data_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the --limit-users sample and the --max-targets cap (default: --seed), so that "
+                          "runs with different --seed can train on the same users."},
+    )
     limit_users: int | None = field(
         default=None, metadata={"help": "Use a seeded sample of this many users."}
     )
@@ -103,6 +118,11 @@ class FinetuneConfig(BackboneConfig):
     resume: bool = field(
         default=False, metadata={"help": "Continue from the checkpoint in --out if there is one."}
     )
+
+    @property
+    def sample_seed(self) -> int:
+        """The seed that picks the users and targets of the run."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def k(self) -> int:

@@ -166,7 +166,7 @@ DEFAULT_TILE = 16
 
 
 def tile_keys(allowed: BoolTensor, tile: int = DEFAULT_TILE) -> tuple[LongTensor, BoolTensor, LongTensor]:
-    """The block-sparse form of an ``[B, L, L]`` mask.
+    """The block-sparse form of an ``[B, L, L]`` mask, without its diagonal (see :class:`TiledBias`).
 
     Returns:
         ``(key_tiles [B, nt, M], allowed [B, nt, tile, M * tile], key_position [B, nt, M * tile])``:
@@ -174,6 +174,7 @@ def tile_keys(allowed: BoolTensor, tile: int = DEFAULT_TILE) -> tuple[LongTensor
         them, and the position of every gathered key (positions ``>= L`` are padding).
     """
     b, length, _ = allowed.shape
+    allowed = allowed & ~torch.eye(length, dtype=torch.bool, device=allowed.device)
     nt = -(-length // tile)
     pad = nt * tile - length
     padded = F.pad(allowed, (0, pad + tile, 0, pad))  # one extra all-masked dummy key tile

@@ -163,15 +163,16 @@ class FinetuneModel(nn.Module):
         if self.attention == "tiled" or (self.attention == "auto" and length > 2 * DEFAULT_TILE):
             key_tiles, allowed_t, key_pos = tile_keys(allowed, DEFAULT_TILE)
             if self.attention == "tiled" or worth_tiling(length, key_tiles, DEFAULT_TILE):
-                bias = None
+                dtype = self.backbone.dtype
+                bias, own = None, torch.zeros(allowed.shape[0], 1, length, dtype=dtype, device=allowed.device)
                 if self.distance_bias is not None:
                     b, nt, m = key_tiles.shape
                     slot = F.pad(interaction_slot(layout), (0, (nt + 1) * DEFAULT_TILE - length))
                     q_slot = slot[:, : nt * DEFAULT_TILE].view(b, nt, DEFAULT_TILE, 1)
                     k_slot = slot.gather(1, key_pos.view(b, -1)).view(b, nt, 1, -1)
                     bias = self.distance_bias((q_slot - k_slot).clamp_(min=0))
-                return TiledBias(DEFAULT_TILE, length, key_tiles,
-                                 attention_bias(allowed_t, bias, dtype=self.backbone.dtype))
+                    own = self.distance_bias(torch.zeros_like(layout.interaction)).to(dtype)  # distance 0
+                return TiledBias(DEFAULT_TILE, length, key_tiles, attention_bias(allowed_t, bias, dtype=dtype), own)
         bias = self.distance_bias(interaction_distance(layout)) if self.distance_bias is not None else None
         return attention_bias(allowed, bias, dtype=self.backbone.dtype)
 

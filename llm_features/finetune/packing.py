@@ -317,9 +317,14 @@ class _RowPlacer:
     longest of them (:func:`assign_rows`). Long ones (DTI blocks) are balanced over rows about twice
     that long (:func:`balance_rows`): little padding, and block-sparse attention
     (:class:`~llm_features.attention.TiledBias`) makes the longer rows cost nothing extra.
+
+    With ``head`` (the first ``head[s]`` tokens of sequence ``s``: its contexts), a row holds the
+    heads of all its sequences first, then their tails (the query tokens), each part in sequence
+    order. Queries attend to contexts only, and their windows then sit side by side in one region
+    of the row, so a tile of query rows needs few key tiles even where it spans two sequences.
     """
 
-    def __init__(self, lengths: np.ndarray, pack_rows: bool) -> None:
+    def __init__(self, lengths: np.ndarray, pack_rows: bool, head: np.ndarray | None = None) -> None:
         lengths = np.asarray(lengths, dtype=np.int64)
         longest = int(lengths.max())
         if not pack_rows:
@@ -335,7 +340,29 @@ class _RowPlacer:
         """``[N]`` sequence of each flat token."""
         self.within = np.arange(len(self.seq)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         """``[N]`` index of each flat token inside its sequence."""
-        self.flat = seq_row[self.seq] * self.length + seq_offset[self.seq] + self.within
+        column = seq_offset[self.seq] + self.within
+        if head is not None:
+            head = np.asarray(head, dtype=np.int64)
+            tail = lengths - head
+            order = np.lexsort((seq_offset, seq_row))  # the sequences of each row, left to right
+            first = np.ones(len(order), bool)
+            first[1:] = seq_row[order][1:] != seq_row[order][:-1]
+            group = np.cumsum(first) - 1
+            starts = np.flatnonzero(first)
+
+            def before(x: np.ndarray) -> np.ndarray:  # sum of x over the earlier sequences of the same row
+                c = np.cumsum(x[order]) - x[order]
+                out = np.empty(len(x), np.int64)
+                out[order] = c - c[starts][group]
+                return out
+
+            row_heads = np.bincount(seq_row, weights=head, minlength=self.rows).astype(np.int64)
+            head_at = before(head)
+            tail_at = row_heads[seq_row] + before(tail)
+            in_head = self.within < head[self.seq]
+            column = np.where(in_head, head_at[self.seq] + self.within,
+                              tail_at[self.seq] + self.within - head[self.seq])
+        self.flat = seq_row[self.seq] * self.length + column
         """``[N]`` index of each flat token in the ``[R, L]`` rows (row-major)."""
 
     def __call__(self, values: np.ndarray, fill) -> np.ndarray:
@@ -375,10 +402,14 @@ class BehaviorPacker:
         self._labels = torch.from_numpy(hist.label.astype(np.float32))
         self._feedback = torch.from_numpy(hist.feedback)
 
+    def lengths(self, blocks: Blocks) -> np.ndarray:
+        """``[S]`` positions of each packed sequence (one per context and one per query)."""
+        return blocks.num_tokens
+
     def __call__(self, blocks: Blocks) -> PackedBatch:
         h = self.hist
         ntok = blocks.num_tokens
-        place = _RowPlacer(ntok, self.pack_rows)
+        place = _RowPlacer(ntok, self.pack_rows, head=blocks.context_end - blocks.context_start)
         seq, t = place.seq, place.within
         nctx = (blocks.context_end - blocks.context_start)[seq]
         is_ctx = t < nctx
@@ -449,6 +480,14 @@ class TokenPacker:
                 self._spans[k] = np.asarray(ids, dtype=np.int64)
         return [self._spans[k] for k in keys]
 
+    def lengths(self, blocks: Blocks) -> np.ndarray:
+        """``[S]`` positions of each packed sequence: the tokens of its context texts plus one per query."""
+        out = np.empty(len(blocks), np.int64)
+        for i, (a, b, s, e) in enumerate(zip(blocks.context_start, blocks.context_end, blocks.target_start,
+                                             blocks.target_end)):
+            out[i] = sum(len(x) for x in self.span_tokens(np.arange(a, b))) + (e - s)
+        return out
+
     def __call__(self, blocks: Blocks) -> PackedBatch:
         h = self.hist
         n_rows = len(h)
@@ -467,7 +506,8 @@ class TokenPacker:
             is_query = np.concatenate([np.zeros(cum[-1], bool), np.ones(len(tgt), bool)])
             embed_pos = np.concatenate([within, np.zeros(len(tgt), np.int64)])
             seqs.append((ids, row, pos, is_query, embed_pos))
-        place = _RowPlacer(np.array([len(x[0]) for x in seqs]), self.pack_rows)
+        place = _RowPlacer(np.array([len(x[0]) for x in seqs]), self.pack_rows,
+                           head=np.array([int((~x[3]).sum()) for x in seqs]))
         ids, row, pos, is_query, embed_pos = (np.concatenate([x[i] for x in seqs]) for i in range(5))
         target_rows = torch.from_numpy(row[is_query])
         layout = place.layout(row, h.time_start[row], is_query, np.where(is_query, row + n_rows, row),

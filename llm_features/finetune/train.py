@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 # Options that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "log_every", "save_every", "device", "num_threads",
-                     "eval_batch_size", "attention"}
+                     "eval_batch_size", "attention", "micro_batch_tokens"}
 # Optimizer steps of each process left out of the steady-state throughput (allocator and optimizer-state
 # warm-up, first-touch page faults).
 TIMING_WARMUP_STEPS = 2
@@ -102,11 +102,30 @@ def split_targets(cfg: FinetuneConfig, data: FinetuneData, split: str) -> np.nda
 
     Baselines that must see exactly the same targets (``bench/bench_finetune.py``) call this too.
     """
-    return limit_targets(data.hist, data.split_mask(split), cfg.max_targets, cfg.seed + SPLIT_SEED_OFFSETS[split])
+    return limit_targets(data.hist, data.split_mask(split), cfg.max_targets,
+                         cfg.sample_seed + SPLIT_SEED_OFFSETS[split])
 
 
 def split_blocks(cfg: FinetuneConfig, data: FinetuneData, split: str, k: int) -> Blocks:
     return make_blocks(data.hist, split_targets(cfg, data, split), k, cfg.context_size)
+
+
+def token_groups(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Split sequences (in order) into consecutive groups of at most ``max_tokens`` positions (0: one group).
+
+    A sequence longer than ``max_tokens`` forms a group of its own.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if max_tokens <= 0 or lengths.sum() <= max_tokens:
+        return [np.arange(len(lengths))]
+    groups, start, used = [], 0, 0
+    for i, n in enumerate(lengths.tolist()):
+        if used and used + n > max_tokens:
+            groups.append(np.arange(start, i))
+            start, used = i, 0
+        used += n
+    groups.append(np.arange(start, len(lengths)))
+    return groups
 
 
 def epoch_batches(blocks: Blocks, targets_per_batch: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -167,10 +186,11 @@ def make_optimizer(model: FinetuneModel, cfg: FinetuneConfig) -> torch.optim.Opt
     fixed cost per step, so this matters most for short steps (DTI packs many targets in few tokens).
     """
     groups = model.param_groups(cfg.lr, cfg.head_lr, cfg.weight_decay)
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
     try:
-        return torch.optim.AdamW(groups, fused=True)
+        return torch.optim.AdamW(groups, betas=betas, fused=True)
     except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(groups)
+        return torch.optim.AdamW(groups, betas=betas)
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -244,7 +264,7 @@ def finetune(
     if data is None:
         data = load_finetune_data(
             cfg.data_dir, backbone.fingerprint, feedback=cfg.feedback,
-            need_behavior_vectors=cfg.granularity == "behavior", limit_users=cfg.limit_users, seed=cfg.seed,
+            need_behavior_vectors=cfg.granularity == "behavior", limit_users=cfg.limit_users, seed=cfg.sample_seed,
         )
     item_dim = int(data.item_table.shape[1])
     model = build_model(cfg, backbone, item_dim)
@@ -335,12 +355,21 @@ def finetune(
             weight = 1.0
             if len(local_idx) == 0:  # fewer blocks than ranks: run one block with zero weight to keep DDP in step
                 local_idx, weight = global_idx[:1], 0.0
-            batch = packer(train_blocks.take(local_idx)).to(device)
-            logits = forward(batch)
-            loss_sum = F.binary_cross_entropy_with_logits(logits.float(), batch.labels.float(), reduction="sum")
-            loss = loss_sum * (weight * world / global_targets)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # one optimizer step, in passes of at most micro_batch_tokens positions (gradient accumulation)
+            passes = token_groups(packer.lengths(train_blocks.take(local_idx)), cfg.micro_batch_tokens)
+            loss = torch.zeros((), device=device)
+            for i, part in enumerate(passes):
+                batch = packer(train_blocks.take(local_idx[part])).to(device)
+                # DDP: average gradients over ranks once, on the last pass of the step
+                sync = forward.no_sync() if world > 1 and i < len(passes) - 1 else nullcontext()
+                with sync:
+                    logits = forward(batch)
+                    loss_sum = F.binary_cross_entropy_with_logits(logits.float(), batch.labels.float(),
+                                                                  reduction="sum")
+                    part_loss = loss_sum * (weight * world / global_targets)
+                    part_loss.backward()
+                loss = loss + part_loss.detach()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
