@@ -52,7 +52,13 @@ REPO = HERE.parent
 
 FLOORS = {"bahe_time": 5.0, "bahe_memory": 5.0, "dti_speed": 10.0, "dti_auc_gap": 0.002, "bahe_dti_speed": 50.0}
 PAPERS = {"bahe_time": 5.0, "bahe_memory": 5.0, "dti_time_reduction": 0.92, "dti_speed": 70.5 / 5.31}
-DEFAULT_K = 32  # FinetuneConfig.targets_per_sequence
+def _default_k() -> int:
+    from llm_features.finetune import FinetuneConfig
+
+    return FinetuneConfig().targets_per_sequence
+
+
+DEFAULT_K = _default_k()
 TIMING_WARMUP_STEPS = 2  # llm_features.finetune.train.TIMING_WARMUP_STEPS
 
 
@@ -345,13 +351,20 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1, help="epochs of the k-sweep / leakage runs")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="targets per step of the k-sweep / leakage runs (default: llmfeat finetune's default)")
-    ap.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
+    ap.add_argument("--ks", type=int, nargs="+", default=sorted({1, 4, 8, 16, 32, 64, DEFAULT_K}))
     ap.add_argument("--default-k", type=int, default=DEFAULT_K)
     ap.add_argument("--auc-seeds", type=int, default=1,
-                    help="seeds of the k = 1 and default-k runs (initialisation, data order, dropout)")
-    ap.add_argument("--dti-epochs", type=int, default=2,
-                    help="epochs of an extra default-k run per seed: does DTI reach the sliding window's AUC with "
-                         "more epochs, and in how much of its time? (0: skip)")
+                    help="seeds of the k = 1 and default-k runs (initialisation, data order, dropout; the same users)")
+    ap.add_argument("--dti-epochs", type=int, nargs="*", default=[2, 3],
+                    help="epochs of extra default-k runs (first seed): does DTI reach the sliding window's AUC with "
+                         "more epochs, and in how much of its time? (none: skip)")
+    ap.add_argument("--sw-epochs", type=int, nargs="*", default=[],
+                    help="epochs of extra sliding-window runs (first seed): the sliding window's own AUC curve")
+    ap.add_argument("--sw-reference", nargs="*", default=["batch_size=64", "lr=5e-5", "head_lr=1e-3",
+                                                          "warmup_steps=50"],
+                    help="a full sliding-window run with these options instead of the defaults (a small-batch "
+                         "recipe: many more steps per epoch); its AUC and speed are reported next to the same-recipe "
+                         "comparison (none: skip)")
     ap.add_argument("--mode-batch-size", type=int, default=16,
                     help="targets per step of the sliding-window runs of the modes table (both granularities)")
     ap.add_argument("--mode-max-targets", type=int, default=100,
@@ -367,27 +380,35 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true",
                     help="keep finished runs in --runs made with the same options (resume a killed benchmark)")
     ap.add_argument("--quick", action="store_true", help="tiny version to check the script works")
+    ap.set_defaults(limit_users=1500)
     args = ap.parse_args()
     if args.quick:
         args.limit_users, args.max_targets = 30, 300
         args.behavior_steps, args.token_steps, args.mode_batch_size, args.mode_max_targets = 4, 3, 2, 8
         args.context_size, args.ks, args.default_k = 8, [1, 8], 8
+        args.dti_epochs, args.sw_epochs, args.sw_reference = [2], [], ["batch_size=16"]
         args.runs = args.runs.with_name(args.runs.name + "_quick")
     args.runs.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     data_dir = ensure_workspace(args)
-    common = {"limit_users": args.limit_users, "seed": args.seed, "num_threads": args.num_threads,
-              "context_size": args.context_size, "log_every": 0, "device": "cpu"}
+    # data_seed: every run trains on the same users and targets, whatever its training seed
+    common = {"limit_users": args.limit_users, "seed": args.seed, "data_seed": args.seed,
+              "num_threads": args.num_threads, "context_size": args.context_size, "log_every": 0, "device": "cpu"}
     k = args.default_k
 
     runner = Runner(args.runs, data_dir, args.jobs, args.reuse)
     sweep_common = {"granularity": "behavior", "packing": "dti", "max_targets": args.max_targets,
                     "epochs": args.epochs, "batch_size": args.batch_size}
-    sweep, seeds, longer, modes = {}, {}, {}, {}
+    sweep, seeds, longer, modes, sw_longer, sw_speed = {}, {}, {}, {}, {}, {}
     # ---- the sliding-window runs first: they are the longest, so parallel jobs finish together
     extra_seeds = [args.seed + s for s in range(1, args.auc_seeds)]
     sliding = {**sweep_common, "packing": "sliding-window"}  # k = 1
+    for epochs in sorted(set(args.sw_epochs) - {args.epochs}, reverse=True):
+        sw_longer[epochs] = runner.submit(f"sweep_k1_epochs{epochs}", common, {**sliding, "epochs": epochs})
+    if args.sw_reference:  # the sliding window at its own small-batch recipe (AUC and speed)
+        ref = {kv.split("=", 1)[0]: kv.split("=", 1)[1] for kv in args.sw_reference}
+        sw_speed["reference"] = runner.submit("sw_reference", common, {**sliding, **ref})
     if 1 in args.ks:
         sweep[1] = runner.submit("sweep_k1", common, sliding)
     for seed in extra_seeds:
@@ -404,33 +425,33 @@ def main() -> None:
                      "eval_batch_size": batch, "max_steps": steps, "epochs": 1000, "max_targets": args.mode_max_targets}
             modes[f"{gran}/{packing}"] = runner.submit(f"mode_{gran}_{packing}", common, extra)
 
-    # ---- k sweep, behaviour level (k = 1 = sliding window), one epoch over the same targets
-    for kk in args.ks:
+    # ---- k sweep, behaviour level (k = 1 = sliding window), the same epochs over the same targets
+    for kk in sorted(args.ks):  # the slow small k first
         if kk != 1:
             sweep[kk] = runner.submit(f"sweep_k{kk}", common, {**sweep_common, "targets_per_sequence": kk})
     for seed in extra_seeds:
         seeds[f"k{k}_seed{seed}"] = runner.submit(f"sweep_k{k}_seed{seed}", {**common, "seed": seed},
                                                   {**sweep_common, "targets_per_sequence": k})
 
-    # ---- time to equal AUC: the default k for more epochs, against the sliding window's runs above
-    if args.dti_epochs:
-        for seed in [args.seed] + extra_seeds:
-            longer[seed] = runner.submit(
-                f"sweep_k{k}_epochs{args.dti_epochs}_seed{seed}", {**common, "seed": seed},
-                {**sweep_common, "targets_per_sequence": k, "epochs": args.dti_epochs})
+    # ---- time to equal AUC: the default k for more epochs, against the sliding window's runs
+    for epochs in sorted(set(args.dti_epochs) - {args.epochs}):
+        longer[epochs] = runner.submit(f"sweep_k{k}_epochs{epochs}", common,
+                                       {**sweep_common, "targets_per_sequence": k, "epochs": epochs})
 
-    # ---- leakage variants at the default k
+    # ---- leakage variants at the largest k
+    k_leak = max(args.ks)
     leakage = {}
     for variant in ("block", "isolated"):
-        leakage[variant] = runner.submit(f"leakage_{variant}_k{k}", common,
-                                         {**sweep_common, "targets_per_sequence": k, "leakage": variant})
+        leakage[variant] = runner.submit(f"leakage_{variant}_k{k_leak}", common,
+                                         {**sweep_common, "targets_per_sequence": k_leak, "leakage": variant})
+
 
     def done(futures: dict) -> dict:
         return {key: f.result() if f is not None else None for key, f in futures.items()}
 
     sweep = dict(sorted(done(sweep).items()))
-    seeds, longer, modes = done(seeds), done(longer), done(modes)
-    leakage = {"windowed": sweep.get(k), **done(leakage)}
+    seeds, longer, modes, sw_longer, sw_speed = done(seeds), done(longer), done(modes), done(sw_longer), done(sw_speed)
+    leakage = {"windowed": sweep.get(k_leak), **done(leakage)}
 
     # ---- id-only baselines on the k sweep's own train / test targets
     targets = load_targets(data_dir, args.limit_users, args.max_targets, args.seed)
@@ -449,15 +470,23 @@ def main() -> None:
         a, b = seeds.get(f"k{k}_seed{args.seed + s}"), seeds.get(f"k1_seed{args.seed + s}")
         if g(a, "test_auc") is not None and g(b, "test_auc") is not None:
             seed_gaps.append(a["test_auc"] - b["test_auc"])
+    # time to equal AUC: every DTI run of the default k (1 epoch and more) against every sliding-window run
+    dti_runs = {args.epochs: kd, **longer}
+    sw_runs = {args.epochs: k1, **sw_longer}
     equal_auc = []
-    for seed, rec in longer.items():
-        sw = k1 if seed == args.seed else seeds.get(f"k1_seed{seed}")
-        if g(rec, "test_auc") is not None and g(sw, "test_auc") is not None:
-            equal_auc.append({"seed": seed, "dti_epochs": args.dti_epochs, "sw_epochs": args.epochs,
-                              "dti_test_auc": rec["test_auc"], "sw_test_auc": sw["test_auc"],
-                              "gap": rec["test_auc"] - sw["test_auc"], "dti_train_seconds": rec["train_seconds"],
-                              "sw_train_seconds": sw["train_seconds"],
+    for de, rec in sorted(dti_runs.items()):
+        for se, sw in sorted(sw_runs.items()):
+            if g(rec, "test_auc") is None or g(sw, "test_auc") is None:
+                continue
+            equal_auc.append({"dti_epochs": de, "sw_epochs": se, "dti_test_auc": rec["test_auc"],
+                              "sw_test_auc": sw["test_auc"], "gap": rec["test_auc"] - sw["test_auc"],
+                              "dti_valid_auc": rec["valid_auc"], "sw_valid_auc": sw["valid_auc"],
+                              "dti_train_seconds": rec["train_seconds"], "sw_train_seconds": sw["train_seconds"],
                               "time_ratio": ratio(sw["train_seconds"], rec["train_seconds"])})
+    # the sliding window at its fastest recipe, so the speed ratio cannot come from a slow baseline
+    sw_best = max([r for r in [k1, *sw_speed.values()] if g(r, "targets_per_s")], key=lambda r: r["targets_per_s"],
+                  default=None)
+    sw_ref = sw_speed.get("reference")
     gap_ci = bootstrap_gap(kd["out"], k1["out"], targets["user"]) if "out" in (kd or {}) and "out" in (k1 or {}) else None
     best_baseline = max(baselines.values(), key=lambda b: b.get("test_auc") or 0.0)
     ratios = {
@@ -476,14 +505,18 @@ def main() -> None:
         "bahe_dti_minus_id_only_auc": (g(kd, "test_auc") - best_baseline["test_auc"])
         if g(kd, "test_auc") is not None and best_baseline.get("test_auc") is not None else None,
         "default_k": k,
-        "dti_longer_epochs": args.dti_epochs,
-        "dti_longer_auc_gaps": [e["gap"] for e in equal_auc],
-        "dti_longer_time_ratios": [e["time_ratio"] for e in equal_auc],
+        "dti_vs_sw_best_batch_speed": ratio(g(kd, "targets_per_s"), g(sw_best, "targets_per_s")),
+        "sw_best_batch": g(sw_best, "options") and sw_best["options"].get("batch_size"),
+        "dti_minus_sw_reference_auc": (g(kd, "test_auc") - g(sw_ref, "test_auc"))
+        if g(kd, "test_auc") is not None and g(sw_ref, "test_auc") is not None else None,
+        "leakage_k": k_leak,
     }
     meets = {
         "bahe_time": bool(ratios["bahe_vs_token_time"] and ratios["bahe_vs_token_time"] >= FLOORS["bahe_time"]),
         "bahe_memory": bool(ratios["bahe_vs_token_memory"] and ratios["bahe_vs_token_memory"] >= FLOORS["bahe_memory"]),
         "dti_speed": bool(dti_speed and dti_speed >= FLOORS["dti_speed"]),
+        "dti_speed_vs_best_batch": bool(ratios["dti_vs_sw_best_batch_speed"]
+                                        and ratios["dti_vs_sw_best_batch_speed"] >= FLOORS["dti_speed"]),
         "dti_auc": bool(dti_auc_gap is not None and dti_auc_gap >= -FLOORS["dti_auc_gap"]),
         "bahe_dti_speed": bool(ratios["bahe_dti_vs_token_sw_speed"]
                                and ratios["bahe_dti_vs_token_sw_speed"] >= FLOORS["bahe_dti_speed"]),
@@ -494,7 +527,8 @@ def main() -> None:
     result = {
         **run_header("finetune", args),
         "finetune_defaults": {"batch_size": defaults.batch_size, "lr": defaults.lr, "head_lr": defaults.head_lr,
-                              "warmup_steps": defaults.warmup_steps, "targets_per_sequence": defaults.targets_per_sequence},
+                              "warmup_steps": defaults.warmup_steps, "targets_per_sequence": defaults.targets_per_sequence,
+                              "micro_batch_tokens": defaults.micro_batch_tokens, "attention": defaults.attention},
         "targets": target_counts,
         "modes": modes,
         "k_sweep": {str(kk): v for kk, v in sweep.items()},
@@ -503,6 +537,8 @@ def main() -> None:
         "baselines": baselines,
         "dti_auc_gap_bootstrap": gap_ci,
         "dti_longer": {str(kk): v for kk, v in longer.items()},
+        "sw_longer": {str(kk): v for kk, v in sw_longer.items()},
+        "sw_speed": {str(kk): v for kk, v in sw_speed.items()},
         "equal_auc": equal_auc,
         "ratios": ratios,
         "floors": FLOORS,
@@ -531,7 +567,7 @@ def markdown(r: dict) -> str:
     yes = lambda b: "met" if b else "**not met**"  # noqa: E731
     jobs = s.get("jobs", 1)
     runs = [*r["modes"].values(), *r["k_sweep"].values(), *r["seeds"].values(), *r["leakage"].values(),
-            *r["dti_longer"].values()]
+            *r["dti_longer"].values(), *r.get("sw_longer", {}).values(), *r.get("sw_speed", {}).values()]
     reused = any(rec and rec.get("reused") for rec in runs)
     lines = [
         "# Fine-tuning: BAHE / token level x DTI / sliding window (ML-1M)",
@@ -597,17 +633,28 @@ def markdown(r: dict) -> str:
         for name, m in r["seeds"].items():
             if "error" not in m:
                 lines.append(f"| {name} | {m['targets_per_s']:.1f} | {m['test_auc']:.4f} | {m['valid_auc']:.4f} |")
+    ref = (r.get("sw_speed") or {}).get("reference")
+    if ref and "error" not in ref:
+        o = ref["options"]
+        lines += ["", f"The sliding window at a small-batch recipe ({o.get('batch_size')} targets per step, lr "
+                  f"{o.get('lr')}, head {o.get('head_lr')}, {o.get('warmup_steps')} warm-up steps; {ref['steps']} "
+                  "steps in the epoch), for reference:", "",
+                  "| run | steps | targets/s | test AUC | test LogLoss | valid AUC |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |",
+                  f"| sliding window, small batch | {ref['steps']} | {ref['targets_per_s']:.1f} | {ref['test_auc']:.4f} | "
+                  f"{ref['test_logloss']:.4f} | {ref['valid_auc']:.4f} |"]
     if r.get("equal_auc"):
-        e0 = r["equal_auc"][0]
-        lines += ["", f"## Time to equal AUC: DTI (k = {k}) for {e0['dti_epochs']} epochs vs the sliding window for "
-                  f"{e0['sw_epochs']}", "",
-                  "The same users, targets, batch and learning rate; training seconds are the training steps alone.",
-                  "", "| seed | sliding window test AUC | DTI test AUC | DTI minus sliding window | sliding window s | "
-                  "DTI s | time ratio |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", f"## Time to equal AUC: DTI (k = {k}) and the sliding window over epochs", "",
+                  "The same users, targets, batch and learning rate (the schedule decays over each run's own "
+                  "epochs); training seconds are the training steps alone. Valid AUC is what one would select on.",
+                  "", "| DTI epochs | sliding-window epochs | DTI test AUC | sliding-window test AUC | DTI minus sliding "
+                  "window | DTI valid AUC | sliding-window valid AUC | sliding-window s | DTI s | time ratio |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for e in r["equal_auc"]:
-            lines.append(f"| {e['seed']} | {e['sw_test_auc']:.4f} | {e['dti_test_auc']:.4f} | {e['gap']:+.4f} | "
+            lines.append(f"| {e['dti_epochs']} | {e['sw_epochs']} | {e['dti_test_auc']:.4f} | {e['sw_test_auc']:.4f} | "
+                         f"{e['gap']:+.4f} | {e['dti_valid_auc']:.4f} | {e['sw_valid_auc']:.4f} | "
                          f"{e['sw_train_seconds']:.0f} | {e['dti_train_seconds']:.0f} | {_f(e['time_ratio'], '{:.1f}x')} |")
-    lines += ["", f"## Leakage variants at k = {k}", "",
+    lines += ["", f"## Leakage variants at k = {rt.get('leakage_k', k)}", "",
               "| leakage | targets/s | test AUC | test LogLoss |", "| --- | ---: | ---: | ---: |"]
     for name, m in r["leakage"].items():
         if m is None or "error" in m:
@@ -646,12 +693,18 @@ def markdown(r: dict) -> str:
         f"less time) | {fl['dti_speed']:.0f}x | 92% less time (13.3x) | {yes(mt['dti_speed'])} |",
         f"| DTI (k = {k}) minus sliding window: test AUC, same epochs{ci_txt}{seeds_txt} | {_f(gap, '{:+.4f}')} | "
         f"within {fl['dti_auc_gap']} | equal AUC | {yes(mt['dti_auc'])} |",
-        f"| DTI (k = {k}) for {rt.get('dti_longer_epochs')} epochs minus sliding window for {s['epochs']}: test AUC, "
-        f"per seed | {', '.join(f'{x:+.4f}' for x in rt.get('dti_longer_auc_gaps') or []) or '-'} | within "
-        f"{fl['dti_auc_gap']} | equal AUC | - |",
-        f"| same: sliding-window training time / DTI training time, per seed | "
-        f"{', '.join(_f(x, '{:.1f}x') for x in rt.get('dti_longer_time_ratios') or []) or '-'} | - | 92% less time "
-        f"(13.3x) | - |",
+        f"| same, against the sliding window at its fastest batch ({rt.get('sw_best_batch')} targets/step) | "
+        f"{_f(rt.get('dti_vs_sw_best_batch_speed'), '{:.1f}x')} | {fl['dti_speed']:.0f}x | - | "
+        f"{yes(mt.get('dti_speed_vs_best_batch'))} |",
+        f"| DTI (k = {k}) minus the sliding window at its small-batch recipe: test AUC, one epoch each | "
+        f"{_f(rt.get('dti_minus_sw_reference_auc'), '{:+.4f}')} | within {fl['dti_auc_gap']} | equal AUC | - |",
+    ]
+    eq = [e for e in r.get("equal_auc", []) if e["dti_epochs"] > s["epochs"] and e["sw_epochs"] == s["epochs"]]
+    for e in eq:
+        lines.append(f"| DTI (k = {k}) for {e['dti_epochs']} epochs minus sliding window for {e['sw_epochs']}: test "
+                     f"AUC; sliding-window time / DTI time | {e['gap']:+.4f}; {_f(e['time_ratio'], '{:.1f}x')} | "
+                     f"within {fl['dti_auc_gap']} | equal AUC at 92% less time (13.3x) | - |")
+    lines += [
         f"| BAHE + DTI (k = {k}) minus the best id-only baseline: test AUC | "
         f"{_f(rt.get('bahe_dti_minus_id_only_auc'), '{:+.4f}')} | - | - | - |",
         f"| BAHE + DTI vs token-level sliding window: targets/s | {_f(rt['bahe_dti_vs_token_sw_speed'], '{:.0f}x')} "

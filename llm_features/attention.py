@@ -31,51 +31,75 @@ _BASES = ("sdpa", "eager")
 
 
 @dataclass
+class TileGroup:
+    """Query tiles that each read ``M`` key tiles (one group of a :class:`TiledBias`)."""
+
+    query_tiles: LongTensor
+    """``[G]`` flat query-tile index ``row * nt + i``."""
+    key_tiles: LongTensor
+    """``[G, M]`` flat key-tile index ``row * (nt + 1) + j``; ``j = nt`` is the row's all-masked dummy tile."""
+    bias: Tensor
+    """``[G, 1 or H, tile, M * tile]``: 0 or a finite bias where allowed, ``finfo.min`` where masked."""
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "TileGroup":
+        move = (lambda x: x.to(device)) if device is not None else (lambda x: x)  # noqa: E731
+        return TileGroup(move(self.query_tiles), move(self.key_tiles), self.bias.to(dtype=dtype, device=device))
+
+
+@dataclass
 class TiledBias:
     """The additive attention bias of :func:`attention_bias`, kept only on the tiles where attention is allowed.
 
-    The ``L`` positions of a row are cut into ``nt`` tiles of ``tile`` positions. Query tile ``i`` of
-    row ``b`` attends only to the ``M`` key tiles ``key_tiles[b, i]`` (index ``nt`` is an all-masked
-    dummy tile), so attention costs ``O(L * M * tile)`` instead of ``O(L^2)``: a DTI sequence of ``k``
-    targets costs per token what a sliding-window sequence does, whatever ``k``. It is the same mask,
-    only stored sparsely (built by :func:`llm_features.finetune.masks.tile_keys`); :func:`tiled_attention`
-    computes with it.
+    The ``L`` positions of a row are cut into ``nt`` tiles of ``tile`` positions. A query tile
+    attends only to the key tiles where its mask allows something, so attention costs
+    ``O(L * M * tile)`` instead of ``O(L^2)``: a DTI sequence of ``k`` targets costs per token about
+    what a sliding-window sequence does, whatever ``k``. Query tiles are grouped by how many key
+    tiles they need (:class:`TileGroup`), so the few wide ones (where two packed sequences meet) do
+    not make every tile pay for their width. It is the same mask, only stored sparsely (built by
+    :func:`llm_features.finetune.masks.tile_keys`); :func:`tiled_attention` computes with it.
+
+    The diagonal (a token attending to itself) is never on the tiles: a query token's own position
+    lies far from its window, and keeping it would cost a whole key tile per query tile. It is
+    ``self_bias``.
     """
 
     tile: int
     length: int
     """``L``: the positions of the rows (the last tile may be partly beyond it)."""
-    key_tiles: LongTensor
-    """``[B, nt, M]``."""
-    bias: Tensor
-    """``[B, 1 or H, nt, tile, M * tile]``: 0 or a finite bias where allowed, ``finfo.min`` where masked.
-
-    The diagonal (a token attending to itself) is never on the tiles: a query token's own position
-    lies far from its window, and keeping it would cost a whole key tile per query tile.
-    """
+    rows: int
+    num_tiles: int
+    """``nt = ceil(L / tile)``."""
+    groups: list[TileGroup]
+    """A partition of the ``rows * nt`` query tiles."""
     self_bias: Tensor
     """``[B, 1 or H, L]``: the finite bias of each token attending to itself (always allowed)."""
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "TiledBias":
-        return TiledBias(self.tile, self.length, self.key_tiles.to(device) if device is not None else self.key_tiles,
-                         self.bias.to(dtype=dtype, device=device), self.self_bias.to(dtype=dtype, device=device))
+        return TiledBias(self.tile, self.length, self.rows, self.num_tiles, [g.to(dtype, device) for g in self.groups],
+                         self.self_bias.to(dtype=dtype, device=device))
 
     @property
-    def shape(self) -> torch.Size:
-        return self.bias.shape
+    def keys_per_query(self) -> float:
+        """Mean number of keys a query position reads (its key tiles plus itself)."""
+        tiles = sum(len(g.query_tiles) for g in self.groups)
+        return sum(len(g.query_tiles) * g.key_tiles.shape[1] for g in self.groups) * self.tile / max(1, tiles) + 1
 
     def dense(self) -> Tensor:
         """The ``[B, 1 or H, L, L]`` dense bias this stands for (for tests and debugging)."""
-        b, h, nt, t, mt = self.bias.shape
-        m = mt // t
-        out = torch.full((b, h, nt * t, (nt + 1) * t), torch.finfo(self.bias.dtype).min, dtype=self.bias.dtype,
-                         device=self.bias.device)
-        cols = (self.key_tiles[..., None] * t + torch.arange(t, device=self.bias.device)).reshape(b, nt, m * t)
-        rows = torch.arange(nt * t, device=self.bias.device).view(nt, t)
-        bi = torch.arange(b, device=self.bias.device)[:, None, None, None]
-        out[bi, :, rows[None, :, :, None], cols[:, :, None, :]] = self.bias.permute(0, 2, 3, 4, 1)
+        t, nt, b = self.tile, self.num_tiles, self.rows
+        h = max(g.bias.shape[1] for g in self.groups)
+        dtype, device = self.self_bias.dtype, self.self_bias.device
+        out = torch.full((b, h, nt * t, (nt + 1) * t), torch.finfo(dtype).min, dtype=dtype, device=device)
+        span = torch.arange(t, device=device)
+        for g in self.groups:
+            if g.key_tiles.shape[1] == 0:
+                continue
+            row, i = g.query_tiles // nt, g.query_tiles % nt
+            cols = ((g.key_tiles % (nt + 1))[..., None] * t + span).flatten(1)  # [G, M*t]
+            rows = i[:, None] * t + span  # [G, t]
+            out[row[:, None, None], :, rows[:, :, None], cols[:, None, :]] = g.bias.expand(-1, h, -1, -1).permute(0, 2, 3, 1)
         out = out[..., : self.length, : self.length].clone()
-        diag = torch.arange(self.length, device=out.device)
+        diag = torch.arange(self.length, device=device)
         out[..., diag, diag] = self.self_bias.expand(b, h, self.length)
         return out
 
@@ -91,7 +115,7 @@ def _repeat_kv(x: Tensor, heads: int) -> Tensor:
 
 def tiled_attention(query: Tensor, key: Tensor, value: Tensor, bias: TiledBias, scaling: float,
                     dropout: float = 0.0) -> Tensor:
-    """Softmax attention restricted to the allowed tiles of ``bias``.
+    """Softmax attention restricted to the allowed tiles of ``bias`` (and each token itself).
 
     Args:
         query: ``[B, H, L, d]``; key, value: ``[B, Hkv, L, d]`` (``Hkv`` divides ``H``).
@@ -103,30 +127,38 @@ def tiled_attention(query: Tensor, key: Tensor, value: Tensor, bias: TiledBias, 
         ``[B, L, H, d]``, the layout Hugging Face attention functions return.
     """
     b, heads, length, d = query.shape
-    t = bias.tile
-    nt = bias.key_tiles.shape[1]
-    m = bias.key_tiles.shape[2]
+    t, nt = bias.tile, bias.num_tiles
     key, value = _repeat_kv(key, heads), _repeat_kv(value, heads)
     pad = nt * t - length
 
-    def key_tiles(x: Tensor) -> Tensor:  # [B, H, L, d] -> [B, H, nt, M*t, d]
-        x = F.pad(x, (0, 0, 0, pad + t))  # the tiles, then the all-masked dummy tile
-        x = x.view(b, heads, nt + 1, t, d).transpose(1, 2)  # [B, nt+1, H, t, d]
-        picked = x[torch.arange(b, device=x.device)[:, None, None], bias.key_tiles]  # [B, nt, M, H, t, d]
-        return picked.permute(0, 3, 1, 2, 4, 5).reshape(b, heads, nt, m * t, d)
+    def tiles(x: Tensor, extra: int = 0) -> Tensor:  # [B, H, L, d] -> [B * (nt + extra), H, t, d]
+        x = F.pad(x, (0, 0, 0, pad + extra * t))
+        return x.view(b, heads, nt + extra, t, d).transpose(1, 2).reshape(b * (nt + extra), heads, t, d)
 
-    q = F.pad(query, (0, 0, 0, pad)).view(b, heads, nt, t, d)
-    scores = torch.matmul(q, key_tiles(key).transpose(-1, -2)) * scaling + bias.bias
-    # each token with itself: one more score column
-    own = (query * key).sum(-1) * scaling + bias.self_bias  # [B, H, L]
-    own = F.pad(own, (0, pad)).view(b, heads, nt, t, 1)
-    weights = torch.cat([scores, own], -1).softmax(-1)
-    if dropout > 0:
-        weights = F.dropout(weights, dropout, training=True)
-    weights = weights.to(value.dtype)
-    out = torch.matmul(weights[..., :-1], key_tiles(value))  # [B, H, nt, t, d]
-    out = out + weights[..., -1:] * F.pad(value, (0, 0, 0, pad)).view(b, heads, nt, t, d)
-    return out.reshape(b, heads, nt * t, d)[:, :, :length].transpose(1, 2).contiguous()
+    q = tiles(query)
+    k_all, v_all = tiles(key, 1), tiles(value, 1)  # the tiles, then each row's all-masked dummy tile
+    own = (query * key).sum(-1) * scaling + bias.self_bias  # each token with itself: [B, H, L]
+    own = F.pad(own, (0, pad)).view(b, heads, nt, t).transpose(1, 2).reshape(b * nt, heads, t, 1)
+    parts, order = [], []
+    for g in bias.groups:
+        n, m = g.key_tiles.shape
+        pick = g.key_tiles.reshape(-1)
+        ks = k_all[pick].view(n, m, heads, t, d).transpose(1, 2).reshape(n, heads, m * t, d)
+        vs = v_all[pick].view(n, m, heads, t, d).transpose(1, 2).reshape(n, heads, m * t, d)
+        scores = torch.matmul(q[g.query_tiles], ks.transpose(-1, -2)) * scaling + g.bias
+        weights = torch.cat([scores, own[g.query_tiles]], -1).softmax(-1)
+        if dropout > 0:
+            weights = F.dropout(weights, dropout, training=True)
+        weights = weights.to(value.dtype)
+        own_v = v_all[g.query_tiles + g.query_tiles // nt]  # query tile row * nt + i is key tile row * (nt + 1) + i
+        parts.append(torch.matmul(weights[..., :-1], vs) + weights[..., -1:] * own_v)
+        order.append(g.query_tiles)
+    order_t = torch.cat(order)
+    inverse = torch.empty_like(order_t)
+    inverse[order_t] = torch.arange(len(order_t), device=order_t.device)
+    out = torch.cat(parts)[inverse]  # [B * nt, H, t, d]
+    out = out.view(b, nt, heads, t, d).transpose(1, 2).reshape(b, heads, nt * t, d)
+    return out[:, :, :length].transpose(1, 2).contiguous()
 
 
 def _eager(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float, dropout: float) -> Tensor:
@@ -171,4 +203,4 @@ def use_llmfeat_attention(hf_model: nn.Module, base: str) -> str:
     return name
 
 
-__all__ = ["TiledBias", "tiled_attention", "use_llmfeat_attention"]
+__all__ = ["TileGroup", "TiledBias", "tiled_attention", "use_llmfeat_attention"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm_features.attention import TiledBias, tiled_attention
+from llm_features.attention import TiledBias, TileGroup, tiled_attention
 from llm_features.backbone import Backbone, BackboneConfig
 from llm_features.finetune import FinetuneModel
 from llm_features.finetune.masks import (
@@ -98,10 +98,13 @@ def test_tiled_bias_is_the_dense_bias_on_its_tiles(backbones):
     dense.load_state_dict(model.state_dict())
     want = dense.attention_bias(batch)
     assert torch.equal(tiled.dense().detach(), want.detach())
-    # the mask's allowed entries all lie on the kept tiles
+    # the mask's allowed entries all lie on the kept tiles, and the groups partition the query tiles
     allowed = allowed_attention(batch.layout, 5)
-    key_tiles, on_tiles, _ = tile_keys(allowed, DEFAULT_TILE)
-    assert int(on_tiles.sum()) == int(allowed.sum()) - allowed.shape[0] * allowed.shape[1]  # all but the diagonal
+    nt, groups = tile_keys(allowed, DEFAULT_TILE)
+    on_tiles = sum(int(g.allowed.sum()) for g in groups)
+    assert on_tiles == int(allowed.sum()) - allowed.shape[0] * allowed.shape[1]  # all but the diagonal
+    every = torch.cat([g.query_tiles for g in groups]).sort().values
+    assert torch.equal(every, torch.arange(allowed.shape[0] * nt))
 
 
 def test_auto_tiles_long_dti_rows_and_not_sliding_windows(backbones):
@@ -112,8 +115,10 @@ def test_auto_tiles_long_dti_rows_and_not_sliding_windows(backbones):
     dti = _batch(model, hist, 64, 6)
     bias = model.attention_bias(dti)
     assert isinstance(bias, TiledBias)
-    keys_per_query = bias.key_tiles.shape[-1] * bias.tile
-    assert keys_per_query <= 0.35 * bias.length, (keys_per_query, bias.length)
+    assert bias.keys_per_query <= 0.35 * bias.length, (bias.keys_per_query, bias.length)
+    # grouping by width: fewer keys than if every tile read as many key tiles as the widest
+    widest = max(g.key_tiles.shape[1] for g in bias.groups)
+    assert len(bias.groups) > 1 and bias.keys_per_query < widest * bias.tile + 1
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
@@ -128,14 +133,16 @@ def test_tiled_attention_kernel_against_softmax(heads, kv_heads):
     v = torch.randn(b, kv_heads, length, d, requires_grad=True)
     extra = torch.randn(b, heads, length, length)
     dense_bias = attention_bias(allowed, extra)
-    key_tiles, on_tiles, key_pos = tile_keys(allowed, 16)
-    nt = key_tiles.shape[1]
-    rows = torch.nn.functional.pad(torch.arange(length), (0, nt * 16 - length), value=0).view(nt, 16)
-    extra_t = torch.nn.functional.pad(extra, (0, (nt + 1) * 16 - length, 0, nt * 16 - length))
-    extra_t = extra_t[torch.arange(b)[:, None, None, None], :, rows[None, :, :, None], key_pos[:, :, None, :]]
+    nt, groups = tile_keys(allowed, 16)
+    padded = torch.nn.functional.pad(extra, (0, (nt + 1) * 16 - length, 0, nt * 16 - length))
+    tile_groups = []
+    for g in groups:
+        rows = (g.query_tiles % nt)[:, None] * 16 + torch.arange(16)  # [G, 16]
+        part = padded[g.row[:, None, None], :, rows[:, :, None], g.key_position[:, None, :]]  # [G, 16, M*16, H]
+        tile_groups.append(TileGroup(g.query_tiles, g.key_tiles, attention_bias(g.allowed, part.permute(0, 3, 1, 2))))
     diag = torch.arange(length)
-    tiled = TiledBias(16, length, key_tiles, attention_bias(on_tiles, extra_t.permute(0, 4, 1, 2, 3)),
-                      extra[:, :, diag, diag])
+    tiled = TiledBias(16, length, b, nt, tile_groups, extra[:, :, diag, diag])
+    assert torch.equal(tiled.dense(), dense_bias)
     rep = heads // kv_heads
     want = torch.softmax(q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * d ** -0.5 + dense_bias, -1)
     want = (want @ v.repeat_interleave(rep, 1)).transpose(1, 2)

@@ -22,12 +22,15 @@ def test_summary_from_fake_results(tmp_path: Path) -> None:
     (tmp_path / "finetune.json").write_text(json.dumps({
         "ratios": {"bahe_vs_token_time": 12.3, "bahe_vs_token_memory": 2.5, "dti_vs_sw_speed": 7.25,
                    "dti_auc_gap": -0.0011, "bahe_dti_vs_token_sw_speed": 88.0, "default_k": 32,
-                   "dti_longer_epochs": 2, "dti_longer_auc_gaps": [-0.0009, -0.0014],
-                   "dti_longer_time_ratios": [3.63, 3.5]},
+                   "dti_vs_sw_best_batch_speed": 6.9, "sw_best_batch": 64},
+        "settings": {"epochs": 1},
+        "equal_auc": [{"dti_epochs": 1, "sw_epochs": 1, "gap": -0.0011, "time_ratio": 7.25},
+                      {"dti_epochs": 2, "sw_epochs": 1, "gap": -0.0009, "time_ratio": 3.63},
+                      {"dti_epochs": 2, "sw_epochs": 2, "gap": -0.0030, "time_ratio": 7.1}],
         "floors": {"bahe_time": 5.0, "bahe_memory": 5.0, "dti_speed": 10.0, "dti_auc_gap": 0.002,
                    "bahe_dti_speed": 50.0},
         "meets_floor": {"bahe_time": True, "bahe_memory": False, "dti_speed": False, "dti_auc": True,
-                        "bahe_dti_speed": True},
+                        "bahe_dti_speed": True, "dti_speed_vs_best_batch": False},
     }))
     (tmp_path / "cost.json").write_text(json.dumps({
         "settings": {"sweep_n": 30},
@@ -45,8 +48,11 @@ def test_summary_from_fake_results(tmp_path: Path) -> None:
     assert "**not met**" in memory
     speed = next(line for line in text.splitlines() if "BAHE + DTI" in line)
     assert speed.endswith("| 50x | - | met |")
-    longer = next(line for line in text.splitlines() if "for 2 epochs vs sliding window for 1" in line)
-    assert "| -0.0009, -0.0014; 3.6x, 3.5x | within 0.002 |" in longer
+    longer = [line for line in text.splitlines() if "epochs vs sliding window for" in line]
+    assert len(longer) == 1 and "for 2 epochs vs sliding window for 1" in longer[0]
+    assert "| -0.0009; 3.6x | within 0.002 |" in longer[0]
+    best = next(line for line in text.splitlines() if "fastest batch (64 targets/step)" in line)
+    assert "| 6.9x | 10x |" in best and best.endswith("| **not met** |")
     cost_time = next(line for line in text.splitlines() if line.startswith("| cost | BAHE vs token level, sliding"))
     assert "n = 30" in cost_time and "| 41.0x | 5x | 5x (BAHE) | met |" in cost_time
     assert "| 10: 3x, 30: 41x |" in text

@@ -31,7 +31,7 @@ class FinetuneConfig(BackboneConfig):
     context_size: int = field(
         default=30, metadata={"help": "n: strictly earlier interactions a target sees."}
     )
-    targets_per_sequence: int = field(default=32, metadata={"help": "k: targets packed per sequence (DTI)."})
+    targets_per_sequence: int = field(default=128, metadata={"help": "k: targets packed per sequence (DTI)."})
     leakage: Literal["windowed", "block", "isolated"] = field(
         default="windowed",
         metadata={"help": "How far back a context token may look: its own n-window, the whole packed block, "
@@ -63,7 +63,8 @@ class FinetuneConfig(BackboneConfig):
     epochs: int = field(default=1, metadata={"help": "Passes over the training targets."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
     batch_size: int = field(
-        default=64, metadata={"help": "Targets per optimizer step (sequences per step = about batch_size / k)."}
+        default=512,
+        metadata={"help": "Targets per optimizer step (sequences per step = about batch_size / k, at least one)."},
     )
     micro_batch_tokens: int = field(
         default=4096,
@@ -72,16 +73,16 @@ class FinetuneConfig(BackboneConfig):
                           "CPU caches warm). 0 = one pass per step."},
     )
     eval_batch_size: int = field(default=1024, metadata={"help": "Targets per evaluation batch."})
-    lr: float = field(default=5e-5, metadata={"help": "Learning rate of the deep layers (or LoRA adapters)."})
+    lr: float = field(default=1e-4, metadata={"help": "Learning rate of the deep layers (or LoRA adapters)."})
     head_lr: float = field(
-        default=1e-3, metadata={"help": "Learning rate of the new parts (head, Q, F, bias)."}
+        default=2e-3, metadata={"help": "Learning rate of the new parts (head, Q, F, bias)."}
     )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     adam_beta1: float = field(
         default=0.9, metadata={"help": "AdamW beta1 (gradient momentum): higher averages the gradients of more steps."}
     )
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
-    warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps, then linear decay to 0."})
+    warmup_steps: int = field(default=30, metadata={"help": "Linear warm-up steps, then linear decay to 0."})
     grad_clip: float = field(default=1.0, metadata={"help": "Max gradient norm (0 = off)."})
     ema_decay: float = field(
         default=0.0,

@@ -165,30 +165,79 @@ def attention_bias(allowed: BoolTensor, bias: Tensor | None = None, dtype: torch
 DEFAULT_TILE = 16
 
 
-def tile_keys(allowed: BoolTensor, tile: int = DEFAULT_TILE) -> tuple[LongTensor, BoolTensor, LongTensor]:
+@dataclass
+class TileKeys:
+    """One group of query tiles of :func:`tile_keys`: the tiles, the key tiles they read, and the mask there."""
+
+    query_tiles: LongTensor
+    """``[G]`` flat query-tile index ``row * nt + i``."""
+    key_tiles: LongTensor
+    """``[G, M]`` flat key-tile index ``row * (nt + 1) + j`` (``j = nt``: the all-masked dummy tile)."""
+    allowed: BoolTensor
+    """``[G, tile, M * tile]``."""
+    row: LongTensor
+    """``[G]`` the row of each query tile."""
+    key_position: LongTensor
+    """``[G, M * tile]`` the position in its row of every gathered key (``>= L``: padding)."""
+
+
+def _split_by_width(counts: LongTensor) -> list[tuple[BoolTensor, int]]:
+    """Partition query tiles by how many key tiles they need, to cut the tiles computed for nothing.
+
+    Tiles that need none (only themselves) form a group of width 0; the rest are split once at the
+    width that minimises the tiles read, ``n(<= m) * m + n(> m) * max``, when that saves a tenth.
+    """
+    groups = []
+    if bool((counts == 0).any()):
+        groups.append((counts == 0, 0))
+    rest = counts[counts > 0]
+    if len(rest) == 0:
+        return groups
+    widest = int(rest.max())
+    widths, n_at = torch.unique(rest, return_counts=True)
+    below = torch.cumsum(n_at, 0)
+    cost = below * widths + (len(rest) - below) * widest
+    best = int(torch.argmin(cost))
+    m = int(widths[best])
+    if m < widest and float(cost[best]) <= 0.9 * len(rest) * widest:
+        groups += [((counts > 0) & (counts <= m), m), (counts > m, widest)]
+    else:
+        groups.append((counts > 0, widest))
+    return groups
+
+
+def tile_keys(allowed: BoolTensor, tile: int = DEFAULT_TILE) -> tuple[int, list[TileKeys]]:
     """The block-sparse form of an ``[B, L, L]`` mask, without its diagonal (see :class:`TiledBias`).
 
     Returns:
-        ``(key_tiles [B, nt, M], allowed [B, nt, tile, M * tile], key_position [B, nt, M * tile])``:
-        the key tiles each query tile needs (ascending; the dummy index ``nt`` pads), the mask on
-        them, and the position of every gathered key (positions ``>= L`` are padding).
+        ``(nt, groups)``: the tiles per row, and the query tiles grouped by the number of key tiles
+        they read (each group's key tiles ascending, padded with the dummy tile).
     """
     b, length, _ = allowed.shape
     allowed = allowed & ~torch.eye(length, dtype=torch.bool, device=allowed.device)
     nt = -(-length // tile)
     pad = nt * tile - length
-    padded = F.pad(allowed, (0, pad + tile, 0, pad))  # one extra all-masked dummy key tile
-    occupied = padded.view(b, nt, tile, nt + 1, tile).any(4).any(2)  # [B, nt, nt + 1]
-    m = max(1, int(occupied.sum(-1).max()))
-    order = torch.argsort((~occupied).to(torch.int8), dim=-1, stable=True)[..., :m]  # occupied first, ascending
-    key_tiles = torch.where(occupied.gather(-1, order), order, nt)
-    tiles = padded.view(b, nt, tile, nt + 1, tile)
-    idx = key_tiles[:, :, None, :, None].expand(b, nt, tile, m, tile)
-    tiled = tiles.gather(3, idx).reshape(b, nt, tile, m * tile)
-    key_position = (key_tiles[..., None] * tile + torch.arange(tile, device=allowed.device)).reshape(b, nt, m * tile)
-    return key_tiles, tiled, key_position
+    padded = F.pad(allowed, (0, pad + tile, 0, pad)).view(b * nt, tile, nt + 1, tile)  # + a dummy key tile
+    occupied = padded.any(3).any(1)  # [B * nt, nt + 1]
+    counts = occupied.sum(-1)
+    span = torch.arange(tile, device=allowed.device)
+    out = []
+    for members, m in _split_by_width(counts):
+        query_tiles = torch.nonzero(members).flatten()
+        occ = occupied[query_tiles]
+        order = torch.argsort((~occ).to(torch.int8), dim=-1, stable=True)[:, :m]  # occupied first, ascending
+        local = torch.where(occ.gather(-1, order), order, nt)  # [G, M]
+        rows = padded[query_tiles]  # [G, tile, nt + 1, tile]
+        idx = local[:, None, :, None].expand(-1, tile, m, tile)
+        on_tiles = rows.gather(2, idx).reshape(len(query_tiles), tile, m * tile)
+        row = query_tiles // nt
+        out.append(TileKeys(query_tiles, row[:, None] * (nt + 1) + local, on_tiles, row,
+                            (local[..., None] * tile + span).reshape(len(query_tiles), m * tile)))
+    return nt, out
 
 
-def worth_tiling(length: int, key_tiles: LongTensor, tile: int) -> bool:
+def worth_tiling(length: int, nt: int, groups: list[TileKeys], tile: int) -> bool:
     """Tiles pay off when each query reads clearly fewer keys than the whole row (gathers cost extra)."""
-    return key_tiles.shape[-1] * tile <= 0.6 * length
+    tiles = sum(len(g.query_tiles) for g in groups)
+    keys = sum(len(g.query_tiles) * g.key_tiles.shape[1] for g in groups) * tile / max(1, tiles)
+    return keys <= 0.6 * length

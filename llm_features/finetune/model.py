@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import LongTensor, Tensor, nn
 
 from llm_features.backbone import Backbone
-from llm_features.attention import TiledBias
+from llm_features.attention import TiledBias, TileGroup
 from llm_features.finetune.masks import (
     DEFAULT_TILE,
     Leakage,
@@ -161,20 +161,30 @@ class FinetuneModel(nn.Module):
         allowed = allowed_attention(layout, self.context_size, self.leakage, span_causal=self.span_causal)
         length = allowed.shape[-1]
         if self.attention == "tiled" or (self.attention == "auto" and length > 2 * DEFAULT_TILE):
-            key_tiles, allowed_t, key_pos = tile_keys(allowed, DEFAULT_TILE)
-            if self.attention == "tiled" or worth_tiling(length, key_tiles, DEFAULT_TILE):
-                dtype = self.backbone.dtype
-                bias, own = None, torch.zeros(allowed.shape[0], 1, length, dtype=dtype, device=allowed.device)
-                if self.distance_bias is not None:
-                    b, nt, m = key_tiles.shape
-                    slot = F.pad(interaction_slot(layout), (0, (nt + 1) * DEFAULT_TILE - length))
-                    q_slot = slot[:, : nt * DEFAULT_TILE].view(b, nt, DEFAULT_TILE, 1)
-                    k_slot = slot.gather(1, key_pos.view(b, -1)).view(b, nt, 1, -1)
-                    bias = self.distance_bias((q_slot - k_slot).clamp_(min=0))
-                    own = self.distance_bias(torch.zeros_like(layout.interaction)).to(dtype)  # distance 0
-                return TiledBias(DEFAULT_TILE, length, key_tiles, attention_bias(allowed_t, bias, dtype=dtype), own)
+            nt, groups = tile_keys(allowed, DEFAULT_TILE)
+            if self.attention == "tiled" or worth_tiling(length, nt, groups, DEFAULT_TILE):
+                return self._tiled_bias(layout, length, nt, groups)
         bias = self.distance_bias(interaction_distance(layout)) if self.distance_bias is not None else None
         return attention_bias(allowed, bias, dtype=self.backbone.dtype)
+
+    def _tiled_bias(self, layout, length: int, nt: int, groups) -> TiledBias:
+        """The :class:`TiledBias` of the grouped tiles: the mask there plus the distance bias."""
+        dtype = self.backbone.dtype
+        rows = layout.shape[0]
+        own = torch.zeros(rows, 1, length, dtype=dtype, device=layout.interaction.device)
+        slot = None
+        if self.distance_bias is not None:
+            own = self.distance_bias(torch.zeros_like(layout.interaction)).to(dtype)  # distance 0
+            slot = F.pad(interaction_slot(layout), (0, (nt + 1) * DEFAULT_TILE - length))
+            query_slot = slot[:, : nt * DEFAULT_TILE].reshape(rows * nt, DEFAULT_TILE)
+        out = []
+        for g in groups:
+            bias = None
+            if slot is not None:
+                d = query_slot[g.query_tiles][:, :, None] - slot[g.row[:, None], g.key_position][:, None, :]
+                bias = self.distance_bias(d.clamp_(min=0))
+            out.append(TileGroup(g.query_tiles, g.key_tiles, attention_bias(g.allowed, bias, dtype=dtype)))
+        return TiledBias(DEFAULT_TILE, length, rows, nt, out, own)
 
     def input_hidden(self, batch: PackedBatch) -> Tensor:
         """``[B, L, D]`` inputs: ``e_i + F[f_i]`` (or token embeddings) at contexts, ``Q`` at queries, 0 at padding."""

@@ -306,7 +306,7 @@ def balance_rows(lengths: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray
 
 
 LONG_SEQUENCE = 64
-"""Sequences at least this long (DTI blocks) are spread over rows about twice as long as the longest."""
+"""Sequences at least this long (DTI blocks) are balanced over rows up to four times as long as the longest."""
 
 
 class _RowPlacer:
@@ -314,9 +314,9 @@ class _RowPlacer:
 
     With ``pack_rows`` several sequences may share a row; without it each sequence gets its own row
     and ``L`` is the longest sequence. Short sequences (sliding window) fill rows as long as the
-    longest of them (:func:`assign_rows`). Long ones (DTI blocks) are balanced over rows about twice
-    that long (:func:`balance_rows`): little padding, and block-sparse attention
-    (:class:`~llm_features.attention.TiledBias`) makes the longer rows cost nothing extra.
+    longest of them (:func:`assign_rows`). Long ones (DTI blocks) are balanced over the number of rows
+    (each at most four times the longest sequence) that pads least (:func:`balance_rows`);
+    block-sparse attention (:class:`~llm_features.attention.TiledBias`) makes long rows cost little.
 
     With ``head`` (the first ``head[s]`` tokens of sequence ``s``: its contexts), a row holds the
     heads of all its sequences first, then their tails (the query tokens), each part in sequence
@@ -331,8 +331,14 @@ class _RowPlacer:
             seq_row, seq_offset, self.rows = np.arange(len(lengths)), np.zeros(len(lengths), np.int64), len(lengths)
             self.length = longest
         elif longest >= LONG_SEQUENCE:
-            self.rows = max(1, -(-int(lengths.sum()) // (2 * longest)))
-            seq_row, seq_offset, self.length = balance_rows(lengths, self.rows)
+            # the row count with the least padding, rows at most 4x the longest sequence
+            total = int(lengths.sum())
+            best = None
+            for rows in range(max(1, -(-total // (4 * longest))), -(-total // longest) + 1):
+                placed = balance_rows(lengths, rows)
+                if best is None or rows * placed[2] < best[0] * best[1][2]:
+                    best = (rows, placed)
+            self.rows, (seq_row, seq_offset, self.length) = best
         else:
             self.length = longest
             seq_row, seq_offset, self.rows = assign_rows(lengths, self.length)
