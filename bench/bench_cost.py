@@ -92,9 +92,10 @@ def main() -> None:
     t_start = time.perf_counter()
     data_dir = ensure_workspace(args)
     ws_max_tokens = int(json.loads((data_dir / "manifest.json").read_text())["fingerprint"]["max_tokens"])
+    # one forward/backward pass per step (no micro-batches): the curve measures what a batch of that size costs
     common = {"limit_users": args.limit_users, "seed": args.seed, "num_threads": args.num_threads,
               "log_every": 0, "device": "cpu", "packing": "sliding-window", "max_targets": args.max_targets,
-              "epochs": 1000}
+              "epochs": 1000, "micro_batch_tokens": 0}
 
     def pair(name: str, n: int, batch: int, ws: Path = data_dir, max_tokens: int | None = None) -> dict:
         """BAHE and token level at one setting; the ratios token / BAHE of time and training memory."""

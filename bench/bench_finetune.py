@@ -90,6 +90,16 @@ def _reusable(out: Path, data_dir: Path, opts: dict) -> bool:
     return all(str(saved.get(k)) == str(v) for k, v in want.items() if k not in REUSE_IGNORED | {"data_dir"})
 
 
+def _literal(text: str):
+    """``"64"`` -> 64, ``"5e-5"`` -> 5e-05, anything else stays a string (so --reuse compares like with like)."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def run_finetune(name: str, runs: Path, data_dir: Path, common: dict, extra: dict, *,
                  core: int | None = None, reuse: bool = False) -> dict:
     """One ``llmfeat finetune`` subprocess; returns a compact record of its metrics.json.
@@ -407,7 +417,7 @@ def main() -> None:
     for epochs in sorted(set(args.sw_epochs) - {args.epochs}, reverse=True):
         sw_longer[epochs] = runner.submit(f"sweep_k1_epochs{epochs}", common, {**sliding, "epochs": epochs})
     if args.sw_reference:  # the sliding window at its own small-batch recipe (AUC and speed)
-        ref = {kv.split("=", 1)[0]: kv.split("=", 1)[1] for kv in args.sw_reference}
+        ref = {kv.split("=", 1)[0]: _literal(kv.split("=", 1)[1]) for kv in args.sw_reference}
         sw_speed["reference"] = runner.submit("sw_reference", common, {**sliding, **ref})
     if 1 in args.ks:
         sweep[1] = runner.submit("sweep_k1", common, sliding)

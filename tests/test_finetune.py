@@ -469,6 +469,22 @@ def test_ema_weights_are_what_is_evaluated_and_saved(tiny_bert_dir, tiny_workspa
     assert again["logloss"] == pytest.approx(m["test"]["logloss"], abs=1e-5)
 
 
+def test_optimizer_betas_and_data_seed(tiny_bert_dir, tiny_workspace, tmp_path, backbones):
+    from llm_features.finetune.checkpoint import build_model
+    from llm_features.finetune.train import make_optimizer, split_targets
+
+    cfg = _cfg(tiny_bert_dir, tiny_workspace, tmp_path, adam_beta1=0.8, adam_beta2=0.99)
+    opt = make_optimizer(build_model(cfg, backbones["bert"], DIM), cfg)
+    assert all(g["betas"] == (0.8, 0.99) for g in opt.param_groups)
+    # --data-seed: the same users and targets whatever --seed is
+    data = load_finetune_data(tiny_workspace, backbones["bert"].fingerprint)
+    pick = lambda **kw: split_targets(_cfg(tiny_bert_dir, tiny_workspace, tmp_path, max_targets=20, **kw), data,
+                                      "train")  # noqa: E731
+    assert np.array_equal(pick(seed=1, data_seed=5), pick(seed=2, data_seed=5))
+    assert np.array_equal(pick(seed=3), pick(seed=0, data_seed=3))
+    assert not np.array_equal(pick(seed=1), pick(seed=2))
+
+
 def test_micro_batches_make_the_same_step(tiny_bert_dir, tiny_workspace, tmp_path):
     from llm_features.finetune.train import token_groups
 
