@@ -67,6 +67,10 @@ def llmfeat() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-c", "from llm_features.cli import run; run()"]
 
 
+SAME_RECIPE, SMALL_BATCH_RECIPE = "same recipe", "small batch"
+"""``sw_recipe`` of a time-to-equal-AUC comparison: the sliding window with DTI's batch and learning rate, or at
+its own small-batch recipe (``--sw-reference``)."""
+
 # Options that do not change what a run computes: a finished run that differs only in these is reused.
 REUSE_IGNORED = {"out", "log_every", "save_every", "resume", "eval_batch_size", "device"}
 
@@ -435,6 +439,12 @@ def main() -> None:
                      "eval_batch_size": batch, "max_steps": steps, "epochs": 1000, "max_targets": args.mode_max_targets}
             modes[f"{gran}/{packing}"] = runner.submit(f"mode_{gran}_{packing}", common, extra)
 
+    # ---- time to equal AUC: the default k for more epochs, against the sliding window's runs
+    # (before the one-epoch DTI runs: the longest first)
+    for epochs in sorted(set(args.dti_epochs) - {args.epochs}, reverse=True):
+        longer[epochs] = runner.submit(f"sweep_k{k}_epochs{epochs}", common,
+                                       {**sweep_common, "targets_per_sequence": k, "epochs": epochs})
+
     # ---- k sweep, behaviour level (k = 1 = sliding window), the same epochs over the same targets
     for kk in sorted(args.ks):  # the slow small k first
         if kk != 1:
@@ -442,11 +452,6 @@ def main() -> None:
     for seed in extra_seeds:
         seeds[f"k{k}_seed{seed}"] = runner.submit(f"sweep_k{k}_seed{seed}", {**common, "seed": seed},
                                                   {**sweep_common, "targets_per_sequence": k})
-
-    # ---- time to equal AUC: the default k for more epochs, against the sliding window's runs
-    for epochs in sorted(set(args.dti_epochs) - {args.epochs}):
-        longer[epochs] = runner.submit(f"sweep_k{k}_epochs{epochs}", common,
-                                       {**sweep_common, "targets_per_sequence": k, "epochs": epochs})
 
     # ---- leakage variants at the largest k
     k_leak = max(args.ks)
@@ -470,6 +475,8 @@ def main() -> None:
     target_counts["test_users"] = int(len(np.unique(targets["user"][targets["test"]])))
 
     # ---- ratios
+    from llm_features.finetune import FinetuneConfig
+
     g = lambda rec, key: rec.get(key) if rec else None  # noqa: E731
     b_sw, t_sw, b_dti = modes["behavior/sliding-window"], modes["token/sliding-window"], modes["behavior/dti"]
     k1, kd = sweep.get(1), sweep.get(k)
@@ -481,14 +488,18 @@ def main() -> None:
         if g(a, "test_auc") is not None and g(b, "test_auc") is not None:
             seed_gaps.append(a["test_auc"] - b["test_auc"])
     # time to equal AUC: every DTI run of the default k (1 epoch and more) against every sliding-window run
+    # (the same recipe over its epochs, and the small-batch recipe)
+    sw_ref = sw_speed.get("reference")
     dti_runs = {args.epochs: kd, **longer}
-    sw_runs = {args.epochs: k1, **sw_longer}
+    sw_runs = [(e, SAME_RECIPE, r) for e, r in sorted({args.epochs: k1, **sw_longer}.items())]
+    if sw_ref is not None:
+        sw_runs.append((int(sw_ref["options"].get("epochs", args.epochs)), SMALL_BATCH_RECIPE, sw_ref))
     equal_auc = []
     for de, rec in sorted(dti_runs.items()):
-        for se, sw in sorted(sw_runs.items()):
+        for se, recipe, sw in sw_runs:
             if g(rec, "test_auc") is None or g(sw, "test_auc") is None:
                 continue
-            equal_auc.append({"dti_epochs": de, "sw_epochs": se, "dti_test_auc": rec["test_auc"],
+            equal_auc.append({"dti_epochs": de, "sw_epochs": se, "sw_recipe": recipe, "dti_test_auc": rec["test_auc"],
                               "sw_test_auc": sw["test_auc"], "gap": rec["test_auc"] - sw["test_auc"],
                               "dti_valid_auc": rec["valid_auc"], "sw_valid_auc": sw["valid_auc"],
                               "dti_train_seconds": rec["train_seconds"], "sw_train_seconds": sw["train_seconds"],
@@ -496,7 +507,6 @@ def main() -> None:
     # the sliding window at its fastest recipe, so the speed ratio cannot come from a slow baseline
     sw_best = max([r for r in [k1, *sw_speed.values()] if g(r, "targets_per_s")], key=lambda r: r["targets_per_s"],
                   default=None)
-    sw_ref = sw_speed.get("reference")
     gap_ci = bootstrap_gap(kd["out"], k1["out"], targets["user"]) if "out" in (kd or {}) and "out" in (k1 or {}) else None
     best_baseline = max(baselines.values(), key=lambda b: b.get("test_auc") or 0.0)
     ratios = {
@@ -516,7 +526,7 @@ def main() -> None:
         if g(kd, "test_auc") is not None and best_baseline.get("test_auc") is not None else None,
         "default_k": k,
         "dti_vs_sw_best_batch_speed": ratio(g(kd, "targets_per_s"), g(sw_best, "targets_per_s")),
-        "sw_best_batch": g(sw_best, "options") and sw_best["options"].get("batch_size"),
+        "sw_best_batch": sw_best and (sw_best["options"].get("batch_size") or FinetuneConfig().batch_size),
         "dti_minus_sw_reference_auc": (g(kd, "test_auc") - g(sw_ref, "test_auc"))
         if g(kd, "test_auc") is not None and g(sw_ref, "test_auc") is not None else None,
         "leakage_k": k_leak,
@@ -531,9 +541,9 @@ def main() -> None:
         "bahe_dti_speed": bool(ratios["bahe_dti_vs_token_sw_speed"]
                                and ratios["bahe_dti_vs_token_sw_speed"] >= FLOORS["bahe_dti_speed"]),
     }
-    from llm_features.finetune import FinetuneConfig
-
     defaults = FinetuneConfig()
+    all_runs = list({rec["name"]: rec for group in (sweep, seeds, longer, modes, sw_longer, sw_speed, leakage)
+                     for rec in group.values() if rec}.values())  # the windowed leakage run is the k sweep's
     result = {
         **run_header("finetune", args),
         "finetune_defaults": {"batch_size": defaults.batch_size, "lr": defaults.lr, "head_lr": defaults.head_lr,
@@ -555,6 +565,9 @@ def main() -> None:
         "papers": PAPERS,
         "meets_floor": meets,
         "total_seconds": time.perf_counter() - started,
+        # every run's own wall time, reused runs included (a resumed benchmark's invocation alone is shorter)
+        "runs_wall_seconds": float(sum(rec.get("wall_s") or 0.0 for rec in all_runs)),
+        "runs_reused": sum(bool(rec.get("reused")) for rec in all_runs),
     }
     stem = "finetune_quick" if args.quick else "finetune"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -657,11 +670,15 @@ def markdown(r: dict) -> str:
         lines += ["", f"## Time to equal AUC: DTI (k = {k}) and the sliding window over epochs", "",
                   "The same users, targets, batch and learning rate (the schedule decays over each run's own "
                   "epochs); training seconds are the training steps alone. Valid AUC is what one would select on.",
-                  "", "| DTI epochs | sliding-window epochs | DTI test AUC | sliding-window test AUC | DTI minus sliding "
-                  "window | DTI valid AUC | sliding-window valid AUC | sliding-window s | DTI s | time ratio |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "The small-batch sliding window is the reference run above (its own batch, learning rate and "
+                  "warm-up).",
+                  "", "| DTI epochs | sliding window | sliding-window epochs | DTI test AUC | sliding-window test AUC | "
+                  "DTI minus sliding window | DTI valid AUC | sliding-window valid AUC | sliding-window s | DTI s | "
+                  "time ratio |",
+                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for e in r["equal_auc"]:
-            lines.append(f"| {e['dti_epochs']} | {e['sw_epochs']} | {e['dti_test_auc']:.4f} | {e['sw_test_auc']:.4f} | "
+            lines.append(f"| {e['dti_epochs']} | {e.get('sw_recipe', SAME_RECIPE)} | {e['sw_epochs']} | "
+                         f"{e['dti_test_auc']:.4f} | {e['sw_test_auc']:.4f} | "
                          f"{e['gap']:+.4f} | {e['dti_valid_auc']:.4f} | {e['sw_valid_auc']:.4f} | "
                          f"{e['sw_train_seconds']:.0f} | {e['dti_train_seconds']:.0f} | {_f(e['time_ratio'], '{:.1f}x')} |")
     lines += ["", f"## Leakage variants at k = {rt.get('leakage_k', k)}", "",
@@ -711,7 +728,8 @@ def markdown(r: dict) -> str:
     ]
     eq = [e for e in r.get("equal_auc", []) if e["dti_epochs"] > s["epochs"] and e["sw_epochs"] == s["epochs"]]
     for e in eq:
-        lines.append(f"| DTI (k = {k}) for {e['dti_epochs']} epochs minus sliding window for {e['sw_epochs']}: test "
+        recipe = "" if e.get("sw_recipe", SAME_RECIPE) == SAME_RECIPE else f" ({e['sw_recipe']})"
+        lines.append(f"| DTI (k = {k}) for {e['dti_epochs']} epochs minus sliding window{recipe} for {e['sw_epochs']}: test "
                      f"AUC; sliding-window time / DTI time | {e['gap']:+.4f}; {_f(e['time_ratio'], '{:.1f}x')} | "
                      f"within {fl['dti_auc_gap']} | equal AUC at 92% less time (13.3x) | - |")
     lines += [
@@ -730,7 +748,9 @@ def markdown(r: dict) -> str:
         "is one seed unless seeds are listed; the interval resamples test users, not training runs, so it "
         "does not include the seed-to-seed variation.",
         "",
-        f"Total benchmark time: {r['total_seconds']:.0f} s.",
+        f"Total benchmark time: {r['total_seconds']:.0f} s"
+        + (f" ({r['runs_reused']} runs reused; {r['runs_wall_seconds']:.0f} s of run wall time in all, "
+           f"{r['settings'].get('jobs', 1)} at a time)." if r.get("runs_reused") else "."),
         "",
     ]
     return "\n".join(lines)

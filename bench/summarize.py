@@ -106,8 +106,9 @@ def summary_rows(results: Path) -> list[tuple[str, str, str, str, str, str]]:
     for e in _get(ft, "equal_auc") or []:
         if e.get("sw_epochs") != sw_epochs or e.get("dti_epochs", 0) <= sw_epochs:
             continue
-        rows.append(("finetune", f"DTI (k={k}) for {e['dti_epochs']} epochs vs sliding window for {e['sw_epochs']}: "
-                     "test AUC gap; training time ratio", f"{_num(e.get('gap'), '{:+.4f}')}; "
+        recipe = "" if e.get("sw_recipe", "same recipe") == "same recipe" else f" ({e['sw_recipe']})"
+        rows.append(("finetune", f"DTI (k={k}) for {e['dti_epochs']} epochs vs sliding window{recipe} for "
+                     f"{e['sw_epochs']}: test AUC gap; training time ratio", f"{_num(e.get('gap'), '{:+.4f}')}; "
                      f"{_num(e.get('time_ratio'), '{:.1f}x')}", f"within {fl['dti_auc_gap']}",
                      "92% less time (13.3x) (DTI)", "-"))
     v = _num(rt.get("bahe_dti_minus_id_only_auc"), "{:+.4f}")

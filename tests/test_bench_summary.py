@@ -26,7 +26,9 @@ def test_summary_from_fake_results(tmp_path: Path) -> None:
         "settings": {"epochs": 1},
         "equal_auc": [{"dti_epochs": 1, "sw_epochs": 1, "gap": -0.0011, "time_ratio": 7.25},
                       {"dti_epochs": 2, "sw_epochs": 1, "gap": -0.0009, "time_ratio": 3.63},
-                      {"dti_epochs": 2, "sw_epochs": 2, "gap": -0.0030, "time_ratio": 7.1}],
+                      {"dti_epochs": 2, "sw_epochs": 2, "gap": -0.0030, "time_ratio": 7.1},
+                      {"dti_epochs": 3, "sw_epochs": 1, "sw_recipe": "small batch", "gap": 0.0025,
+                       "time_ratio": 2.9}],
         "floors": {"bahe_time": 5.0, "bahe_memory": 5.0, "dti_speed": 10.0, "dti_auc_gap": 0.002,
                    "bahe_dti_speed": 50.0},
         "meets_floor": {"bahe_time": True, "bahe_memory": False, "dti_speed": False, "dti_auc": True,
@@ -51,6 +53,8 @@ def test_summary_from_fake_results(tmp_path: Path) -> None:
     longer = [line for line in text.splitlines() if "epochs vs sliding window for" in line]
     assert len(longer) == 1 and "for 2 epochs vs sliding window for 1" in longer[0]
     assert "| -0.0009; 3.6x | within 0.002 |" in longer[0]
+    reference = [line for line in text.splitlines() if "sliding window (small batch) for 1" in line]
+    assert len(reference) == 1 and "for 3 epochs" in reference[0] and "| +0.0025; 2.9x |" in reference[0]
     best = next(line for line in text.splitlines() if "fastest batch (64 targets/step)" in line)
     assert "| 6.9x | 10x |" in best and best.endswith("| **not met** |")
     cost_time = next(line for line in text.splitlines() if line.startswith("| cost | BAHE vs token level, sliding"))
