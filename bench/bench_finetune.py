@@ -772,9 +772,12 @@ def plot(r: dict, path: Path) -> None:
     a1.set_xscale("log", base=2)
     a1.set_xlabel("k (targets per sequence), behaviour-level DTI")
     a1.set_ylabel("test AUC", color="C0")
-    a1.legend(loc="lower left", fontsize=8)
     a2 = a1.twinx()
     a2.plot(ks, [m["targets_per_s"] for m in ms], "s--", color="C1", label="targets/s")
+    # one legend over both axes, drawn on the top one so neither curve hides it
+    h1, l1 = a1.get_legend_handles_labels()
+    h2, l2 = a2.get_legend_handles_labels()
+    a2.legend(h1 + h2, l1 + l2, loc="center left", bbox_to_anchor=(0.02, 0.72), fontsize=8)
     a2.set_ylabel("train targets/s", color="C1")
     a1.set_title("k sweep (k = 1: sliding window)")
     names = [n for n, m in r["modes"].items() if "error" not in m]
@@ -793,6 +796,7 @@ def plot(r: dict, path: Path) -> None:
         a4.annotate(f"{mem[i]:.0f} MiB\n@{r['modes'][n]['options']['batch_size']}/step", (i, mem[i]), ha="center",
                     va="bottom", fontsize=8)
     a4.set_title("four modes: training memory")
+    a4.set_ylim(0, 1.15 * max(mem, default=1.0))  # room for the labels under the title
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
