@@ -372,8 +372,9 @@ def main() -> None:
     ap.add_argument("--dti-epochs", type=int, nargs="*", default=[2, 3],
                     help="epochs of extra default-k runs (first seed): does DTI reach the sliding window's AUC with "
                          "more epochs, and in how much of its time? (none: skip)")
-    ap.add_argument("--sw-epochs", type=int, nargs="*", default=[],
-                    help="epochs of extra sliding-window runs (first seed): the sliding window's own AUC curve")
+    ap.add_argument("--sw-epochs", type=int, nargs="*", default=[2, 3],
+                    help="epochs of extra sliding-window runs (first seed): the sliding window's own AUC curve, "
+                         "against DTI at the same epochs (none: skip)")
     ap.add_argument("--sw-reference", nargs="*", default=["batch_size=64", "lr=5e-5", "head_lr=1e-3",
                                                           "warmup_steps=50"],
                     help="a full sliding-window run with these options instead of the defaults (a small-batch "
@@ -530,6 +531,9 @@ def main() -> None:
         "dti_minus_sw_reference_auc": (g(kd, "test_auc") - g(sw_ref, "test_auc"))
         if g(kd, "test_auc") is not None and g(sw_ref, "test_auc") is not None else None,
         "leakage_k": k_leak,
+        # DTI minus the sliding window (same recipe) at equal epochs beyond the first: does the gap close?
+        "dti_auc_gap_same_epochs": {str(e["dti_epochs"]): e["gap"] for e in equal_auc
+                                    if e["dti_epochs"] == e["sw_epochs"] and e["sw_recipe"] == SAME_RECIPE},
     }
     meets = {
         "bahe_time": bool(ratios["bahe_vs_token_time"] and ratios["bahe_vs_token_time"] >= FLOORS["bahe_time"]),
@@ -726,6 +730,12 @@ def markdown(r: dict) -> str:
         f"| DTI (k = {k}) minus the sliding window at its small-batch recipe: test AUC, one epoch each | "
         f"{_f(rt.get('dti_minus_sw_reference_auc'), '{:+.4f}')} | within {fl['dti_auc_gap']} | equal AUC | - |",
     ]
+    same = [e for e in r.get("equal_auc", []) if e["dti_epochs"] == e["sw_epochs"] > s["epochs"]
+            and e.get("sw_recipe", SAME_RECIPE) == SAME_RECIPE]
+    for e in same:
+        lines.append(f"| DTI (k = {k}) minus sliding window, both {e['dti_epochs']} epochs: test AUC; sliding-window "
+                     f"time / DTI time | {e['gap']:+.4f}; {_f(e['time_ratio'], '{:.1f}x')} | within "
+                     f"{fl['dti_auc_gap']} | equal AUC | {yes(e['gap'] >= -fl['dti_auc_gap'])} (AUC) |")
     eq = [e for e in r.get("equal_auc", []) if e["dti_epochs"] > s["epochs"] and e["sw_epochs"] == s["epochs"]]
     for e in eq:
         recipe = "" if e.get("sw_recipe", SAME_RECIPE) == SAME_RECIPE else f" ({e['sw_recipe']})"

@@ -103,6 +103,13 @@ def summary_rows(results: Path) -> list[tuple[str, str, str, str, str, str]]:
     frow(f"DTI (k={k}) vs the sliding window at its fastest batch ({rt.get('sw_best_batch')} targets/step): "
          "targets/s", "dti_vs_sw_best_batch_speed", "{:.1f}x", "dti_speed", "{:.0f}x", "-", "dti_speed_vs_best_batch")
     sw_epochs = _get(ft, "settings", "epochs") or 1
+    for e in _get(ft, "equal_auc") or []:  # equal epochs beyond the first: does the AUC gap close?
+        if e.get("dti_epochs") == e.get("sw_epochs", 0) > sw_epochs and e.get("sw_recipe", "same recipe") == "same recipe":
+            gap = e.get("gap")
+            rows.append(("finetune", f"DTI (k={k}) minus sliding window, both {e['dti_epochs']} epochs: test AUC gap; "
+                         "training time ratio", f"{_num(gap, '{:+.4f}')}; {_num(e.get('time_ratio'), '{:.1f}x')}",
+                         f"within {fl['dti_auc_gap']}", "equal AUC (DTI)",
+                         "-" if gap is None else ("met" if gap >= -fl["dti_auc_gap"] else "**not met**") + " (AUC)"))
     for e in _get(ft, "equal_auc") or []:
         if e.get("sw_epochs") != sw_epochs or e.get("dti_epochs", 0) <= sw_epochs:
             continue

@@ -53,6 +53,8 @@ def test_summary_from_fake_results(tmp_path: Path) -> None:
     longer = [line for line in text.splitlines() if "epochs vs sliding window for" in line]
     assert len(longer) == 1 and "for 2 epochs vs sliding window for 1" in longer[0]
     assert "| -0.0009; 3.6x | within 0.002 |" in longer[0]
+    same = [line for line in text.splitlines() if "both 2 epochs" in line]
+    assert len(same) == 1 and "| -0.0030; 7.1x | within 0.002 |" in same[0] and same[0].endswith("| **not met** (AUC) |")
     reference = [line for line in text.splitlines() if "sliding window (small batch) for 1" in line]
     assert len(reference) == 1 and "for 3 epochs" in reference[0] and "| +0.0025; 2.9x |" in reference[0]
     best = next(line for line in text.splitlines() if "fastest batch (64 targets/step)" in line)
