@@ -94,6 +94,22 @@ def _reusable(out: Path, data_dir: Path, opts: dict) -> bool:
     return all(str(saved.get(k)) == str(v) for k, v in want.items() if k not in REUSE_IGNORED | {"data_dir"})
 
 
+DTI_RECIPES = ("batch_size=256,lr=2e-4,head_lr=4e-3", "batch_size=128", "batch_size=128,lr=2e-4,head_lr=4e-3",
+               "batch_size=128,lr=5e-5,head_lr=1e-3,warmup_steps=50")
+"""``--dti-recipes`` defaults: DTI with fewer targets per step (more steps per epoch), at two learning rates."""
+
+
+def _recipe(text: str) -> dict:
+    """``"batch_size=128,lr=1e-4"`` -> ``{"batch_size": 128, "lr": 0.0001}``."""
+    out = {}
+    for kv in filter(None, text.split(",")):
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--dti-recipes {text!r}: write key=value pairs separated by commas")
+        out[key.strip()] = _literal(value.strip())
+    return out
+
+
 def _literal(text: str):
     """``"64"`` -> 64, ``"5e-5"`` -> 5e-05, anything else stays a string (so --reuse compares like with like)."""
     for cast in (int, float):
@@ -380,6 +396,10 @@ def main() -> None:
                     help="a full sliding-window run with these options instead of the defaults (a small-batch "
                          "recipe: many more steps per epoch); its AUC and speed are reported next to the same-recipe "
                          "comparison (none: skip)")
+    ap.add_argument("--dti-recipes", nargs="*", default=list(DTI_RECIPES),
+                    help="one-epoch DTI runs at the default k with other options, each 'key=value,key=value' (fewer "
+                         "targets per step: more steps, fewer users per step); their AUC and speed against the "
+                         "one-epoch sliding window (none: skip)")
     ap.add_argument("--mode-batch-size", type=int, default=16,
                     help="targets per step of the sliding-window runs of the modes table (both granularities)")
     ap.add_argument("--mode-max-targets", type=int, default=100,
@@ -402,6 +422,7 @@ def main() -> None:
         args.behavior_steps, args.token_steps, args.mode_batch_size, args.mode_max_targets = 4, 3, 2, 8
         args.context_size, args.ks, args.default_k = 8, [1, 8], 8
         args.dti_epochs, args.sw_epochs, args.sw_reference = [2], [], ["batch_size=16"]
+        args.dti_recipes = ["batch_size=8"]
         args.runs = args.runs.with_name(args.runs.name + "_quick")
     args.runs.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -446,6 +467,13 @@ def main() -> None:
         longer[epochs] = runner.submit(f"sweep_k{k}_epochs{epochs}", common,
                                        {**sweep_common, "targets_per_sequence": k, "epochs": epochs})
 
+    # ---- DTI at other recipes (one epoch, the default k)
+    recipes = {}
+    for text in args.dti_recipes:
+        opts = _recipe(text)
+        recipes[text] = runner.submit("dti_recipe_" + "_".join(f"{kk}{v}" for kk, v in opts.items()), common,
+                                      {**sweep_common, "targets_per_sequence": k, **opts})
+
     # ---- k sweep, behaviour level (k = 1 = sliding window), the same epochs over the same targets
     for kk in sorted(args.ks):  # the slow small k first
         if kk != 1:
@@ -467,6 +495,7 @@ def main() -> None:
 
     sweep = dict(sorted(done(sweep).items()))
     seeds, longer, modes, sw_longer, sw_speed = done(seeds), done(longer), done(modes), done(sw_longer), done(sw_speed)
+    recipes = done(recipes)
     leakage = {"windowed": sweep.get(k_leak), **done(leakage)}
 
     # ---- id-only baselines on the k sweep's own train / test targets
@@ -531,6 +560,9 @@ def main() -> None:
         "dti_minus_sw_reference_auc": (g(kd, "test_auc") - g(sw_ref, "test_auc"))
         if g(kd, "test_auc") is not None and g(sw_ref, "test_auc") is not None else None,
         "leakage_k": k_leak,
+        # the largest time saving at which DTI reaches the AUC of a sliding-window run (within the floor)
+        "dti_equal_auc_best": max((e for e in equal_auc if e["gap"] >= -FLOORS["dti_auc_gap"] and e["time_ratio"]),
+                                  key=lambda e: e["time_ratio"], default=None),
         # DTI minus the sliding window (same recipe) at equal epochs beyond the first: does the gap close?
         "dti_auc_gap_same_epochs": {str(e["dti_epochs"]): e["gap"] for e in equal_auc
                                     if e["dti_epochs"] == e["sw_epochs"] and e["sw_recipe"] == SAME_RECIPE},
@@ -546,7 +578,7 @@ def main() -> None:
                                and ratios["bahe_dti_vs_token_sw_speed"] >= FLOORS["bahe_dti_speed"]),
     }
     defaults = FinetuneConfig()
-    all_runs = list({rec["name"]: rec for group in (sweep, seeds, longer, modes, sw_longer, sw_speed, leakage)
+    all_runs = list({rec["name"]: rec for group in (sweep, seeds, longer, modes, sw_longer, sw_speed, leakage, recipes)
                      for rec in group.values() if rec}.values())  # the windowed leakage run is the k sweep's
     result = {
         **run_header("finetune", args),
@@ -563,6 +595,13 @@ def main() -> None:
         "dti_longer": {str(kk): v for kk, v in longer.items()},
         "sw_longer": {str(kk): v for kk, v in sw_longer.items()},
         "sw_speed": {str(kk): v for kk, v in sw_speed.items()},
+        "dti_recipes": [{"recipe": text, **(rec or {}),
+                         "speed_vs_sw": ratio(g(rec, "targets_per_s"), g(k1, "targets_per_s")),
+                         "minus_sw": (g(rec, "test_auc") - g(k1, "test_auc"))
+                         if g(rec, "test_auc") is not None and g(k1, "test_auc") is not None else None,
+                         "minus_sw_reference": (g(rec, "test_auc") - g(sw_ref, "test_auc"))
+                         if g(rec, "test_auc") is not None and g(sw_ref, "test_auc") is not None else None}
+                        for text, rec in recipes.items()],
         "equal_auc": equal_auc,
         "ratios": ratios,
         "floors": FLOORS,
@@ -670,6 +709,18 @@ def markdown(r: dict) -> str:
                   "| --- | ---: | ---: | ---: | ---: | ---: |",
                   f"| sliding window, small batch | {ref['steps']} | {ref['targets_per_s']:.1f} | {ref['test_auc']:.4f} | "
                   f"{ref['test_logloss']:.4f} | {ref['valid_auc']:.4f} |"]
+    recipes = [x for x in r.get("dti_recipes", []) if "test_auc" in x]
+    if recipes:
+        lines += ["", f"## DTI (k = {k}) at other recipes, one epoch", "",
+                  "Fewer targets per step give DTI more steps per epoch (each with fewer users). Speed and AUC "
+                  "against the one-epoch sliding window at the default recipe, and at its small-batch recipe.", "",
+                  "| recipe | steps | targets/s | vs sliding window | test AUC | minus sliding window | "
+                  "minus sliding window (small batch) | valid AUC |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for x in recipes:
+            lines.append(f"| {x['recipe']} | {x['steps']} | {x['targets_per_s']:.1f} | {_f(x['speed_vs_sw'], '{:.1f}x')} "
+                         f"| {x['test_auc']:.4f} | {_f(x['minus_sw'], '{:+.4f}')} | "
+                         f"{_f(x['minus_sw_reference'], '{:+.4f}')} | {x['valid_auc']:.4f} |")
     if r.get("equal_auc"):
         lines += ["", f"## Time to equal AUC: DTI (k = {k}) and the sliding window over epochs", "",
                   "The same users, targets, batch and learning rate (the schedule decays over each run's own "
@@ -736,6 +787,13 @@ def markdown(r: dict) -> str:
         lines.append(f"| DTI (k = {k}) minus sliding window, both {e['dti_epochs']} epochs: test AUC; sliding-window "
                      f"time / DTI time | {e['gap']:+.4f}; {_f(e['time_ratio'], '{:.1f}x')} | within "
                      f"{fl['dti_auc_gap']} | equal AUC | {yes(e['gap'] >= -fl['dti_auc_gap'])} (AUC) |")
+    best = rt.get("dti_equal_auc_best")
+    if best:
+        lines.append(f"| DTI (k = {k}) reaching a sliding-window run's test AUC: the largest time saving (DTI "
+                     f"{best['dti_epochs']} epochs against {best['sw_recipe']} sliding window {best['sw_epochs']}; "
+                     f"AUC {best['gap']:+.4f}) | {_f(best['time_ratio'], '{:.1f}x')} | {fl['dti_speed']:.0f}x at "
+                     f"AUC within {fl['dti_auc_gap']} | equal AUC at 92% less time (13.3x) | "
+                     f"{yes(best['time_ratio'] >= fl['dti_speed'])} |")
     eq = [e for e in r.get("equal_auc", []) if e["dti_epochs"] > s["epochs"] and e["sw_epochs"] == s["epochs"]]
     for e in eq:
         recipe = "" if e.get("sw_recipe", SAME_RECIPE) == SAME_RECIPE else f" ({e['sw_recipe']})"

@@ -43,6 +43,9 @@ def test_bench_finetune_quick(bench_dirs):
     assert r["ratios"]["bahe_vs_token_time"] > 0 and r["ratios"]["bahe_vs_token_memory"] > 0
     assert 0.0 <= r["baselines"]["rate"]["test_auc"] <= 1.0 and 0.0 <= r["k_sweep"]["1"]["test_auc"] <= 1.0
     assert r["targets"]["train"] > 0
+    recipe = r["dti_recipes"][0]
+    assert recipe["recipe"] == "batch_size=8" and recipe["options"]["batch_size"] == 8
+    assert 0.0 <= recipe["test_auc"] <= 1.0 and recipe["speed_vs_sw"] > 0
 
 
 def test_bench_cost_quick(bench_dirs):

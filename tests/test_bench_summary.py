@@ -22,7 +22,9 @@ def test_summary_from_fake_results(tmp_path: Path) -> None:
     (tmp_path / "finetune.json").write_text(json.dumps({
         "ratios": {"bahe_vs_token_time": 12.3, "bahe_vs_token_memory": 2.5, "dti_vs_sw_speed": 7.25,
                    "dti_auc_gap": -0.0011, "bahe_dti_vs_token_sw_speed": 88.0, "default_k": 32,
-                   "dti_vs_sw_best_batch_speed": 6.9, "sw_best_batch": 64},
+                   "dti_vs_sw_best_batch_speed": 6.9, "sw_best_batch": 64,
+                   "dti_equal_auc_best": {"dti_epochs": 3, "sw_epochs": 2, "sw_recipe": "same recipe",
+                                          "gap": -0.0003, "time_ratio": 6.6}},
         "settings": {"epochs": 1},
         "equal_auc": [{"dti_epochs": 1, "sw_epochs": 1, "gap": -0.0011, "time_ratio": 7.25},
                       {"dti_epochs": 2, "sw_epochs": 1, "gap": -0.0009, "time_ratio": 3.63},
@@ -55,6 +57,9 @@ def test_summary_from_fake_results(tmp_path: Path) -> None:
     assert "| -0.0009; 3.6x | within 0.002 |" in longer[0]
     same = [line for line in text.splitlines() if "both 2 epochs" in line]
     assert len(same) == 1 and "| -0.0030; 7.1x | within 0.002 |" in same[0] and same[0].endswith("| **not met** (AUC) |")
+    best_time = next(line for line in text.splitlines() if "largest training time ratio" in line)
+    assert "DTI 3 epochs vs same recipe sliding window 2; AUC -0.0003" in best_time
+    assert "| 6.6x | 10x at AUC within 0.002 |" in best_time and best_time.endswith("| **not met** |")
     reference = [line for line in text.splitlines() if "sliding window (small batch) for 1" in line]
     assert len(reference) == 1 and "for 3 epochs" in reference[0] and "| +0.0025; 2.9x |" in reference[0]
     best = next(line for line in text.splitlines() if "fastest batch (64 targets/step)" in line)
