@@ -96,7 +96,7 @@ def _reusable(out: Path, data_dir: Path, opts: dict) -> bool:
 
 DTI_RECIPES = ("batch_size=256,lr=2e-4,head_lr=4e-3", "batch_size=128", "batch_size=128,lr=2e-4,head_lr=4e-3",
                "batch_size=128,lr=5e-5,head_lr=1e-3,warmup_steps=50")
-"""``--dti-recipes`` defaults: DTI with fewer targets per step (more steps per epoch), at two learning rates."""
+"""``--dti-recipes`` defaults: DTI with fewer targets per step (more steps per epoch), at three learning rates."""
 
 
 def _recipe(text: str) -> dict:
