@@ -29,18 +29,25 @@ class ModelConfig:
         default=("user_embedding", "item_embedding"),
         metadata={"help": "Which LLM embeddings the LLM twin reads (repeatable): user_embedding, item_embedding."},
     )
-    recent_items_bag: bool | None = field(
-        default=None,
-        metadata={"help": "Add the user's recent item ids as a sparse bag; default: only in the id-only twin."},
+    recent_items_bag: bool = field(
+        default=True,
+        metadata={"help": "Add the user's recent item ids as a sparse bag (both twins: the LLM twin is the id-only "
+                          "twin plus LLM features)."},
     )
-    llm_mode: Literal["interaction", "dense"] = field(
-        default="interaction",
-        metadata={"help": "How LLM vectors enter: interaction projects each (LayerNorm, dropout, Linear d->D) to "
-                          "one more feature of the interaction arch, next to the id embeddings; dense feeds them "
-                          "to the dense arch with the numeric features."},
+    llm_mode: Literal["score", "interaction", "dense"] = field(
+        default="score",
+        metadata={"help": "How LLM vectors enter. score (default): the fine-tuned tower's own CTR head scores the "
+                          "(user, item) pair and that logit joins the dense arch's numeric inputs (the vectors "
+                          "themselves do not); interaction projects each vector (LayerNorm, dropout, Linear d->D) "
+                          "to one more feature of the interaction arch; dense feeds the vectors to the dense arch."},
     )
     llm_dropout: float = field(
         default=0.0, metadata={"help": "Dropout on the normalised LLM vectors during training."}
+    )
+    extra_numeric: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "Numeric feature columns of the feature rows to feed the dense arch as they are (repeatable); "
+                          "a missing value becomes 0."},
     )
     embedding_dim: int = field(default=16, metadata={"help": "Width D of every sparse embedding table."})
     dense_hidden: tuple[int, ...] = field(
@@ -60,8 +67,8 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.llm_mode not in ("interaction", "dense"):
-            raise ValueError(f"llm_mode must be interaction or dense, got {self.llm_mode!r}")
+        if self.llm_mode not in ("score", "interaction", "dense"):
+            raise ValueError(f"llm_mode must be score, interaction or dense, got {self.llm_mode!r}")
         if not 0.0 <= self.llm_dropout < 1.0:
             raise ValueError(f"llm_dropout must be in [0, 1), got {self.llm_dropout}")
         unknown = sorted(set(self.llm_inputs) - {"user_embedding", "item_embedding"})
@@ -70,12 +77,17 @@ class ModelConfig:
                 f"llm_inputs must name user_embedding and/or item_embedding, got {list(self.llm_inputs)}"
             )
         self.llm_inputs = tuple(self.llm_inputs)
+        if self.llm_features and self.llm_mode == "score" and set(self.llm_inputs) != {"user_embedding",
+                                                                                        "item_embedding"}:
+            raise ValueError("llm_mode=score scores (user_embedding, item_embedding) pairs: it needs both "
+                             f"--llm-inputs, got {list(self.llm_inputs)}; use --llm-mode interaction for one")
+        self.extra_numeric = tuple(self.extra_numeric)
         self.dense_hidden = tuple(self.dense_hidden)
         self.over_hidden = tuple(self.over_hidden)
 
     @property
     def use_recent_items(self) -> bool:
-        return (not self.llm_features) if self.recent_items_bag is None else self.recent_items_bag
+        return self.recent_items_bag
 
     @property
     def feature_service(self) -> str:
@@ -89,6 +101,8 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
         kwargs.setdefault("llm_mode", "dense")  # checkpoints written before the option existed
+        if kwargs.get("recent_items_bag", False) is None:  # checkpoints of the old "id-only twin only" default
+            kwargs["recent_items_bag"] = not kwargs.get("llm_features", True)
         return cls(**kwargs)
 
 
@@ -101,7 +115,20 @@ class TrainConfig(ModelConfig):
         default=None, metadata={"help": "Workspace data directory; default $LLMFEAT_DATA_DIR or <repo>/data."}
     )
     out: Path = field(default=Path("runs/ranker"), metadata={"help": "Checkpoint directory to write."})
-    epochs: int = field(default=2, metadata={"help": "Passes over the train split."})
+    tower: Path | None = field(
+        default=None,
+        metadata={"help": "llm_mode=score: the fine-tuned checkpoint (llmfeat finetune --out) whose CTR head scores "
+                          "the pairs; default: the one that wrote the workspace's user_embeddings (checked either "
+                          "way). Its head is copied, frozen, into the ranker checkpoint."},
+    )
+    epochs: int = field(
+        default=8,
+        metadata={"help": "Most passes over the train split. With the valid split (--validate), training stops once "
+                          "the valid AUC has not improved for --patience epochs and keeps the best epoch's weights."},
+    )
+    patience: int = field(
+        default=1, metadata={"help": "Epochs without a better valid AUC before training stops (early stopping)."}
+    )
     batch_size: int = field(default=512, metadata={"help": "Rows per step (per process when distributed)."})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the dense parts."})
     sparse_lr: float = field(default=0.05, metadata={"help": "(Row-wise) Adagrad learning rate of the tables."})
@@ -130,6 +157,11 @@ class TrainConfig(ModelConfig):
     )
     threads: int | None = field(default=None, metadata={"help": "torch intra-op threads (default: torch's)."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.epochs < 1 or self.patience < 1:
+            raise ValueError(f"--epochs and --patience must be >= 1, got {self.epochs} and {self.patience}")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})

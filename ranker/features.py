@@ -88,7 +88,7 @@ ALWAYS_ON = ("user_id", "item_id")
 def feature_columns(cfg: ModelConfig) -> set[str]:
     """Every feature column a model of ``cfg`` may read (a subset of its feature service)."""
     cols = {f.column for f in SPARSE_FEATURES if f.name not in ALWAYS_ON} | {RECENT_ITEM_IDS, RECENT_LABELS}
-    return cols | (set(cfg.llm_inputs) if cfg.llm_features else set())
+    return cols | set(cfg.extra_numeric) | (set(cfg.llm_inputs) if cfg.llm_features else set())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,9 +195,12 @@ def extract(frame: pd.DataFrame | dict[str, Any], cfg: ModelConfig, with_labels:
     has_history[recent_values[recent_offsets[:-1]] == INT_MISSING] = 0.0
     lengths *= has_history
     pos_rate = _positive_rate(columns.get(RECENT_LABELS), n, cfg.max_recent_items)
-    numeric = np.stack(
-        [np.log1p(lengths) / math.log1p(max(cfg.max_recent_items, 1)), pos_rate * has_history, has_history], axis=1
-    ).astype(np.float32)
+    numeric = [np.log1p(lengths) / math.log1p(max(cfg.max_recent_items, 1)), pos_rate * has_history, has_history]
+    for name in cfg.extra_numeric:
+        cells = columns.get(name)
+        values = np.zeros(n) if cells is None else pd.to_numeric(pd.Series(np.asarray(cells)), errors="coerce").to_numpy()
+        numeric.append(np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0))
+    numeric = np.stack(numeric, axis=1).astype(np.float32)
 
     llm: dict[str, np.ndarray] = {}
     llm_missing: dict[str, np.ndarray] = {}
@@ -479,6 +482,10 @@ class FeatureEncoder:
     vocabs: dict[str, Vocabulary]
     sparse_names: list[str]
     llm_dims: dict[str, int]
+    tower_hidden: int | None = None
+    """Hidden width of the tower's CTR head (``llm_mode=score``)."""
+    tower: dict[str, Any] | None = None
+    """Identity of the finetune checkpoint whose head scores the pairs (``llm_mode=score``)."""
 
     @classmethod
     def observe(cls, raw: RawRows) -> dict[str, Any]:
@@ -525,13 +532,18 @@ class FeatureEncoder:
 
     @property
     def dense_dim(self) -> int:
-        return len(NUMERIC_FEATURES) + sum(d + 1 for d in self.llm_dims.values())
+        return self.numeric_dim + sum(d + 1 for d in self.llm_dims.values())
+
+    @property
+    def numeric_dim(self) -> int:
+        """Numeric columns at the start of the dense block: ``NUMERIC_FEATURES`` then ``extra_numeric``."""
+        return len(NUMERIC_FEATURES) + len(self.model.extra_numeric)
 
     @property
     def source_columns(self) -> list[str]:
         """Feast feature columns this encoder reads (for building online requests)."""
         cols = [_BY_NAME[n].column for n in self.sparse_names if n not in ALWAYS_ON]
-        cols += [RECENT_ITEM_IDS, RECENT_LABELS] + list(self.llm_dims)
+        cols += [RECENT_ITEM_IDS, RECENT_LABELS] + list(self.model.extra_numeric) + list(self.llm_dims)
         return list(dict.fromkeys(cols))
 
     def tables(self) -> list[EmbeddingBagConfig]:
@@ -593,6 +605,8 @@ class FeatureEncoder:
             "sparse_names": self.sparse_names,
             "llm_dims": self.llm_dims,
             "vocabs": {k: v.to_dict() for k, v in self.vocabs.items()},
+            "tower_hidden": self.tower_hidden,
+            "tower": self.tower,
         }
 
     @classmethod
@@ -602,6 +616,8 @@ class FeatureEncoder:
             vocabs={k: Vocabulary.from_dict(v) for k, v in d["vocabs"].items()},
             sparse_names=list(d["sparse_names"]),
             llm_dims={k: int(v) for k, v in d["llm_dims"].items()},
+            tower_hidden=d.get("tower_hidden"),
+            tower=d.get("tower"),
         )
 
 

@@ -17,7 +17,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRM_DCN, InteractionArch, InteractionDCNArch, OverArch
 from torchrec.modules.crossnet import LowRankCrossNet
 
-from ranker.features import NUMERIC_FEATURES, FeatureEncoder
+from ranker.features import FeatureEncoder
 
 
 class LLMVectorInput(nn.Module):
@@ -46,6 +46,43 @@ class LLMVectorInput(nn.Module):
         vec, flag = x[:, :-1], x[:, -1:]
         vec = torch.where(flag > 0.5, self.missing.expand_as(vec), self.norm(vec))
         return torch.cat([vec, flag], dim=1)
+
+
+class TowerScore(nn.Module):
+    """The fine-tuned tower's CTR head ``H(u, v)``, frozen: its logit for each (user, item) pair.
+
+    Args:
+        user_dim: width of the user embedding ``u``.
+        item_dim: width of the item embedding ``v``.
+        hidden: hidden width of the head (``llmfeat finetune --head-hidden``).
+
+    Input ``u [B, d_u]``, ``v [B, d_v]`` and the two missing flags ``[B, 1]``; output ``[B, 1]``:
+    the head's logit, 0 where either vector is missing (the flags go to the dense arch beside it,
+    so the model knows a 0 from a missing score). The weights come from the finetune checkpoint
+    (:meth:`load_tower`) and are saved with the ranker, so serving needs nothing else.
+
+    Example::
+
+        score = TowerScore(384, 384, 256)
+        score(torch.randn(2, 384), torch.randn(2, 384), torch.zeros(2, 1), torch.zeros(2, 1)).shape  # [2, 1]
+    """
+
+    def __init__(self, user_dim: int, item_dim: int, hidden: int) -> None:
+        super().__init__()
+        from llm_features.finetune.model import CTRHead
+
+        self.head = CTRHead(user_dim, item_dim, hidden)
+        self.head.requires_grad_(False)
+
+    def forward(self, user: torch.Tensor, item: torch.Tensor, user_missing: torch.Tensor,
+                item_missing: torch.Tensor) -> torch.Tensor:
+        logit = self.head(user, item).unsqueeze(-1)
+        return torch.where((user_missing > 0.5) | (item_missing > 0.5), torch.zeros_like(logit), logit)
+
+    def load_tower(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy the ``head.*`` tensors of a finetune checkpoint's ``model.safetensors``."""
+        head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+        self.head.load_state_dict(head)
 
 
 class RankingModel(nn.Module):
@@ -86,6 +123,15 @@ class RankingModel(nn.Module):
         cfg = encoder.model
         ebc = EmbeddingBagCollection(tables=encoder.tables(), device=sparse_device or device)
         llm_dims = list(encoder.llm_dims.values())
+        self._score = bool(llm_dims) and cfg.llm_mode == "score"
+        self.tower_score = None
+        if self._score:
+            if encoder.tower_hidden is None:
+                raise ValueError("llm_mode=score needs the tower's head: train with --tower (or embed-users first)")
+            self.tower_score = TowerScore(encoder.llm_dims["user_embedding"], encoder.llm_dims["item_embedding"],
+                                          encoder.tower_hidden)
+            if device is not None:
+                self.tower_score.to(device)
         self.llm_inputs = nn.ModuleList(LLMVectorInput(d) for d in llm_dims)
         self.llm_dropout = nn.Dropout(cfg.llm_dropout)
         self._interaction = bool(llm_dims) and cfg.llm_mode == "interaction"
@@ -96,10 +142,13 @@ class RankingModel(nn.Module):
             self.llm_inputs.to(device)
             self.llm_proj.to(device)
         # Column ranges of the dense block: numeric first, then (vector, flag) per LLM slot.
-        self._numeric = len(NUMERIC_FEATURES)
+        self._numeric = encoder.numeric_dim
         starts = [self._numeric + sum(d + 1 for d in llm_dims[:i]) for i in range(len(llm_dims))]
         self._slots = [(s, s + d + 1) for s, d in zip(starts, llm_dims)]
         dense_in = self._numeric + len(llm_dims) if self._interaction else encoder.dense_dim
+        if self._score:  # numeric, the tower's logit and the two missing flags
+            self._slot_names = list(encoder.llm_dims)
+            dense_in = self._numeric + 1 + len(llm_dims)
         dense_sizes = list(cfg.dense_hidden) + [cfg.embedding_dim]
         over_sizes = list(cfg.over_hidden) + [1]
         if cfg.interaction == "dcn":
@@ -144,6 +193,12 @@ class RankingModel(nn.Module):
             return self.dlrm(dense_features, sparse_features).squeeze(-1)
         # plain slicing keeps the module fx-traceable (TrainPipelineSparseDist traces it)
         numeric = dense_features[:, : self._numeric]
+        if self._score:
+            raw = {name: dense_features[:, start:end] for name, (start, end) in zip(self._slot_names, self._slots)}
+            u, v = raw["user_embedding"], raw["item_embedding"]
+            flags = [u[:, -1:], v[:, -1:]]
+            score = self.tower_score(u[:, :-1], v[:, :-1], *flags)
+            return self.dlrm(torch.cat([numeric, score] + flags, dim=1), sparse_features).squeeze(-1)
         slots = [slot(dense_features[:, start:end]) for slot, (start, end) in zip(self.llm_inputs, self._slots)]
         if not self._interaction:
             pieces = [numeric] + [torch.cat([self.llm_dropout(x[:, :-1]), x[:, -1:]], dim=1) for x in slots]

@@ -43,7 +43,7 @@ from ranker.features import (
     extract,
     feature_columns,
 )
-from ranker.metrics import log_loss, roc_auc
+from ranker.metrics import log_loss, per_user_auc, roc_auc
 from ranker.model import RankingModel, RankingTrain
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ CHECKPOINT_FORMAT = "llmfeat-ranker/1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "ranker.json"
 METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.parquet"
 
 FeatureSource = Callable[[pd.DataFrame], pd.DataFrame]
 """Entity rows in, the same rows with their point-in-time features out (any order)."""
@@ -290,16 +291,30 @@ def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSourc
         encoder = FeatureEncoder.fit(gathered, model_cfg)
     else:
         encoder = FeatureEncoder.fit([observed], model_cfg)
+    tower_state = None
+    if model_cfg.llm_features and model_cfg.llm_mode == "score":
+        encoder.tower, encoder.tower_hidden, tower_state = resolve_tower(cfg.tower, ws)
     train_missing = MissingFeatures()
     rows = encoder.index(raw, train_missing)
     del raw
     train_missing.warn(f"ranker train (rank {rank})")
 
+    valid_entities = split_entities("valid") if cfg.validate else None
+    valid_rows = None
+    if world == 1 and valid_entities is not None and len(valid_entities):
+        # early stopping needs the valid rows during training; joined once, scored after every epoch.
+        # fetch_rows sorts each chunk by these keys: sorted entities keep row i = entity i (for users)
+        valid_entities = valid_entities.sort_values(PrefetchedSource.KEYS + [LABEL], kind="stable",
+                                                    ignore_index=True)
+        valid_rows = encoder.index(fetch_rows(valid_entities, source, model_cfg, cfg.chunk_rows))
+        valid_rows.users = valid_entities["user_id"].to_numpy()
+
     t0 = time.perf_counter()
+    history: list[dict[str, Any]] = []
     if world > 1:
-        model, losses, samples = _train_distributed(cfg, encoder, rows, rank, world)
+        model, losses, samples = _train_distributed(cfg, encoder, rows, rank, world, tower_state)
     else:
-        model, losses, samples = _train_local(cfg, encoder, rows)
+        model, losses, samples = _train_local(cfg, encoder, rows, valid_rows, history, tower_state)
     train_seconds = time.perf_counter() - t0
 
     metrics: dict[str, Any] = {
@@ -308,6 +323,9 @@ def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSourc
         "world_size": world,
         "train_rows": int(len(train_entities)),
         "epochs": cfg.epochs,
+        "epochs_run": len(history) if history else cfg.epochs,
+        "best_epoch": max(history, key=lambda h: h["valid_auc"])["epoch"] if history else cfg.epochs,
+        "history": history,
         "train_seconds": round(train_seconds, 3),
         "fetch_seconds": round(fetch_seconds, 3),
         "samples_per_second": round(samples / train_seconds, 1) if train_seconds > 0 else None,
@@ -326,16 +344,55 @@ def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSourc
             save_checkpoint(cfg.out, model, encoder, extra)
         else:
             model = _unshard_to_checkpoint(cfg.out, encoder, extra)
-        if cfg.validate:
-            valid_entities = split_entities("valid")
-            if len(valid_entities):
-                metrics["valid"] = evaluate_rows(model, encoder, valid_entities, source, cfg.chunk_rows)
+        if valid_rows is not None:
+            metrics["valid"] = binary_metrics(valid_rows.labels, predict(model, valid_rows))
+        elif valid_entities is not None and len(valid_entities):
+            metrics["valid"] = evaluate_rows(model, encoder, valid_entities, source, cfg.chunk_rows)
         metrics["total_seconds"] = round(time.perf_counter() - started, 3)
         _write_json(cfg.out / METRICS_FILE, metrics)
         log.info("ranker train: %s", json.dumps({k: v for k, v in metrics.items() if k != "train_missing"}))
     if world > 1:
         dist.barrier()
     return metrics
+
+
+def resolve_tower(tower: Path | None, ws) -> tuple[dict[str, Any], int, dict[str, torch.Tensor]]:
+    """The finetune checkpoint whose head scores pairs: (identity, head width, its tensors).
+
+    Default: the checkpoint recorded in the workspace's ``user_embeddings/`` parts. A given
+    ``tower`` must be that same checkpoint (same weights and options) when the parts exist: a head
+    scoring another model's user embeddings would be a silent mismatch.
+    """
+    from safetensors.torch import load_file
+
+    from llm_features.embed_users import CHECKPOINT_METADATA_KEY, checkpoint_identity
+    from llm_features.finetune.checkpoint import WEIGHTS, read_checkpoint_config
+    from llm_features.parquet_io import file_metadata, list_parts
+
+    exported = None
+    if ws is not None:
+        for part in list_parts(ws.user_embeddings):
+            raw = file_metadata(part).get(CHECKPOINT_METADATA_KEY)
+            if raw is not None:
+                exported = json.loads(raw)
+                break
+    if tower is None:
+        if exported is None:
+            raise ValueError("llm_mode=score needs the fine-tuned tower: pass --tower <llmfeat finetune --out dir>, "
+                             "or run `llmfeat embed-users` first so the workspace records it")
+        tower = Path(exported["path"])
+    tower = Path(tower)
+    if not (tower / WEIGHTS).exists():
+        raise FileNotFoundError(f"--tower {tower}: no {WEIGHTS}; pass the directory `llmfeat finetune --out` wrote")
+    identity = checkpoint_identity(tower)
+    if exported is not None and exported.get("id") != identity["id"]:
+        raise ValueError(
+            f"{ws.user_embeddings} holds user embeddings of checkpoint {exported.get('id')} "
+            f"({exported.get('path')}), but --tower {tower} is checkpoint {identity['id']}: run "
+            "`llmfeat embed-users --overwrite` with this checkpoint, or pass the one that exported them"
+        )
+    ft_cfg, _, _ = read_checkpoint_config(tower)
+    return identity, int(ft_cfg.head_hidden), load_file(str(tower / WEIGHTS))
 
 
 def _config_json(cfg: Any) -> dict[str, Any]:
@@ -345,13 +402,21 @@ def _config_json(cfg: Any) -> dict[str, Any]:
 def _param_groups(model: RankingModel) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     sparse = list(model.embedding_bag_collection.parameters())
     ids = {id(p) for p in sparse}
-    return sparse, [p for p in model.parameters() if id(p) not in ids]
+    return sparse, [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
 
 
 def _train_local(
-    cfg: TrainConfig, encoder: FeatureEncoder, rows: EncodedRows
+    cfg: TrainConfig, encoder: FeatureEncoder, rows: EncodedRows, valid_rows: EncodedRows | None = None,
+    history: list[dict[str, Any]] | None = None, tower_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[RankingModel, list[float], int]:
+    """Up to ``cfg.epochs`` passes; with ``valid_rows``, early stopping on the valid AUC.
+
+    After each epoch the valid AUC is appended to ``history``; training stops when it has not
+    improved for ``cfg.patience`` epochs, and the weights of the best epoch are returned.
+    """
     model = RankingModel(encoder)
+    if model.tower_score is not None:
+        model.tower_score.load_tower(tower_state)
     step = RankingTrain(model)
     sparse, dense = _param_groups(model)
     # Adagrad for the tables (the unsharded stand-in for the fused row-wise Adagrad), Adam elsewhere.
@@ -363,6 +428,7 @@ def _train_local(
 
     bar = tqdm(total=cfg.epochs * len(rows), unit="row", unit_scale=True, desc="ranker train",
                disable=not cfg.progress)
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     for epoch in range(cfg.epochs):
         for batch in rows.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
                                   oov_dropout=cfg.oov_dropout, missing_dropout=cfg.missing_dropout):
@@ -376,7 +442,23 @@ def _train_local(
             losses.append(float(loss.detach()))
             samples += len(batch.labels)
         log.info("ranker train: epoch %d/%d, loss %.4f", epoch + 1, cfg.epochs, float(np.mean(losses[-100:])))
+        if valid_rows is None:
+            continue
+        probs = predict(model, valid_rows)
+        step.train()
+        auc = roc_auc(valid_rows.labels, probs)
+        pu = per_user_auc(valid_rows.users, valid_rows.labels, probs)
+        if history is not None:
+            history.append({"epoch": epoch + 1, "valid_auc": auc, "valid_per_user_auc": pu,
+                            "train_loss": float(np.mean(losses[-100:]))})
+        log.info("ranker train: epoch %d valid AUC %.4f, per-user AUC %.4f", epoch + 1, auc, pu)
+        if best is None or auc > best[0]:
+            best = (auc, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        elif epoch - best[1] >= cfg.patience:
+            break
     bar.close()
+    if best is not None:
+        model.load_state_dict(best[2])
     model.eval()
     return model, losses, samples
 
@@ -390,7 +472,8 @@ def _sharding_constraints(cfg: TrainConfig, encoder: FeatureEncoder) -> dict[str
 
 
 def _train_distributed(
-    cfg: TrainConfig, encoder: FeatureEncoder, rows: EncodedRows, rank: int, world: int
+    cfg: TrainConfig, encoder: FeatureEncoder, rows: EncodedRows, rank: int, world: int,
+    tower_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Any, list[float], int]:
     from torch.distributed.optim import _apply_optimizer_in_backward
     from torchrec.distributed import DistributedModelParallel
@@ -403,6 +486,8 @@ def _train_distributed(
 
     device = torch.device("cpu")
     model = RankingModel(encoder, device=device, sparse_device=torch.device("meta"))
+    if model.tower_score is not None:
+        model.tower_score.load_tower(tower_state)
     step = RankingTrain(model)
     _apply_optimizer_in_backward(
         RowWiseAdagrad, model.embedding_bag_collection.parameters(), {"lr": cfg.sparse_lr}
@@ -481,13 +566,31 @@ def evaluate_rows(
     source: FeatureSource,
     chunk_rows: int = 200_000,
     batch_size: int = 4096,
+    predictions: Path | None = None,
 ) -> dict[str, Any]:
-    """AUC / LogLoss of ``model`` on labelled entity rows, with the missing-feature counts."""
+    """AUC / LogLoss of ``model`` on labelled entity rows, with the missing-feature counts.
+
+    With ``predictions`` (a path), also writes every row's keys, label and logit there as parquet
+    (``user_id, item_id, event_timestamp, label, logit``), so that slices and paired comparisons
+    of two checkpoints need no second run.
+    """
+    # fetch_rows sorts each chunk by these keys: sorting the entities first keeps row i = entity i
+    entities = entities.sort_values(PrefetchedSource.KEYS + [LABEL], kind="stable", ignore_index=True)
     missing = MissingFeatures()
     rows = encoder.index(fetch_rows(entities, source, encoder.model, chunk_rows), missing)
     missing.warn("ranker evaluate")
-    metrics: dict[str, Any] = binary_metrics(rows.labels, predict(model, rows, batch_size))
+    probs = predict(model, rows, batch_size)
+    metrics: dict[str, Any] = binary_metrics(rows.labels, probs)
+    metrics["per_user_auc"] = per_user_auc(entities["user_id"].to_numpy(), rows.labels, probs)
     metrics["missing"] = missing.as_dict()
+    if predictions is not None:
+        frame = entities[PrefetchedSource.KEYS + [LABEL]].copy()
+        p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+        frame["logit"] = np.log(p) - np.log1p(-p)
+        predictions.parent.mkdir(parents=True, exist_ok=True)
+        tmp = predictions.with_name(f".{predictions.name}.tmp")
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, predictions)
     return metrics
 
 
@@ -515,13 +618,15 @@ def evaluate(cfg: EvaluateConfig, entities: pd.DataFrame | None = None,
 
         store = open_store(cfg.repo, ws.root)
         source = feast_source(store, payload["feature_service"], set(encoder.source_columns))
+    out = cfg.out or (cfg.checkpoint / f"eval-{cfg.split}")
     metrics = {
         "split": cfg.split,
         "checkpoint": str(cfg.checkpoint),
         "feature_service": payload["feature_service"],
-        **evaluate_rows(model, encoder, entities, source, cfg.chunk_rows, cfg.batch_size),
+        **evaluate_rows(model, encoder, entities, source, cfg.chunk_rows, cfg.batch_size,
+                        predictions=out / PREDICTIONS_FILE),
     }
+    metrics["predictions"] = str(out / PREDICTIONS_FILE)
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
-    out = cfg.out or (cfg.checkpoint / f"eval-{cfg.split}")
     _write_json(out / METRICS_FILE, metrics)
     return metrics

@@ -546,3 +546,43 @@ def test_ddp_two_processes_match_one(tiny_bert_dir, tiny_workspace, tmp_path):
         assert two[split]["targets"] == single[split]["targets"]
         assert two[split]["auc"] == pytest.approx(single[split]["auc"], abs=1e-4)
         assert two[split]["logloss"] == pytest.approx(single[split]["logloss"], abs=1e-4)
+
+
+def test_fold_trains_only_on_users_outside_it(tiny_bert_dir, tiny_workspace, tmp_path):
+    from llm_features.finetune.data import load_finetune_data
+    from llm_features.finetune.train import split_targets
+    from llm_features.ids import user_fold
+
+    cfg = _cfg(tiny_bert_dir, tiny_workspace, tmp_path / "f", folds=2, fold=1, epochs=1)
+    data = load_finetune_data(tiny_workspace, None)
+    users = np.repeat(data.hist.user_ids, np.diff(data.hist.offsets))
+    train = split_targets(cfg, data, "train")
+    assert train.any() and not (train & (user_fold(users, 2) == 1)).any()
+    assert (train | (user_fold(users, 2) == 1) | (data.hist.split != 0)).all()  # every other train row is kept
+    assert split_targets(cfg, data, "test").sum() == (data.hist.split == 2).sum()  # evaluation keeps every user
+    assert finetune(cfg)["train_targets"] == train.sum()
+    with pytest.raises(ValueError, match="--fold must be in 0..1"):
+        _cfg(tiny_bert_dir, tiny_workspace, tmp_path / "g", folds=2, fold=2)
+    assert user_fold(np.arange(1000), 3).tolist() == user_fold(np.arange(1000), 3).tolist()
+    assert set(np.bincount(user_fold(np.arange(3000), 3)) // 100) <= {9, 10, 11}  # about even
+
+
+def test_the_epoch_with_the_best_valid_auc_is_saved(tiny_bert_dir, tiny_workspace, tmp_path, monkeypatch):
+    import llm_features.finetune.train as tr
+    from safetensors.torch import load_file
+
+    real = tr.evaluate
+    valid_aucs = iter([0.9, 0.5])  # epoch 1 scores better than the last epoch
+
+    def fake(model, packer, blocks, *a, **kw):
+        m = real(model, packer, blocks, *a, **kw)
+        if kw.get("predictions") is None:
+            m["auc"] = next(valid_aucs, m["auc"])
+        return m
+
+    monkeypatch.setattr(tr, "evaluate", fake)
+    out = tmp_path / "best"
+    m = finetune(_cfg(tiny_bert_dir, tiny_workspace, out, epochs=2))
+    assert m["selected"]["epoch"] == 1 and m["selected"]["auc"] == 0.9
+    saved, best = load_file(str(out / "model.safetensors")), load_file(str(out / "best_epoch.safetensors"))
+    assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in saved)

@@ -28,7 +28,7 @@ def rows() -> pd.DataFrame:
 
 
 def _fit(rows: pd.DataFrame, llm: bool) -> FeatureEncoder:
-    cfg = ModelConfig(llm_features=llm)
+    cfg = ModelConfig(llm_features=llm, llm_mode="interaction")
     return FeatureEncoder.fit(extract(rows[rows.split == "train"], cfg), cfg)
 
 
@@ -38,7 +38,7 @@ def checkpoints(rows: pd.DataFrame, tmp_path_factory) -> dict[bool, Path]:
     out = {}
     for llm in (True, False):
         cfg = TrainConfig(llm_features=llm, out=tmp_path_factory.mktemp(f"ranker_{llm}"), epochs=4,
-                          batch_size=128, lr=3e-3, seed=0)
+                          batch_size=128, lr=3e-3, seed=0, llm_mode="interaction")
         train(cfg, entities=rows, source=SyntheticFeatureSource(rows))
         out[llm] = cfg.out
     return out
@@ -59,13 +59,12 @@ def test_forward_backward_shapes(rows: pd.DataFrame, llm: bool) -> None:
     assert logits.shape == (16,) and labels.shape == (16,)
     loss.backward()
     assert model.embedding_bag_collection.embedding_bags["t_user_id"].weight.grad is not None
+    assert "recent_item_ids" in encoder.sparse_names  # both twins: +LLM is id-only plus LLM features
     if llm:
         assert encoder.dense_dim == 3 + 2 * (DIM + 1)
-        assert "recent_item_ids" not in encoder.sparse_names
         assert model.llm_inputs[0].missing.grad is not None  # the first rows have no user embedding
     else:
         assert encoder.dense_dim == 3 and encoder.llm_dims == {}
-        assert "recent_item_ids" in encoder.sparse_names
 
 
 @pytest.mark.parametrize("interaction", ["dcn", "dot"])
@@ -98,13 +97,33 @@ def test_llm_modes_route_the_vectors(rows: pd.DataFrame, mode: str, interaction:
 
 def test_checkpoint_config_without_llm_mode_reads_as_dense() -> None:
     assert ModelConfig.from_dict({"llm_features": True}).llm_mode == "dense"
-    assert ModelConfig().llm_mode == "interaction"
+    assert ModelConfig().llm_mode == "score"
     with pytest.raises(ValueError, match="llm_mode"):
         ModelConfig(llm_mode="concat")
+    with pytest.raises(ValueError, match="needs both"):
+        ModelConfig(llm_inputs=("item_embedding",))
+    # a checkpoint of the old default (recent-item bag in the id-only twin only) reads as it was trained
+    assert ModelConfig.from_dict({"llm_features": True, "recent_items_bag": None}).recent_items_bag is False
+    assert ModelConfig.from_dict({"llm_features": False, "recent_items_bag": None}).recent_items_bag is True
+
+
+def test_early_stopping_keeps_the_best_valid_epoch(rows: pd.DataFrame, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(llm_features=False, out=tmp_path / "es", epochs=6, patience=1, batch_size=128, lr=3e-2,
+                      sparse_lr=0.5, seed=0, progress=False)
+    m = train(cfg, entities=rows, source=SyntheticFeatureSource(rows))
+    aucs = [h["valid_auc"] for h in m["history"]]
+    best = int(np.argmax(aucs))
+    assert m["best_epoch"] == best + 1 and m["epochs_run"] == len(aucs)
+    assert len(aucs) == 6 or aucs[-1] <= aucs[best]  # stopped only after an epoch without improvement
+    assert m["valid"]["auc"] == pytest.approx(aucs[best])  # the saved weights are the best epoch's
+    assert all(np.isfinite(h["valid_per_user_auc"]) for h in m["history"])
+    assert load_file(str(cfg.out / "model.safetensors"))
 
 
 def test_dot_interaction_builds(rows: pd.DataFrame) -> None:
-    cfg = ModelConfig(interaction="dot")
+    cfg = ModelConfig(interaction="dot", llm_mode="interaction")
     encoder = FeatureEncoder.fit(extract(rows.iloc[:200], cfg), cfg)
     batch = encoder.encode(rows.iloc[:4]).batch(np.arange(4))
     assert RankingModel(encoder)(batch.dense_features, batch.sparse_features).shape == (4,)
@@ -148,6 +167,7 @@ def test_batch_marks_missing_features(rows: pd.DataFrame) -> None:
     assert stats.as_dict() == {
         "rows": 2, "missing_user_embedding": 1, "missing_item_embedding": 1, "unknown_user_id": 1,
         "unknown_item_id": 1, "unknown_gender": 1, "unknown_zip_prefix": 1, "unknown_item_genres": 1,
+        "unknown_recent_item_ids": 1,  # the recent-item bag is in both twins now
     }
 
 
@@ -216,7 +236,7 @@ def test_training_is_reproducible_whatever_order_the_join_returns(rows: pd.DataF
     weights = []
     for run in range(2):
         cfg = TrainConfig(out=tmp_path / f"run{run}", epochs=1, batch_size=256, seed=3, validate=False,
-                          progress=False)
+                          progress=False, llm_mode="interaction")
         train(cfg, entities=rows[rows.split == "train"].iloc[:1500], source=shuffled)
         weights.append(load_file(str(cfg.out / "model.safetensors")))
     assert weights[0].keys() == weights[1].keys()
@@ -305,7 +325,8 @@ def test_serving_matches_offline_scores(rows: pd.DataFrame, checkpoints: dict[bo
 def test_two_rank_training_loads_unsharded(rows: pd.DataFrame, tmp_path: Path) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    cfg = TrainConfig(out=tmp_path / "ckpt", epochs=1, batch_size=64, lr=3e-3, threads=1, sharding="table_wise")
+    cfg = TrainConfig(out=tmp_path / "ckpt", epochs=1, batch_size=64, lr=3e-3, threads=1, sharding="table_wise",
+                      llm_mode="interaction")
     launch = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=2, run_id="ranker_test", rdzv_backend="c10d",
         rdzv_endpoint=str(tmp_path / "rdzv"), rdzv_configs={"store_type": "file"}, start_method="spawn",
@@ -316,3 +337,97 @@ def test_two_rank_training_loads_unsharded(rows: pd.DataFrame, tmp_path: Path) -
     assert not (cfg.out / ".sharded").exists()
     ranker = Ranker.load(cfg.out, store=FakeOnlineStore(rows))  # no process group needed
     assert np.isfinite(ranker.score(1, [1, 2, 3])).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# llm_mode=score: the fine-tuned tower's frozen head scores each (user, item) pair
+
+TOWER_DIM = 32  # the tiny BERT's width: user and item vectors as the tower would export them
+
+
+@pytest.fixture(scope="module")
+def tower(tiny_bert_dir: Path, tmp_path_factory) -> Path:
+    """A real ``llmfeat finetune`` checkpoint directory (untrained tiny BERT tower)."""
+    from llm_features.backbone import Backbone
+    from llm_features.finetune import FinetuneConfig
+    from llm_features.finetune.checkpoint import build_model, save_checkpoint
+
+    out = tmp_path_factory.mktemp("tower")
+    cfg = FinetuneConfig(model=tiny_bert_dir, split_layer=2, head_hidden=16, out=out)
+    torch.manual_seed(0)
+    save_checkpoint(out, build_model(cfg, Backbone.load(cfg.backbone_config()), TOWER_DIM), cfg, item_dim=TOWER_DIM)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rows32() -> pd.DataFrame:
+    return synthetic_rows(n_users=100, n_items=60, n_rows=2000, dim=TOWER_DIM, signal=6.0, seed=1)
+
+
+@pytest.fixture(scope="module")
+def score_checkpoint(rows32: pd.DataFrame, tower: Path, tmp_path_factory) -> Path:
+    cfg = TrainConfig(out=tmp_path_factory.mktemp("score"), tower=tower, epochs=2, batch_size=128, seed=0,
+                      progress=False)
+    train(cfg, entities=rows32, source=SyntheticFeatureSource(rows32))
+    return cfg.out
+
+
+def test_score_mode_feeds_the_frozen_tower_logit(rows32: pd.DataFrame, tower: Path, score_checkpoint: Path) -> None:
+    from safetensors.torch import load_file
+
+    from llm_features.finetune.model import CTRHead
+
+    model, encoder, _ = load_checkpoint(score_checkpoint)
+    assert encoder.tower["path"] == str(tower.resolve()) and encoder.tower_hidden == 16
+    saved = load_file(str(tower / "model.safetensors"))
+    for name, value in model.tower_score.head.state_dict().items():  # copied unchanged: frozen in training
+        assert torch.equal(value, saved[f"head.{name}"]), name
+    assert model.dlrm.dense_arch.model._mlp[0]._linear.in_features == 3 + 1 + 2  # numeric, score, 2 flags
+    head = CTRHead(TOWER_DIM, TOWER_DIM, 16)
+    head.load_state_dict({k[5:]: v for k, v in saved.items() if k.startswith("head.")})
+    batch = encoder.encode(rows32.iloc[-8:]).batch(np.arange(8))
+    dense = batch.dense_features
+    (su, eu), (si, ei) = model._slots
+    u, v = dense[:, su:eu - 1], dense[:, si:ei - 1]
+    flags = [dense[:, eu - 1:eu], dense[:, ei - 1:ei]]
+    with torch.no_grad():
+        score = model.tower_score(u, v, *flags).squeeze(-1)
+        expected = torch.where((flags[0] + flags[1]).squeeze(-1) > 0.5, 0.0, head(u, v))
+        assert torch.allclose(score, expected, atol=1e-6)
+        # the score reaches the logit: another user vector changes that row only
+        changed = dense.clone()
+        row = int(torch.nonzero((flags[0] + flags[1]).squeeze(-1) < 0.5)[0])
+        changed[row, su:eu - 1] += torch.randn(eu - 1 - su)
+        before, after = model(dense, batch.sparse_features), model(changed, batch.sparse_features)
+    assert not torch.isclose(before[row], after[row])
+    assert torch.equal(torch.cat([before[:row], before[row + 1:]]), torch.cat([after[:row], after[row + 1:]]))
+
+
+def test_score_mode_serving_matches_offline(rows32: pd.DataFrame, score_checkpoint: Path) -> None:
+    ranker = Ranker.load(score_checkpoint, store=FakeOnlineStore(rows32))
+    user = int(rows32.user_id.iloc[-1])
+    frame = pd.DataFrame(ranker.online_frame(user, [1, 2, 3]))
+    assert np.allclose(ranker.score_frame(frame), ranker.score(user, [1, 2, 3]))
+
+
+def test_score_mode_refuses_a_tower_that_did_not_export_the_user_embeddings(tower: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llm_features.embed_users import CHECKPOINT_METADATA_KEY
+    from ranker.train import resolve_tower
+
+    parts = tmp_path / "user_embeddings"
+    parts.mkdir()
+    table = pa.table({"user_id": [1]}).replace_schema_metadata(
+        {CHECKPOINT_METADATA_KEY: json.dumps({"id": "0123456789abcdef", "path": "/elsewhere"})})
+    pq.write_table(table, parts / "part-x.parquet")
+    ws = SimpleNamespace(user_embeddings=parts)
+    with pytest.raises(ValueError, match="embed-users --overwrite"):
+        resolve_tower(tower, ws)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        resolve_tower(tmp_path, ws)
+    identity, hidden, state = resolve_tower(tower, SimpleNamespace(user_embeddings=tmp_path / "none"))
+    assert hidden == 16 and "head.mlp.0.weight" in state and identity["path"] == str(tower.resolve())
+    with pytest.raises(ValueError, match="--tower"):
+        resolve_tower(None, None)

@@ -36,6 +36,7 @@ from llm_features.finetune.model import FinetuneModel
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAINER_STATE = "trainer_state.pt"
+BEST_WEIGHTS = "best_epoch.safetensors"
 METRICS = "metrics.json"
 TEST_PREDICTIONS = "test_predictions.npz"
 
@@ -84,6 +85,15 @@ def build_model(cfg: FinetuneConfig, backbone: Backbone, item_dim: int) -> Finet
     if cfg.lora:
         model.apply_lora(cfg.lora_rank, cfg.lora_alpha)
     return model
+
+
+def save_weights(path: Path, model: FinetuneModel) -> None:
+    """The trainable tensors alone, written atomically (the best epoch's weights)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.trainable_state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    _replace(tmp, path)
 
 
 def save_checkpoint(

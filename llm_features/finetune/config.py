@@ -60,7 +60,10 @@ class FinetuneConfig(BackboneConfig):
     head_hidden: int = field(
         default=256, metadata={"help": "Hidden width of the CTR head MLP over [u, v, u*v]."}
     )
-    epochs: int = field(default=1, metadata={"help": "Passes over the training targets."})
+    epochs: int = field(
+        default=2,
+        metadata={"help": "Passes over the training targets; the epoch with the best valid AUC is the one saved."},
+    )
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
     batch_size: int = field(
         default=512,
@@ -101,6 +104,15 @@ class FinetuneConfig(BackboneConfig):
     max_targets: int | None = field(
         default=None, metadata={"help": "Cap the targets of each split (whole users in a seeded order; the same targets for every k)."}
     )
+    folds: int = field(
+        default=1,
+        metadata={"help": "Cross-fitting: users fall into this many folds by a fixed hash of their id (see --fold)."},
+    )
+    fold: int | None = field(
+        default=None,
+        metadata={"help": "Train only on users outside this fold (0..folds-1), so that the embeddings of its users "
+                          "come from a tower that never saw their labels; valid/test keep every user."},
+    )
     lora: bool = field(
         default=False, metadata={"help": "Train LoRA adapters on the deep layers (default: full FT)."}
     )
@@ -119,6 +131,12 @@ class FinetuneConfig(BackboneConfig):
     resume: bool = field(
         default=False, metadata={"help": "Continue from the checkpoint in --out if there is one."}
     )
+
+    def __post_init__(self) -> None:
+        if self.folds < 1:
+            raise ValueError(f"--folds must be >= 1, got {self.folds}")
+        if self.fold is not None and not 0 <= self.fold < self.folds:
+            raise ValueError(f"--fold must be in 0..{self.folds - 1} (with --folds {self.folds}), got {self.fold}")
 
     @property
     def sample_seed(self) -> int:

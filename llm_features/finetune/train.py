@@ -35,6 +35,8 @@ from llm_features.finetune.checkpoint import (
     save_checkpoint,
     write_json,
     write_predictions,
+    save_weights,
+    BEST_WEIGHTS,
     WEIGHTS,
 )
 from llm_features.finetune.config import FinetuneConfig
@@ -102,8 +104,13 @@ def split_targets(cfg: FinetuneConfig, data: FinetuneData, split: str) -> np.nda
 
     Baselines that must see exactly the same targets (``bench/bench_finetune.py``) call this too.
     """
-    return limit_targets(data.hist, data.split_mask(split), cfg.max_targets,
-                         cfg.sample_seed + SPLIT_SEED_OFFSETS[split])
+    mask = data.split_mask(split)
+    if split == "train" and cfg.fold is not None:
+        from llm_features.ids import user_fold
+
+        user_of_row = np.repeat(data.hist.user_ids, np.diff(data.hist.offsets))
+        mask = mask & (user_fold(user_of_row, cfg.folds) != cfg.fold)
+    return limit_targets(data.hist, mask, cfg.max_targets, cfg.sample_seed + SPLIT_SEED_OFFSETS[split])
 
 
 def split_blocks(cfg: FinetuneConfig, data: FinetuneData, split: str, k: int) -> Blocks:
@@ -418,6 +425,11 @@ def finetune(
                                      "train_loss": epoch_loss / max(1, epoch_targets)})
             log.info("epoch %d step %d: valid AUC %.4f LogLoss %.4f", state["epoch"], state["step"], v["auc"],
                      v["logloss"])
+            if rank == 0 and v["auc"] > state.get("best", {}).get("auc", float("-inf")):
+                # the best epoch so far, kept on disk so a resumed run can still select it at the end
+                with averaged():
+                    save_weights(out / BEST_WEIGHTS, model)
+                state["best"] = {"epoch": state["epoch"], "step": state["step"], "auc": v["auc"]}
         memory.pause()
         checkpoint()
         memory.resume()
@@ -425,6 +437,16 @@ def finetune(
     memory.stop()
     with averaged():
         valid = evaluate(model, packer, valid_blocks, cfg.eval_batch_size, device, rank, world)
+    selected = {"epoch": state["epoch"], "step": state["step"], "auc": valid["auc"]}
+    best = state.get("best")
+    if best is not None and best["auc"] > valid["auc"] and (out / BEST_WEIGHTS).exists():
+        # an earlier epoch had the better valid AUC: that one is evaluated, saved and exported
+        load_trainable(model, out / BEST_WEIGHTS)
+        ema = None  # the file holds the weights to export (the average, when there was one)
+        valid = evaluate(model, packer, valid_blocks, cfg.eval_batch_size, device, rank, world)
+        selected = dict(best)
+        log.info("selected epoch %d (valid AUC %.4f) over the last one", best["epoch"], best["auc"])
+    with averaged():
         test = evaluate(model, packer, test_blocks, cfg.eval_batch_size, device, rank, world,
                         predictions=out / TEST_PREDICTIONS)
     metrics = {
@@ -447,6 +469,7 @@ def finetune(
         "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "trainable_parameters": count_parameters(model),
         "history": state["history"],
+        "selected": selected,  # the epoch whose weights are saved: the best valid AUC
         # mean training loss per 25 steps: the curve `llmfeat demo` plots
         "loss_curve": [float(np.mean(chunk)) for chunk in np.array_split(
             np.asarray(state.get("step_losses", [])), max(1, len(state.get("step_losses", [])) // 25))
