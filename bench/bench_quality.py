@@ -9,6 +9,13 @@ feast apply, finetune, embed-users, then ``ranker train`` / ``ranker evaluate`` 
 * ablations, each one hypothesis of issue 14, trained on the same rows and seeds. They read the
   tower's *exact* per-row state (every event, no snapshot staleness) from memory, so the row
   ``score, exact per-row states`` is their reference; the twins read Feast's snapshots;
+  ``llm_exact_states`` (freshness: every event instead of every 8th), ``score_residual`` (the
+  logit also added to the output), ``vectors_interaction`` (the raw vectors projected into the
+  interaction arch, the earlier default), ``user_and_item_scores`` (the logit split into
+  ``H(u, v_mean)`` and the rest), ``cross_fit_score`` / ``no_cross_fit_score`` (stacking leakage:
+  two fold towers against one), ``frozen_mean_pool`` (no fine-tuning: the mean frozen item vector
+  of the last 30 interactions, the plain alternative) and ``sliding_window_equal_time`` /
+  ``dti_equal_time`` (a sliding-window tower given the DTI tower's training time);
 * simple baselines fitted on the same split (item / user+item positive rate, the user's last 30
   interactions' positive rate, matrix factorisation) and the tower's own test AUC;
 * per variant: test AUC, LogLoss, per-user AUC; +LLM minus id-only with a 95% interval from a
@@ -220,6 +227,9 @@ def run_dataset(name: str, source: Path, args: argparse.Namespace) -> dict:
     if "exact" in abl:
         variants["llm_exact_states"] = (base.with_columns(states[KEYS + ["user_embedding"]]),
                                         {"tower": towers["default"]})
+    if "residual" in abl:  # the tower's logit also added to the output: the ranker learns a residual on it
+        variants["score_residual"] = (base.with_columns(states[KEYS + ["user_embedding"]]),
+                                      {"tower": towers["default"], "score_offset": True})
     if "vectors" in abl:
         variants["vectors_interaction"] = (base.with_columns(states[KEYS + ["user_embedding"]]),
                                            {"llm_mode": "interaction"})
@@ -261,6 +271,12 @@ def run_dataset(name: str, source: Path, args: argparse.Namespace) -> dict:
                         for s in args.seeds]
         log.info("%s %s: test AUC %s", name, vname, [round(qm_auc(p), 4) for p in preds[vname]])
     result = summarize_dataset(inter, preds, metrics, states)
+    for vname in variants:  # the ranker's own cost: training time, throughput and the epoch kept
+        runs = [json.loads((root / "rankers" / f"{vname}-s{s}" / "bench_train.json").read_text()) for s in args.seeds]
+        result["variants"][vname].update(
+            train_seconds=float(np.mean([r["train_seconds"] for r in runs])),
+            samples_per_second=float(np.mean([r["samples_per_second"] for r in runs])),
+            best_epochs=[r["best_epoch"] for r in runs])
     # the headline numbers where issue 14 asks for them
     result["llm_minus_id_only"] = result["variants"]["llm"]["minus_id_only"]
     result["per_user_auc_llm_minus_id_only"] = result["variants"]["llm"]["per_user_minus_id_only"]
@@ -339,9 +355,9 @@ def paired(users: np.ndarray, labels: np.ndarray, a: list[pd.DataFrame], b: list
 
 
 # ------------------------------------------------------------------------------------------ report
-def write_report(result: dict, out: Path) -> None:
+def write_report(result: dict, out: Path, stem: str = "quality") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     lines = ["# Quality: the +LLM ranker against its id-only twin", "",
              "Commands: " + "; ".join(f"{k}: `{v}`" for k, v in result["commands"].items())
              + f". Seeds {result['seeds']}; 95% intervals: a bootstrap over test "
@@ -353,25 +369,33 @@ def write_report(result: dict, out: Path) -> None:
                   f"tower test AUC {d['tower_test_auc_same_rows']:.4f} (per-user "
                   f"{d['tower_test_per_user_auc']:.4f}), trained in {d['towers']['default']['train_seconds']:.0f} s "
                   f"at {d['towers']['default']['targets_per_s']:.0f} targets/s.", "",
-                  "| variant | test AUC | minus id-only [95% CI] | per-user AUC | minus id-only [95% CI] | LogLoss |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| variant | test AUC | minus id-only [95% CI] | per-user AUC | minus id-only [95% CI] | LogLoss "
+                  "| ranker train s (best epochs) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for v, m in d["variants"].items():
             def ci(x: dict | None) -> str:
                 return "" if x is None else f"{x['mean']:+.4f} [{x['ci95'][0]:+.4f}, {x['ci95'][1]:+.4f}]"
             lines.append(f"| {v} | {m['auc']['mean']:.4f} | {ci(m.get('minus_id_only'))} | "
                          f"{m['per_user_auc']['mean']:.4f} | {ci(m.get('per_user_minus_id_only'))} | "
-                         f"{m['logloss']['mean']:.4f} |")
+                         f"{m['logloss']['mean']:.4f} | {m.get('train_seconds', float('nan')):.0f} "
+                         f"({', '.join(map(str, m.get('best_epochs', [])))}) |")
         lines += ["", "| slice | rows | id-only | +LLM | +LLM minus id-only [95% CI] | tower |", "| --- | --- | --- | --- | --- | --- |"]
         for s, e in d["slices"].items():
             if "llm" in e:
                 x = e["llm_minus_id_only"]
                 lines.append(f"| {s} | {e['rows']:,} | {e['id_only']['mean']:.4f} | {e['llm']['mean']:.4f} | "
                              f"{x['mean']:+.4f} [{x['ci95'][0]:+.4f}, {x['ci95'][1]:+.4f}] | {e.get('tower', float('nan')):.4f} |")
+        lines += ["", "| tower | test AUC | valid AUC | train s | targets/s | train targets | options |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for t, m in d["towers"].items():
+            opts = ", ".join(f"{k}={v}" for k, v in m["options"].items() if v is not None)
+            lines.append(f"| {t} | {m['test_auc']:.4f} | {m['valid_auc']:.4f} | {m['train_seconds']:.0f} | "
+                         f"{m['targets_per_s']:.0f} | {m['train_targets']:,} | {opts} |")
         lines += ["", "| simple baseline | test AUC |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4f} |" for k, v in d["baselines"].items()]
         lines.append("")
-    (out / "quality.md").write_text("\n".join(lines) + "\n")
-    plot(result, out / "quality.png")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot(result, out / f"{stem}.png")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -408,30 +432,30 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=REPO / "runs" / "bench_quality")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--ablations", nargs="*", default=["exact", "vectors", "decomposed", "cross_fit", "frozen",
-                                                        "sliding_window"])
+    ap.add_argument("--ablations", nargs="*", default=["exact", "residual", "vectors", "decomposed", "cross_fit",
+                                                        "frozen", "sliding_window"])
     ap.add_argument("--reuse", action="store_true", help="Keep finished towers and ranker runs of the same options.")
     ap.add_argument("--quick", action="store_true", help="A smoke test: 20 tower steps, 1 ranker epoch, one seed.")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    stem = "quality_quick" if args.quick else "quality"  # a smoke test never overwrites real results
     if args.quick:
         args.seeds = args.seeds[:1]
-        args.out = args.out / "quick" if args.out == REPO / "bench" / "results" else args.out
     sources = {"ml-1m": args.source, "ml-100k": args.ml100k}
     command = "python bench/bench_quality.py " + " ".join(sys.argv[1:])
     result = {"seeds": args.seeds, "machine": platform.platform(), "torch_threads": torch.get_num_threads(),
               "datasets": {}, "commands": {}}
-    previous = args.out / "quality.json"
-    if previous.exists():  # datasets run by an earlier invocation are kept, with the command that made them
-        old = json.loads(previous.read_text())
-        result["datasets"].update(old.get("datasets", {}))
-        result["commands"].update(old.get("commands", {}))
     for name in args.datasets:
-        result["commands"][name] = command
-        result["datasets"][name] = run_dataset(name, sources[name], args)
-        write_report(result, args.out)  # after each dataset: a long run leaves its results as it goes
-    print((args.out / "quality.md").read_text())
+        done = run_dataset(name, sources[name], args)
+        previous = args.out / f"{stem}.json"
+        if previous.exists():  # datasets of other invocations are kept, with the commands that made them
+            old = json.loads(previous.read_text())
+            result["datasets"] = {**old.get("datasets", {}), **result["datasets"]}
+            result["commands"] = {**old.get("commands", {}), **result["commands"]}
+        result["datasets"][name], result["commands"][name] = done, command
+        write_report(result, args.out, stem)  # after each dataset: a long run leaves its results as it goes
+    print((args.out / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

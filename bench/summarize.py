@@ -46,6 +46,44 @@ def _met(flag: Any, value: str) -> str:
     return "met" if flag is True else ("**not met**" if flag is False else "-")
 
 
+def _ci(x: Any) -> str:
+    """``+0.0060 [+0.0041, +0.0079]`` from ``{"mean", "ci95"}``, else "not run"."""
+    mean, ci = _get(x, "mean"), _get(x, "ci95")
+    if _num(mean, "{}") == NOT_RUN or not isinstance(ci, list) or len(ci) != 2:
+        return NOT_RUN
+    return f"{mean:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
+def quality_rows(q: dict | None) -> list[tuple[str, str, str, str, str, str]]:
+    """The floors of issue 14 from ``quality.json`` (bench_quality.py)."""
+    rows = []
+
+    def row(comparison: str, x: Any, floor: float, need_ci: bool = False) -> None:
+        v = _ci(x)
+        ok = None
+        if v != NOT_RUN:
+            ok = x["mean"] >= floor and (not need_ci or x["ci95"][0] > 0)
+        rows.append(("quality", comparison, v, f"{floor:+.3f}" + (", CI above 0" if need_ci else ""), "-",
+                     _met(ok, v)))
+
+    for name, d in (_get(q, "datasets") or {}).items():
+        if name == "ml-1m":
+            row("ML-1M: +LLM minus id-only twin, test AUC [95% CI over users]", _get(d, "llm_minus_id_only"),
+                0.003, need_ci=True)
+            row("ML-1M: +LLM minus id-only twin, per-user AUC", _get(d, "per_user_auc_llm_minus_id_only"), 0.0)
+            row("ML-1M, users unseen in train: +LLM minus id-only twin, test AUC",
+                _get(d, "slices", "unseen_users", "llm_minus_id_only"), 0.01)
+        else:
+            row(f"{name}: +LLM minus id-only twin, test AUC", _get(d, "llm_minus_id_only"), 0.0)
+        best = max((_get(d, "baselines") or {}).values(), default=None)
+        worst_twin = min((_get(d, "variants", v, "auc", "mean") for v in ("id_only", "llm")
+                          if isinstance(_get(d, "variants", v, "auc", "mean"), (int, float))), default=None)
+        if isinstance(best, (int, float)) and worst_twin is not None:
+            rows.append(("quality", f"{name}: the weaker twin minus the best simple baseline, test AUC",
+                         f"{worst_twin - best:+.4f}", "> 0", "-", "met" if worst_twin > best else "**not met**"))
+    return rows
+
+
 def summary_rows(results: Path) -> list[tuple[str, str, str, str, str, str]]:
     """(benchmark, comparison, measured, floor, paper, floor met) rows."""
     rows: list[tuple[str, str, str, str, str, str]] = []
@@ -74,6 +112,7 @@ def summary_rows(results: Path) -> list[tuple[str, str, str, str, str, str]]:
     rows.append(("ranker", "+LLM features minus id-only twin: test AUC", v
                  if v == NOT_RUN else f"{v} ({llm:.4f} vs {ido:.4f})", "+0.003", "-",
                  "-" if v == NOT_RUN else ("met" if llm - ido >= 0.003 else "**not met**")))
+    rows.extend(quality_rows(_load(results / "quality.json")))
     v = _num(_get(rk, "serving_latency_llm", "p50_ms"), "{:.1f} ms")
     rows.append(("ranker", "serving, 1 user + 100 candidates: p50", v, "-", "-", "-"))
     v = _get(rk, "serving_latency_llm", "p99_ms")

@@ -41,6 +41,11 @@ class ModelConfig:
                           "themselves do not); interaction projects each vector (LayerNorm, dropout, Linear d->D) "
                           "to one more feature of the interaction arch; dense feeds the vectors to the dense arch."},
     )
+    score_offset: bool = field(
+        default=False,
+        metadata={"help": "llm_mode=score: also add the tower's logit to the ranker's output, so the ids and the "
+                          "other features learn the rest (a residual on the tower) rather than weigh it."},
+    )
     llm_dropout: float = field(
         default=0.0, metadata={"help": "Dropout on the normalised LLM vectors during training."}
     )

@@ -124,6 +124,7 @@ class RankingModel(nn.Module):
         ebc = EmbeddingBagCollection(tables=encoder.tables(), device=sparse_device or device)
         llm_dims = list(encoder.llm_dims.values())
         self._score = bool(llm_dims) and cfg.llm_mode == "score"
+        self._score_offset = self._score and cfg.score_offset
         self.tower_score = None
         if self._score:
             if encoder.tower_hidden is None:
@@ -198,7 +199,8 @@ class RankingModel(nn.Module):
             u, v = raw["user_embedding"], raw["item_embedding"]
             flags = [u[:, -1:], v[:, -1:]]
             score = self.tower_score(u[:, :-1], v[:, :-1], *flags)
-            return self.dlrm(torch.cat([numeric, score] + flags, dim=1), sparse_features).squeeze(-1)
+            out = self.dlrm(torch.cat([numeric, score] + flags, dim=1), sparse_features).squeeze(-1)
+            return out + score.squeeze(-1) if self._score_offset else out
         slots = [slot(dense_features[:, start:end]) for slot, (start, end) in zip(self.llm_inputs, self._slots)]
         if not self._interaction:
             pieces = [numeric] + [torch.cat([self.llm_dropout(x[:, :-1]), x[:, -1:]], dim=1) for x in slots]

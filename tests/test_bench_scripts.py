@@ -57,3 +57,23 @@ def test_bench_cost_quick(bench_dirs):
             assert "error" not in pair["behavior"] and "error" not in pair["token"], pair
             assert pair["ratios"]["time"] > 0 and pair["ratios"]["memory"] > 0
     assert r["text_tokens"]["mean"] > 1
+
+
+def test_bench_quality_quick(bench_dirs):
+    runs, out = bench_dirs
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_quality.py"), "--quick", "--datasets", "ml-100k",
+                           "--ml100k", str(ML100K), "--runs", str(runs / "quality"), "--out", str(out),
+                           "--ablations", "cross_fit", "frozen"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "quality_quick.md").exists() and (out / "quality_quick.png").exists()
+    d = json.loads((out / "quality_quick.json").read_text())["datasets"]["ml-100k"]
+    assert set(d["variants"]) == {"id_only", "llm", "cross_fit_score", "no_cross_fit_score", "frozen_mean_pool"}
+    for key in ("llm_minus_id_only", "per_user_auc_llm_minus_id_only"):
+        x = d[key]
+        assert x["ci95"][0] <= x["mean"] <= x["ci95"][1] and len(x["seeds"]) == 1
+    assert set(d["slices"]) == {"unseen_users", "few_train_users", "few_train_items", "rest"}
+    assert sum(s["rows"] for k, s in d["slices"].items() if k != "few_train_items") <= d["rows"]["test"]
+    assert set(d["baselines"]) == {"item_positive_rate", "user_item_positive_rate", "recent_positive_rate_30",
+                                   "matrix_factorization"}
+    assert 0.5 < d["tower_test_auc_same_rows"] < 1.0

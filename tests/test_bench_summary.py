@@ -79,3 +79,23 @@ def test_summary_with_no_results(tmp_path: Path) -> None:
     text = _summarize().build_summary(tmp_path / "empty").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert rows and all("not run" in r for r in rows)
+
+
+def test_quality_rows_read_the_issue_14_floors(tmp_path: Path) -> None:
+    ci = lambda m, lo, hi: {"mean": m, "ci95": [lo, hi], "seeds": [m]}  # noqa: E731
+    (tmp_path / "quality.json").write_text(json.dumps({"datasets": {
+        "ml-1m": {"llm_minus_id_only": ci(0.006, 0.004, 0.008), "per_user_auc_llm_minus_id_only": ci(-0.005, -0.008, -0.002),
+                  "slices": {"unseen_users": {"llm_minus_id_only": ci(0.004, -0.001, 0.009)}},
+                  "baselines": {"matrix_factorization": 0.77}, "variants": {"id_only": {"auc": {"mean": 0.791}},
+                                                                            "llm": {"auc": {"mean": 0.797}}}},
+        "ml-100k": {"llm_minus_id_only": ci(0.002, -0.001, 0.004), "baselines": {"item_positive_rate": 0.80},
+                    "variants": {"id_only": {"auc": {"mean": 0.72}}, "llm": {"auc": {"mean": 0.73}}}},
+    }}))
+    rows = {r[1]: r for r in _summarize().summary_rows(tmp_path) if r[0] == "quality"}
+    lift = rows["ML-1M: +LLM minus id-only twin, test AUC [95% CI over users]"]
+    assert lift[2] == "+0.0060 [+0.0040, +0.0080]" and lift[5] == "met"
+    assert rows["ML-1M: +LLM minus id-only twin, per-user AUC"][5] == "**not met**"
+    assert rows["ML-1M, users unseen in train: +LLM minus id-only twin, test AUC"][5] == "**not met**"
+    assert rows["ml-100k: +LLM minus id-only twin, test AUC"][5] == "met"
+    assert rows["ml-1m: the weaker twin minus the best simple baseline, test AUC"][5] == "met"
+    assert rows["ml-100k: the weaker twin minus the best simple baseline, test AUC"][5] == "**not met**"

@@ -32,7 +32,7 @@ class DemoConfig:
     data_dir: Path | None = field(default=None, metadata={
         "help": "Workspace directory (default: $LLMFEAT_DATA_DIR or <repo>/data)."})
     size: Literal["default", "small"] = field(default="default", metadata={
-        "help": "small: a few minutes (fewer fine-tuning users and ranker rows) for a first look."})
+        "help": "small: a few minutes (fewer fine-tuning users, ranker rows and epochs) for a first look."})
     finetune_users: int | None = field(default=None, metadata={
         "help": "Users sampled for fine-tuning (default: every user; small: 300)."})
     finetune_epochs: int = field(default=1, metadata={
@@ -175,7 +175,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     for name, llm in (("id_only", False), ("llm", True)):
         out = runs / f"ranker_{name}"
         tr_cfg = TrainConfig(repo=cfg.repo, data_dir=data_dir, out=out, llm_features=llm,
-                             epochs=cfg.ranker_epochs, max_train_rows=100_000 if small else None,
+                             epochs=min(cfg.ranker_epochs, 3) if small else cfg.ranker_epochs,
+                             max_train_rows=100_000 if small else None,
                              progress=cfg.progress)
         with steps.step(f"ranker train + test ({'+LLM features' if llm else 'id-only twin'})"):
             stamp = _stamp(ranker_inputs, asdict(tr_cfg))
