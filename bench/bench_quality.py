@@ -164,13 +164,19 @@ class FrameSource:
         return FrameSource(merged.reset_index().merge(extra, on=KEYS, how="left", validate="1:1"))
 
 
-def rank(out: Path, entities: pd.DataFrame, source, seed: int, reuse: bool, **options: Any) -> pd.DataFrame:
-    """Train one ranker (early stopping on valid) and return its test predictions; reused when finished."""
+def rank(out: Path, entities: pd.DataFrame, source, seed: int, reuse: bool, inputs: str,
+         **options: Any) -> pd.DataFrame:
+    """Train one ranker (early stopping on valid) and return its test predictions.
+
+    A finished run is reused only when its seed, options and ``inputs`` (what its features were
+    made from: towers, snapshot cadence) are the same.
+    """
     from ranker.config import EvaluateConfig, TrainConfig
     from ranker.train import evaluate, train
 
     pred = out / "eval-test" / "predictions.parquet"
-    stamp = json.dumps({"seed": seed, **{k: str(v) for k, v in options.items()}}, sort_keys=True)
+    stamp = json.dumps({"seed": seed, "inputs": inputs, **{k: str(v) for k, v in options.items()}},
+                       sort_keys=True)
     if not (reuse and pred.exists() and (out / "bench_stamp.json").exists()
             and (out / "bench_stamp.json").read_text() == stamp):
         m = train(TrainConfig(out=out, seed=seed, progress=False, threads=1, **options), entities=entities,
@@ -199,7 +205,7 @@ def run_dataset(name: str, source: Path, args: argparse.Namespace) -> dict:
     tower_opts = {"epochs": 1, "max_steps": 20} if args.quick else {}
     towers = {"default": root / "tower"}
     metrics = {"default": tower(data_dir, towers["default"], args.reuse, **tower_opts)}
-    eu_cfg = EmbedUsersConfig(checkpoint=towers["default"], data_dir=data_dir, every=8)
+    eu_cfg = EmbedUsersConfig(checkpoint=towers["default"], data_dir=data_dir, every=args.every)
     try:  # incremental: rows of this very checkpoint are kept
         embed_users(eu_cfg)
     except CheckpointMismatchError:  # rows of another (earlier) tower: replaced
@@ -262,12 +268,18 @@ def run_dataset(name: str, source: Path, args: argparse.Namespace) -> dict:
             base.with_columns(states[KEYS + ["tower_logit"]]),
             {"llm_features": False, "extra_numeric": ("tower_logit",)})
 
-    entities = inter
+    from llm_features.embed_users import checkpoint_identity
+
+    # what each variant's features come from, so a reused ranker run never outlives its inputs
+    ids = {p.name: checkpoint_identity(p)["id"] for p in root.glob("tower*") if (p / "config.json").exists()}
+    own = {"llm": f"every{args.every}", "cross_fit_score": f"{ids.get('tower_fold0')}+{ids.get('tower_fold1')}",
+           "sliding_window_equal_time": str(ids.get("tower_sw"))}
     preds: dict[str, list[pd.DataFrame]] = {}
     for vname, (src, opts) in variants.items():
         if args.quick:
             opts = {**opts, "epochs": 1}
-        preds[vname] = [rank(root / "rankers" / f"{vname}-s{s}", entities, src, s, args.reuse, **opts)
+        inputs = f"{ids['tower']}/{own.get(vname, '')}"
+        preds[vname] = [rank(root / "rankers" / f"{vname}-s{s}", inter, src, s, args.reuse, inputs, **opts)
                         for s in args.seeds]
         log.info("%s %s: test AUC %s", name, vname, [round(qm_auc(p), 4) for p in preds[vname]])
     result = summarize_dataset(inter, preds, metrics, states)
@@ -280,7 +292,7 @@ def run_dataset(name: str, source: Path, args: argparse.Namespace) -> dict:
     # the headline numbers where issue 14 asks for them
     result["llm_minus_id_only"] = result["variants"]["llm"]["minus_id_only"]
     result["per_user_auc_llm_minus_id_only"] = result["variants"]["llm"]["per_user_minus_id_only"]
-    result.update(join_seconds=round(join_seconds, 1), seconds=round(time.perf_counter() - t0, 1),
+    result.update(embed_every=args.every, join_seconds=round(join_seconds, 1), seconds=round(time.perf_counter() - t0, 1),
                   towers={k: tower_summary(m) for k, m in metrics.items()}, data_dir=str(data_dir))
     return result
 
@@ -362,10 +374,11 @@ def write_report(result: dict, out: Path, stem: str = "quality") -> None:
              "Commands: " + "; ".join(f"{k}: `{v}`" for k, v in result["commands"].items())
              + f". Seeds {result['seeds']}; 95% intervals: a bootstrap over test "
              "users (paired differences) or a t-interval over seeds (levels). Twins read Feast "
-             "(`get_historical_features`, user embeddings every 8th event); ablations read the tower's exact "
+             "(`get_historical_features`, user-embedding snapshots at a user's first N interaction times, then every N-th; N in the dataset's heading); ablations read the tower's exact "
              "per-row states from memory (compare them with `llm_exact_states`).", ""]
     for name, d in result["datasets"].items():
-        lines += [f"## {name}", "", f"{d['rows']['train']:,} train and {d['rows']['test']:,} test rows; "
+        lines += [f"## {name} (Feast snapshots every {d.get('embed_every', 8)})", "",
+                  f"{d['rows']['train']:,} train and {d['rows']['test']:,} test rows; "
                   f"tower test AUC {d['tower_test_auc_same_rows']:.4f} (per-user "
                   f"{d['tower_test_per_user_auc']:.4f}), trained in {d['towers']['default']['train_seconds']:.0f} s "
                   f"at {d['towers']['default']['targets_per_s']:.0f} targets/s.", "",
@@ -434,6 +447,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ablations", nargs="*", default=["exact", "residual", "vectors", "decomposed", "cross_fit",
                                                         "frozen", "sliding_window"])
+    ap.add_argument("--every", type=int, default=2,
+                    help="embed-users --every of the +LLM twin's Feast snapshots (llmfeat demo's default).")
     ap.add_argument("--reuse", action="store_true", help="Keep finished towers and ranker runs of the same options.")
     ap.add_argument("--quick", action="store_true", help="A smoke test: 20 tower steps, 1 ranker epoch, one seed.")
     args = ap.parse_args()

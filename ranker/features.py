@@ -396,6 +396,7 @@ class EncodedRows:
     labels: np.ndarray | None
     sparse_names: list[str]
     llm_flag_columns: list[int]  # dense columns holding a missing flag (set by missing_dropout)
+    users: np.ndarray | None = None  # ``[N]`` raw user ids, where a caller needs per-user metrics
 
     def __len__(self) -> int:
         return len(self.dense)
