@@ -71,7 +71,7 @@ def test_summary_from_fake_results(tmp_path: Path) -> None:
     assert "2: 2.1x, 16: 9.7x" in cost_memory and cost_memory.endswith("| met |")
     feast = next(line for line in text.splitlines() if line.startswith("| feast | online lookup"))
     assert "not run" in feast
-    ranker = next(line for line in text.splitlines() if line.startswith("| ranker | +LLM"))
+    ranker = next(line for line in text.splitlines() if line.startswith("| ranker | serving") and "p99" in line)
     assert "not run" in ranker
 
 
