@@ -2,10 +2,11 @@
 
 Shapes: ``B`` rows, ``F`` sparse features, ``D`` embedding width, ``F_dense`` dense columns.
 
-The LLM user and item embeddings enter as dense features (option A of the TorchRec notes): the
-dense block ``[numeric | user_vec, user_flag | item_vec, item_flag]`` goes through
-:class:`LLMVectorInput` per LLM slot and then the DLRM dense arch. The id-only twin is the same
-class with no LLM slots (``ModelConfig.llm_features=False``).
+The LLM user and item embeddings arrive in the dense block ``[numeric | user_vec, user_flag |
+item_vec, item_flag]``. By default (``llm_mode=score``) the fine-tuned tower's frozen CTR head
+(:class:`TowerScore`) turns each (user, item) pair into one logit that joins the numeric inputs of
+the DLRM dense arch; the other modes feed the vectors themselves (:class:`LLMVectorInput` per
+slot). The id-only twin is the same class with no LLM slots (``ModelConfig.llm_features=False``).
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ class RankingModel(nn.Module):
 
     How an LLM slot enters (``ModelConfig.llm_mode``):
 
-    * ``interaction`` (default): the slot's vector (normalised, or the learned missing vector) is
+    * ``score`` (default): ``H(u, v)`` of the tower's frozen head (:class:`TowerScore`) and the two
+      missing flags join the numeric features of the dense arch; with ``score_offset`` the logit is
+      also added to the output.
+    * ``interaction``: the slot's vector (normalised, or the learned missing vector) is
       projected ``d -> D`` and joins the ``F`` id embeddings as one more feature of the
       interaction arch, so the cross net / dot products pair it with the ids and with the other
       LLM vector; the missing flags go to the dense arch with the numeric features. The arches
