@@ -14,6 +14,11 @@ Example::
     @click.command()
     @dataclass_options(EncodeConfig)
     def encode(cfg: EncodeConfig) -> None: ...
+
+Numeric fields may bound their values with ``metadata={"min": ..., "max": ...}`` (inclusive; a
+``"min_open"`` bound is exclusive). A value from a config file is checked against the same type,
+choices and bounds as the command-line option, and a bad one is a :class:`UserError` naming the
+file and the option.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from typing import Any, Callable, Literal, TypeVar, get_args, get_origin
 
 import click
 
+from llm_features.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -40,53 +47,138 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _click_type(tp: Any) -> tuple[Any, bool]:
-    """(click type, multiple) for a field annotation."""
+def _click_type(tp: Any, meta: Any = None) -> tuple[Any, bool]:
+    """(click type, multiple) for a field annotation (and its bounds, from the field metadata)."""
     tp, _ = _unwrap_optional(tp)
+    meta = meta or {}
     origin = get_origin(tp)
     if origin is Literal:
         return click.Choice([str(a) for a in get_args(tp)]), False
     if origin in (list, tuple):
         inner = get_args(tp)[0]
-        return _click_type(inner)[0], True
+        return _click_type(inner, meta)[0], True
     if tp is Path:
         return click.Path(path_type=Path), False
+    if tp in (int, float) and any(k in meta for k in ("min", "max", "min_open")):
+        lo = meta.get("min", meta.get("min_open"))
+        rng = click.IntRange if tp is int else click.FloatRange
+        return rng(min=lo, max=meta.get("max"), min_open="min_open" in meta), False
     if tp in (int, float, str, bool):
         return tp, False
     raise TypeError(f"unsupported config field type {tp!r}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_value(name: str, tp: Any, meta: Any, value: Any, where: str | None = None) -> Any:
+    """``value`` of field ``name`` checked (and coerced) like its command-line option would be."""
+    tp, optional = _unwrap_optional(tp)
+    meta = meta or {}
+    if value is None:
+        if optional:
+            return None
+        raise UserError("must not be null", file=where, option=_flag(name))
+    origin = get_origin(tp)
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = get_args(tp)[0]
+        return origin(check_value(name, inner, meta, v, where) for v in value)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise UserError(f"{value!r} is not one of {', '.join(repr(c) for c in choices)}",
+                            file=where, option=_flag(name))
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise UserError(f"expected a path, got {value!r}", file=where, option=_flag(name))
+        return Path(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"expected true or false, got {value!r}", file=where, option=_flag(name))
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"expected an integer, got {value!r}", file=where, option=_flag(name))
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"expected a number, got {value!r}", file=where, option=_flag(name))
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise UserError(f"expected a finite number, got {value!r}", file=where, option=_flag(name))
+    elif tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"expected a string, got {value!r}", file=where, option=_flag(name))
+        return value
+    if tp in (int, float):
+        lo, hi = meta.get("min"), meta.get("max")
+        if "min_open" in meta and not value > meta["min_open"]:
+            raise UserError(f"{value!r} must be greater than {meta['min_open']}", file=where, option=_flag(name))
+        if lo is not None and value < lo:
+            raise UserError(f"{value!r} must be at least {lo}", file=where, option=_flag(name))
+        if hi is not None and value > hi:
+            raise UserError(f"{value!r} must be at most {hi}", file=where, option=_flag(name))
+    return value
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON or YAML mapping of config fields."""
     path = Path(path)
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"not valid JSON ({e})", file=path, option="--config") from None
+    except Exception as e:  # noqa: BLE001 - yaml.YAMLError, without importing yaml up front
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"not valid YAML ({first})", file=path, option="--config") from None
     if not isinstance(data, dict):
-        raise click.BadParameter(f"{path}: expected a mapping of option names to values", param_hint="--config")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+        raise UserError("expected a mapping of option names to values", file=path, option="--config")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def build_config(cls: type[T], values: dict[str, Any]) -> T:
-    """Instantiate ``cls`` from plain values, coercing paths and tuples, rejecting unknown keys."""
+def build_config(cls: type[T], values: dict[str, Any], where: str | None = None,
+                 checked: frozenset[str] = frozenset()) -> T:
+    """Instantiate ``cls`` from plain values, checking each against its option's type, choices and
+    bounds and rejecting unknown keys; ``where`` (a config file) is named in errors. Fields in
+    ``checked`` came from the command line, which click has already checked."""
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise click.BadParameter(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}", param_hint="--config")
+        raise UserError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}", file=where,
+                        option=None if where else "--config")
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
-        tp, _ = _unwrap_optional(hints[name])
-        if value is not None and tp is Path:
-            value = Path(value)
-        elif value is not None and get_origin(tp) in (list, tuple):
-            value = get_origin(tp)(value)
+        if name in checked:
+            tp, _ = _unwrap_optional(hints[name])
+            if value is not None and tp is Path:
+                value = Path(value)
+            elif value is not None and get_origin(tp) in (list, tuple):
+                value = get_origin(tp)(value)
+        else:
+            value = check_value(name, hints[name], fields[name].metadata, value, where)
         kwargs[name] = value
     return cls(**kwargs)  # type: ignore[call-arg]
+
+
+def validate_config(cfg: Any, where: str | None = None) -> None:
+    """Check every field of a config dataclass instance (built by the Python API, say) like its
+    command-line option; raises :class:`UserError` naming the first bad option."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
+                and getattr(cfg, f.name) is None:
+            continue  # a required option the command itself reports
+        check_value(f.name, hints[f.name], f.metadata, getattr(cfg, f.name), where)
 
 
 def dataclass_options(cls: type[T]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -98,17 +190,20 @@ def dataclass_options(cls: type[T]) -> Callable[[Callable[..., Any]], Callable[.
         def wrapper(*args: Any, config_file: Path | None = None, **kwargs: Any) -> Any:
             ctx = click.get_current_context()
             values = load_config_file(config_file) if config_file else {}
+            from_cli = set()
             for f in dataclasses.fields(cls):  # type: ignore[arg-type]
                 v = kwargs.pop(f.name)
                 src = ctx.get_parameter_source(f.name)
                 given = src is not None and src.name != "DEFAULT"
                 if given or f.name not in values:
                     values[f.name] = v
-            return fn(*args, cfg=build_config(cls, values), **kwargs)
+                    from_cli.add(f.name)
+            where = str(config_file) if config_file else None
+            return fn(*args, cfg=build_config(cls, values, where, frozenset(from_cli)), **kwargs)
 
         opts = []
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            ctype, multiple = _click_type(hints[f.name])
+            ctype, multiple = _click_type(hints[f.name], f.metadata)
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
             )

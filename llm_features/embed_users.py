@@ -53,6 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from llm_features.errors import UserError
 from llm_features.backbone import configure_threads
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, FingerprintMismatchError
 from llm_features.finetune.checkpoint import CONFIG, WEIGHTS, load_finetuned
@@ -82,11 +83,11 @@ SCHEMA = pa.schema([
 _NON_SEMANTIC = {"out", "data_dir", "device", "num_threads", "log_every", "save_every", "resume"}
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(UserError, RuntimeError):
     """user_embeddings/ already holds rows of another checkpoint (or other serving options)."""
 
 
-class LateInteractionsError(RuntimeError):
+class LateInteractionsError(UserError, RuntimeError):
     """Interactions changed before a stamp that is already exported: those rows would be stale."""
 
 

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from llm_features.errors import UserError
+
 FINGERPRINT_METADATA_KEY = "llmfeat.fingerprint"
 FINGERPRINT_TAG = "llmfeat_fingerprint"
 
@@ -66,5 +68,5 @@ class ModelFingerprint:
         }
 
 
-class FingerprintMismatchError(RuntimeError):
+class FingerprintMismatchError(UserError, RuntimeError):
     """Embeddings of two different models (or settings) would be mixed."""

@@ -6,7 +6,9 @@ from typing import Literal
 import click
 from click.testing import CliRunner
 
-from llm_features.config import dataclass_options
+import pytest
+
+from llm_features.config import dataclass_options, validate_config
 
 
 @dataclass
@@ -43,3 +45,53 @@ def test_bad_choice_and_unknown_config_key(tmp_path):
     conf.write_text(json.dumps({"sizes": 1}))
     r = CliRunner().invoke(cmd, ["--config", str(conf)])
     assert r.exit_code != 0 and "unknown option(s) sizes" in r.output
+
+
+@dataclass
+class BoundedConfig:
+    size: int = field(default=3, metadata={"help": "a size", "min": 1})
+    rate: float = field(default=0.5, metadata={"help": "a rate", "min_open": 0.0, "max": 1.0})
+    mode: Literal["a", "b"] = "a"
+    out: Path | None = None
+
+
+@click.command()
+@dataclass_options(BoundedConfig)
+def bounded(cfg: BoundedConfig) -> None:
+    click.echo(f"{cfg.size} {cfg.rate} {cfg.mode} {cfg.out}")
+
+
+def test_config_file_values_checked_like_options(tmp_path):
+    conf = tmp_path / "c.json"
+    for body, expect in [({"mode": "max"}, "--mode: 'max' is not one of 'a', 'b'"),
+                         ({"size": 0}, "--size: 0 must be at least 1"),
+                         ({"size": "7"}, "--size: expected an integer"),
+                         ({"rate": 0}, "--rate: 0.0 must be greater than 0.0"),
+                         ({"rate": 2}, "--rate: 2.0 must be at most 1.0"),
+                         ({"out": 5}, "--out: expected a path")]:
+        conf.write_text(json.dumps(body))
+        r = CliRunner().invoke(bounded, ["--config", str(conf)])
+        assert r.exit_code == 1 and f"{conf}, {expect}" in r.output, (body, r.output)
+    r = CliRunner().invoke(bounded, ["--size", "0"])
+    assert r.exit_code == 2 and "--size" in r.output  # click's own range check on the command line
+    conf.write_text(json.dumps({"size": 0}))
+    r = CliRunner().invoke(bounded, ["--config", str(conf), "--size", "4"])
+    assert r.exit_code == 0 and r.output.split()[0] == "4"  # the command line wins, and is valid
+    conf.write_text("{not json")
+    r = CliRunner().invoke(bounded, ["--config", str(conf)])
+    assert r.exit_code == 1 and "not valid JSON" in r.output
+
+
+def test_validate_config_for_the_python_api():
+    validate_config(BoundedConfig())
+    with pytest.raises(ValueError, match="--mode: 'max' is not one of"):
+        validate_config(BoundedConfig(mode="max"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="--size: -1 must be at least 1"):
+        validate_config(BoundedConfig(size=-1))
+
+
+def test_llmfeat_usage_errors_exit_1():
+    from llm_features.cli import main
+
+    r = CliRunner().invoke(main, ["encode", "--no-such-option"])
+    assert r.exit_code == 1 and "No such option" in r.output

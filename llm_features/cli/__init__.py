@@ -28,7 +28,21 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def _exit_1(fn):
+    """Bad usage exits with 1 like every other bad input (click's own convention is 2)."""
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.UsageError as e:
+            e.exit_code = 1
+            raise
+    return wrapped
+
+
 class LazyGroup(click.Group):
+    make_context = _exit_1(click.Group.make_context)
+    invoke = _exit_1(click.Group.invoke)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [name for name, mod in COMMANDS.items() if importlib.util.find_spec(mod) is not None]
 
