@@ -268,9 +268,12 @@ def snapshots(ext: UserHistories, final_rows: np.ndarray, cadence: Cadence, ever
 @dataclass
 class Existing:
     keys: pd.MultiIndex
-    state: dict[int, tuple[int, int]]
-    """user_id -> (newest exported stamp, interactions strictly before it when exported)."""
+    state: dict[int, tuple[int, int, str | None]]
+    """user_id -> (newest exported stamp, interactions strictly before it when exported, their
+    :class:`HistoryDigests` digest, None in parts written before llmfeat recorded it)."""
     parts: list[Path]
+    owners: dict[int, list[Path]] = field(default_factory=dict)
+    """user_id -> the parts that hold the user's rows."""
 
 
 def _serving_identity(ckpt: dict[str, Any], n: int, k: int, exact: bool, cadence: str) -> dict[str, Any]:
@@ -281,7 +284,8 @@ def read_existing(directory: Path, identity: dict[str, Any], fingerprint_digest:
     """Rows already exported; raises :class:`CheckpointMismatchError` for rows of another checkpoint."""
     parts = list_parts(directory)
     users, stamps = [], []
-    state: dict[int, tuple[int, int]] = {}
+    state: dict[int, tuple[int, int, str | None]] = {}
+    owners: dict[int, list[Path]] = {}
     for p in parts:
         meta = file_metadata(p)
         raw = meta.get(CHECKPOINT_METADATA_KEY)
@@ -308,13 +312,72 @@ def read_existing(directory: Path, identity: dict[str, Any], fingerprint_digest:
         t = pq.read_table(p, columns=["user_id", "event_timestamp"])
         users.append(t["user_id"].to_numpy())
         stamps.append(utc_us(t["event_timestamp"]).cast(pa.int64()).to_numpy())
-        for uid, (stamp, count) in json.loads(meta.get(STATE_METADATA_KEY, "{}")).get("users", {}).items():
+        for uid, (stamp, count, *digest) in json.loads(meta.get(STATE_METADATA_KEY, "{}")).get("users", {}).items():
             uid = int(uid)
             if uid not in state or stamp > state[uid][0]:
-                state[uid] = (int(stamp), int(count))
+                state[uid] = (int(stamp), int(count), digest[0] if digest else None)
+            owners.setdefault(uid, []).append(p)
     u = np.concatenate(users) if users else np.zeros(0, np.int64)
     s = np.concatenate(stamps) if stamps else np.zeros(0, np.int64)
-    return Existing(pd.MultiIndex.from_arrays([u, s]), state, parts)
+    return Existing(pd.MultiIndex.from_arrays([u, s]), state, parts, owners)
+
+
+class HistoryDigests:
+    """What each user's embedding was computed from, as a digest of canonical columns only.
+
+    Over a user's interactions strictly before a stamp, sorted: behavior_id (the stable id of the
+    behaviour text, so a changed text changes it), event_timestamp, label and rating. A part records
+    it per user; when the canonical table later gives another digest for the same stamp, the row is
+    stale (an item or behaviour text changed, a label was corrected). Anyone holding the canonical
+    table can check it without the model (``llmfeat feast materialize`` does).
+    """
+
+    def __init__(self, interactions: str | os.PathLike):
+        names = set(pq.read_schema(interactions).names)
+        cols = ["user_id", "event_timestamp", "behavior_id", "label"] + (["rating"] if "rating" in names else [])
+        t = pq.read_table(interactions, columns=cols)
+        df = pd.DataFrame({
+            "u": t["user_id"].to_numpy(),
+            "t": utc_us(t["event_timestamp"]).cast(pa.int64()).to_numpy(),
+            "b": t["behavior_id"].to_numpy(),
+            "l": t["label"].to_numpy().astype(np.int64),
+            "r": (np.nan_to_num(t["rating"].to_numpy(zero_copy_only=False).astype(np.float64), nan=-1e300)
+                  if "rating" in cols else np.zeros(t.num_rows)),
+        }).sort_values(["u", "t", "b", "l", "r"], kind="stable")
+        self.user = df["u"].to_numpy()
+        self.time = df["t"].to_numpy()
+        self.rows = np.ascontiguousarray(np.stack([df["t"].to_numpy(), df["b"].to_numpy(), df["l"].to_numpy(),
+                                                   df["r"].to_numpy().view(np.int64)], axis=1))
+
+    def __call__(self, uid: int, stamp: int) -> tuple[int, str]:
+        """(interactions of ``uid`` strictly before ``stamp``, their digest)."""
+        lo, hi = np.searchsorted(self.user, [uid, uid + 1])
+        end = lo + int(np.searchsorted(self.time[lo:hi], stamp, side="left"))
+        return end - lo, hashlib.blake2b(self.rows[lo:end].tobytes(), digest_size=8).hexdigest()
+
+    def changed(self, state: dict[int, tuple[int, int, str | None]]) -> list[int]:
+        """Users whose recorded digest no longer matches the canonical table (same count, other content)."""
+        out = []
+        for uid, (stamp, count, digest) in state.items():
+            if digest is not None:
+                now_count, now = self(uid, stamp)
+                if now_count == count and now != digest:
+                    out.append(uid)
+        return sorted(out)
+
+
+def stale_user_embeddings(data_dir: str | os.PathLike | None) -> list[int]:
+    """Users whose exported embeddings were computed from interactions that have changed since."""
+    ws = Workspace.at(data_dir)
+    state: dict[int, tuple[int, int, str | None]] = {}
+    for p in list_parts(ws.user_embeddings):
+        users = json.loads(file_metadata(p).get(STATE_METADATA_KEY, "{}")).get("users", {})
+        for uid, (stamp, count, *digest) in users.items():
+            if int(uid) not in state or stamp > state[int(uid)][0]:
+                state[int(uid)] = (int(stamp), int(count), digest[0] if digest else None)
+    if not state or not ws.interactions.exists():
+        return []
+    return HistoryDigests(ws.interactions).changed(state)
 
 
 def check_no_late_interactions(hist: UserHistories, state: dict[int, tuple[int, int]]) -> None:
@@ -326,7 +389,7 @@ def check_no_late_interactions(hist: UserHistories, state: dict[int, tuple[int, 
     pos = np.minimum(pos, max(len(hist.user_ids) - 1, 0))
     bad = []
     for uid, p in zip(uids.tolist(), pos.tolist()):
-        stamp, count = state[uid]
+        stamp, count, _ = state[uid]
         if len(hist.user_ids) == 0 or hist.user_ids[p] != uid:
             now = 0
         else:
@@ -484,6 +547,16 @@ def embed_users(
             log.info("--overwrite: removing %s", p)
             p.unlink()
     existing = read_existing(directory, identity, fp.digest)
+    digests = HistoryDigests(ws.interactions) if ws.interactions.exists() else None
+    changed = digests.changed(existing.state) if digests is not None else []
+    if changed:
+        stale_parts = sorted({p for uid in changed for p in existing.owners[uid]})
+        log.info("embed-users: %d users' interactions changed content since their embeddings were exported "
+                 "(e.g. user %d: a text or label changed); recomputing the %d parts that hold them",
+                 len(changed), changed[0], len(stale_parts))
+        for p in stale_parts:
+            p.unlink()
+        existing = read_existing(directory, identity, fp.digest)
 
     if data is None:
         data = load_finetune_data(cfg.data_dir, fp, feedback=ft.feedback,
@@ -538,7 +611,12 @@ def embed_users(
         for i in last.tolist():
             r = int(rows[i])
             before = int(ext.time_start[r] - ext.user_start[r])  # rows strictly before the query's time
-            user_state[str(int(uids[i]))] = [int(stamps[i]), before]
+            entry = [int(stamps[i]), before]
+            if digests is not None:
+                count, digest = digests(int(uids[i]), int(stamps[i]))
+                if count == before:  # the same rows as the model saw (always, unless the table moved)
+                    entry.append(digest)
+            user_state[str(int(uids[i]))] = entry
         meta = {
             FINGERPRINT_METADATA_KEY: fp.to_json(),
             CHECKPOINT_METADATA_KEY: json.dumps(identity, sort_keys=True),

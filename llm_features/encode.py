@@ -56,12 +56,12 @@ class EncodeConfig(BackboneConfig):
 
     data_dir: Path | None = field(default=None, metadata={
         "help": "Workspace directory (default: $LLMFEAT_DATA_DIR or feast_repo/data)."})
-    batch_size: int = field(default=64, metadata={"help": "Texts per forward pass."})
+    batch_size: int = field(default=64, metadata={"help": "Texts per forward pass.", "min": 1})
     part_size: int = field(default=4096, metadata={
-        "help": "Texts per part file (the unit a killed run resumes from)."})
+        "help": "Texts per part file (the unit a killed run resumes from).", "min": 1})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N, or auto (cuda when available)."})
     num_threads: int | None = field(default=None, metadata={
-        "help": "CPU threads for torch (default: the cores this process may use)."})
+        "help": "CPU threads for torch (default: the cores this process may use).", "min": 1})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
 
@@ -82,6 +82,8 @@ class EncodeStats:
     """Distinct item texts that equal a behaviour text (encoded once for both)."""
     already_encoded: int
     """Distinct texts skipped because a part of the same fingerprint holds them."""
+    stale_items: int
+    """Items whose text changed since their vector was written: old rows removed, text re-encoded."""
     texts_encoded: int
     real_tokens: int
     padded_tokens: int
@@ -111,7 +113,8 @@ class EncodeStats:
             f"{self.distinct_behaviors} distinct (dedup ratio {self.dedup_ratio:.1f}x); "
             f"{self.distinct_items} items, {self.shared_item_texts} sharing a behaviour text; "
             f"{self.distinct_texts} distinct texts, {self.already_encoded} already encoded, "
-            f"{self.texts_encoded} encoded in {self.encode_seconds:.1f}s ({self.texts_per_s:.0f} texts/s, "
+            + (f"{self.stale_items} items with a changed text, " if self.stale_items else "")
+            + f"{self.texts_encoded} encoded in {self.encode_seconds:.1f}s ({self.texts_per_s:.0f} texts/s, "
             f"padding efficiency {self.padding_efficiency:.2f}); "
             f"wrote {self.behavior_rows_written} behaviour + {self.item_rows_written} item rows "
             f"in {self.parts_written} parts ({self.seconds:.1f}s in all)"
@@ -173,10 +176,10 @@ def _read_texts(ws: Workspace) -> _Texts:
     return _Texts(occurrences=inter.num_rows, behaviors=behaviors, items=items)
 
 
-def _existing_ids(directory: Path, id_column: str, fp: ModelFingerprint) -> set[int]:
-    """Ids in ``directory``'s parts; every part must carry ``fp`` (mixing models is an error)."""
-    done: set[int] = set()
-    for part in list_parts(directory):
+def _check_fingerprints(directory: Path, fp: ModelFingerprint) -> list[Path]:
+    """``directory``'s parts; every part must carry ``fp`` (mixing models is an error)."""
+    parts = list_parts(directory)
+    for part in parts:
         raw = file_metadata(part).get(FINGERPRINT_METADATA_KEY)
         digest = ModelFingerprint.from_json(raw).digest if raw else None
         if digest != fp.digest:
@@ -184,8 +187,54 @@ def _existing_ids(directory: Path, id_column: str, fp: ModelFingerprint) -> set[
                 f"{part} was written by model fingerprint {digest}, this run is {fp.digest} "
                 f"({fp.model_name}); use a fresh --data-dir or delete {directory} to re-encode"
             )
+    return parts
+
+
+def _existing_ids(directory: Path, id_column: str, fp: ModelFingerprint) -> set[int]:
+    """Ids in ``directory``'s parts, all of fingerprint ``fp``."""
+    done: set[int] = set()
+    for part in _check_fingerprints(directory, fp):
         done.update(pq.read_table(part, columns=[id_column])[id_column].to_pylist())
     return done
+
+
+def _stale_items(directory: Path, fp: ModelFingerprint, items: pa.Table) -> tuple[set[int], dict[Path, set[int]]]:
+    """Items whose stored vector was encoded from another text than their text now.
+
+    Returns (the item ids with a current vector, {part: stale item ids in it}). Each item row carries
+    the ``text_key`` of the text it was encoded from; a row without one (a part written before
+    llmfeat recorded it) counts as stale, so the upgrade re-encodes the items once.
+    """
+    current = dict(zip(items["item_id"].to_pylist(), items["text_key"].to_pylist()))
+    fresh: set[int] = set()
+    stale: dict[Path, set[int]] = {}
+    for part in _check_fingerprints(directory, fp):
+        names = pq.read_schema(part).names
+        t = pq.read_table(part, columns=["item_id"] + (["text_key"] if "text_key" in names else []))
+        ids = t["item_id"].to_pylist()
+        keys = t["text_key"].to_pylist() if "text_key" in names else [None] * len(ids)
+        bad = {i for i, k in zip(ids, keys) if i in current and k != current[i]}
+        fresh.update(i for i, k in zip(ids, keys) if i not in current or k == current[i])
+        if bad:
+            stale[part] = bad
+    return fresh - {i for ids in stale.values() for i in ids}, stale
+
+
+def _drop_rows(part: Path, column: str, ids: set[int], fp: ModelFingerprint, kind: str) -> Path | None:
+    """Rewrite ``part`` without the rows whose ``column`` is in ``ids`` (then remove the old file).
+
+    The rewritten part is named by its content, so a run killed between the write and the unlink
+    rewrites it to the same name on the next run: no row is lost, none is served twice for long.
+    """
+    t = pq.read_table(part)
+    keep = t.filter(pc.invert(pc.is_in(t[column], value_set=pa.array(sorted(ids), pa.int64()))))
+    new = None
+    if keep.num_rows:
+        name = _part_name(fp, kind, keep[column].to_pylist())
+        new = write_part(part.parent, keep, metadata={FINGERPRINT_METADATA_KEY: fp.to_json()}, name=name)
+    if new != part:
+        part.unlink()
+    return new
 
 
 def _stored_vectors(directory: Path, wanted: set[int]) -> dict[int, np.ndarray]:
@@ -250,6 +299,7 @@ def _write_rows(
             "item_id": i["item_id"],
             "item_embedding": embedding_array(vec),
             "event_timestamp": utc_us(i["event_timestamp"]),
+            "text_key": i["text_key"],  # the text it was encoded from: a changed text is re-encoded
         }, fp))
         ni = i.num_rows
     return paths, nb, ni
@@ -295,8 +345,14 @@ def encode(
     bb = backbone or Backbone.load(cfg.backbone_config(), device=resolve_device(cfg.device))
     fp = bb.fingerprint
     done_behaviors = _existing_ids(ws.atomic_behavior_embeddings, "behavior_id", fp)
-    done_items = _existing_ids(ws.item_embeddings, "item_id", fp)
+    done_items, stale_parts = _stale_items(ws.item_embeddings, fp, texts.items)
     ws.claim_fingerprint(fp)
+    stale_items = sorted({i for ids in stale_parts.values() for i in ids})
+    if stale_items:
+        log.info("encode: %d items changed their text since they were encoded (e.g. item %d): their old "
+                 "vectors are removed and their new texts encoded", len(stale_items), stale_items[0])
+        for part, ids in stale_parts.items():
+            _drop_rows(part, "item_id", ids, fp, "item")
     behaviors = _without(texts.behaviors, "behavior_id", done_behaviors)
     items = _without(texts.items, "item_id", done_items)
 
@@ -316,6 +372,7 @@ def encode(
         distinct_texts=len(text_of),
         shared_item_texts=len(item_keys & behavior_keys),
         already_encoded=len(text_of) - len(needed),
+        stale_items=len(stale_items),
         texts_encoded=0, real_tokens=0, padded_tokens=0,
         behavior_rows_written=0, item_rows_written=0, parts_written=0, seconds=0.0, encode_seconds=0.0,
     )

@@ -24,6 +24,7 @@ from llm_features.embed_users import (
     embed_users,
     read_user_embeddings,
     with_final_queries,
+    stale_user_embeddings,
 )
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, ModelFingerprint
 from llm_features.finetune import FinetuneConfig, load_finetuned
@@ -287,6 +288,31 @@ def test_rerun_writes_nothing_and_new_interactions_append_only_affected_users(se
         embed_users(cfg(setup, ws))
     embed_users(cfg(setup, ws, overwrite=True))
     assert not read_user_embeddings(ws).duplicated(["user_id", "event_timestamp"]).any()
+
+
+def test_changed_behaviour_text_recomputes_the_users_who_had_it(setup, tmp_path):
+    """Issue 16: same interactions, but one behaviour's text (hence id) changed for user 3's rows:
+    its exported rows are stale; materialize's check names them and the next run recomputes them."""
+    ws = fresh_ws(setup, tmp_path / "ws")
+    embed_users(cfg(setup, ws, users_per_part=2))
+    assert stale_user_embeddings(ws) == []
+    rows = list(setup["rows"])
+    first3 = min(i for i, r in enumerate(rows) if r[0] == 3)
+    u, b, t, r = rows[first3]
+    rows[first3] = (u, (b + 1) % N_BEHAVIORS, t, r)  # another text for that interaction
+    write_interactions(ws, rows)
+    assert stale_user_embeddings(ws) == [3]
+    rerun = embed_users(cfg(setup, ws, users_per_part=2))
+    assert rerun.rows_written > 0 and stale_user_embeddings(ws) == []
+    got = read_user_embeddings(ws)
+    assert not got.duplicated(["user_id", "event_timestamp"]).any()
+    fresh = fresh_ws(setup, tmp_path / "fresh", rows)
+    embed_users(cfg(setup, fresh))
+    want, have = as_dict(read_user_embeddings(fresh)), as_dict(got)
+    assert set(want) == set(have)
+    for key, vec in want.items():
+        np.testing.assert_allclose(have[key], vec, atol=1e-5, rtol=1e-5)
+    assert embed_users(cfg(setup, ws, users_per_part=2)).rows_written == 0
 
 
 def test_killed_run_resumes_without_duplicates(setup, tmp_path, monkeypatch):

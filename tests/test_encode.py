@@ -239,3 +239,44 @@ def test_cli(tiny_bert_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert "dedup ratio 2.4x" in res.output
     assert len(read_parts(tmp_path / "item_embeddings")) == 7
+
+
+def test_changed_item_text_is_reencoded_and_the_old_vector_dropped(tiny_bert_dir, tmp_path):
+    """Issue 16: an item whose text changes keeps no vector of its old text."""
+    write_canonical(tmp_path)
+    cfg = cfg_for(tiny_bert_dir, tmp_path)
+    encode(cfg)
+    before = table_of(tmp_path / "item_embeddings", "item_id", "item_embedding")
+    changed = {**ITEMS, 2: "Heat (1995) | Action, Crime, Thriller, Drama", 7: "A Documentary (1999) | Documentary"}
+    write_canonical(tmp_path, items=changed)
+    stats = encode(cfg)
+    assert stats.stale_items == 2 and stats.item_rows_written == 2
+    after = table_of(tmp_path / "item_embeddings", "item_id", "item_embedding")  # no duplicate item_id
+    assert set(after) == set(ITEMS)
+    bb = Backbone.load(cfg.backbone_config())
+    fresh = bb.encode_texts([changed[2], changed[7]], batch_size=4).numpy()
+    np.testing.assert_allclose(after[2], fresh[0], atol=1e-5)
+    np.testing.assert_allclose(after[7], fresh[1], atol=1e-5)
+    for i in (1, 3, 4, 5, 6):
+        np.testing.assert_array_equal(after[i], before[i])
+    keys = read_parts(tmp_path / "item_embeddings").to_pydict()
+    assert dict(zip(keys["item_id"], keys["text_key"]))[2] == stable_id(changed[2])
+    assert encode(cfg).item_rows_written == 0  # and then it is current
+
+
+def test_killed_while_dropping_a_stale_row_converges(tiny_bert_dir, tmp_path, monkeypatch):
+    write_canonical(tmp_path)
+    cfg = cfg_for(tiny_bert_dir, tmp_path)
+    encode(cfg)
+    write_canonical(tmp_path, items={**ITEMS, 2: "Heat (1995) | Crime"})
+
+    def killed(self):
+        raise KeyboardInterrupt  # after the rewritten part is in place, before the old one goes
+    monkeypatch.setattr(Path, "unlink", killed)
+    with pytest.raises(KeyboardInterrupt):
+        encode(cfg)
+    monkeypatch.undo()
+    encode(cfg)
+    after = table_of(tmp_path / "item_embeddings", "item_id", "item_embedding")
+    assert set(after) == set(ITEMS)
+    assert encode(cfg).item_rows_written == 0
