@@ -33,6 +33,9 @@ import pyarrow.parquet as pq
 import torch
 
 from llm_features.backbone import Backbone, BackboneConfig, configure_threads
+from llm_features.config import validate_config
+from llm_features.devices import resolve_device
+from llm_features.errors import UserError
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, FingerprintMismatchError, ModelFingerprint
 from llm_features.ids import normalize_text, stable_id
 from llm_features.parquet_io import (
@@ -133,10 +136,8 @@ class _Texts:
 
 def _read_texts(ws: Workspace) -> _Texts:
     if not ws.interactions.exists():
-        raise FileNotFoundError(f"{ws.interactions} not found: run `llmfeat ingest` for this data dir first")
-    inter = pq.read_table(
-        ws.interactions, columns=["behavior_id", "behavior_text", "item_id", "event_timestamp"]
-    )
+        raise UserError("not found", file=ws.interactions, fix="Run `llmfeat ingest` for this data dir first.")
+    inter = _read_canonical(ws.interactions, ["behavior_id", "behavior_text", "item_id", "event_timestamp"])
     g = inter.group_by("behavior_id", use_threads=False).aggregate(
         [("behavior_text", "first"), ("event_timestamp", "min")]
     )
@@ -147,18 +148,18 @@ def _read_texts(ws: Workspace) -> _Texts:
     })
     for bid, text in zip(behaviors["behavior_id"].to_pylist(), behaviors["behavior_text"].to_pylist()):
         if stable_id(text) != bid:
-            raise ValueError(
-                f"{ws.interactions}: behavior_id {bid} is not stable_id(behavior_text) for text {text!r} "
-                f"(expected {stable_id(text)}); re-run `llmfeat ingest`, which derives the id from the text"
-            )
+            raise UserError(
+                f"behavior_id {bid} is not stable_id(behavior_text) for text {text!r} (expected "
+                f"{stable_id(text)})", file=ws.interactions, column="behavior_id",
+                fix="Re-run `llmfeat ingest`, which derives the id from the text.")
 
     first_seen = inter.group_by("item_id").aggregate([("event_timestamp", "min")])
     first_seen = dict(zip(first_seen["item_id"].to_pylist(), first_seen["event_timestamp_min"].to_pylist()))
     earliest = pc.min(inter["event_timestamp"]).as_py()
     if ws.items.exists():
-        names = set(pq.read_schema(ws.items).names)
+        names = set(_read_canonical(ws.items, None, schema_only=True).names)
         cols = ["item_id", "item_text"] + (["event_timestamp"] if "event_timestamp" in names else [])
-        items = pq.read_table(ws.items, columns=cols)
+        items = _read_canonical(ws.items, cols)
     else:
         log.warning("%s not found: encoding behaviours only, no item embeddings", ws.items)
         items = pa.table({"item_id": pa.array([], pa.int64()), "item_text": pa.array([], pa.string())})
@@ -188,6 +189,22 @@ def _check_fingerprints(directory: Path, fp: ModelFingerprint) -> list[Path]:
                 f"({fp.model_name}); use a fresh --data-dir or delete {directory} to re-encode"
             )
     return parts
+
+
+def _read_canonical(path: Path, columns: list[str] | None, schema_only: bool = False):
+    """A canonical table, or a :class:`UserError` saying it is unreadable or lacks a column."""
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"not a readable parquet table ({str(e).splitlines()[0]})", file=path,
+                        fix="Re-run `llmfeat ingest` to rewrite it.") from None
+    if schema_only:
+        return schema
+    missing = [c for c in columns or () if c not in schema.names]
+    if missing:
+        raise UserError("missing (a table `llmfeat ingest` did not write?)", file=path, column=missing[0],
+                        fix="Re-run `llmfeat ingest` to rewrite it.")
+    return pq.read_table(path, columns=columns)
 
 
 def _existing_ids(directory: Path, id_column: str, fp: ModelFingerprint) -> set[int]:
@@ -314,12 +331,6 @@ def _write_report(ws: Workspace, stats: EncodeStats) -> Path:
 
 
 # --------------------------------------------------------------------------- the stage
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def encode(
     cfg: EncodeConfig,
     *,
@@ -339,10 +350,12 @@ def encode(
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
+    validate_config(cfg)
+    device = resolve_device(cfg.device)
     ws = Workspace.at(cfg.data_dir)
     configure_threads(cfg.num_threads)
     texts = _read_texts(ws)
-    bb = backbone or Backbone.load(cfg.backbone_config(), device=resolve_device(cfg.device))
+    bb = backbone or Backbone.load(cfg.backbone_config(), device=device)
     fp = bb.fingerprint
     done_behaviors = _existing_ids(ws.atomic_behavior_embeddings, "behavior_id", fp)
     done_items, stale_parts = _stale_items(ws.item_embeddings, fp, texts.items)
