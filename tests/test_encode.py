@@ -226,7 +226,7 @@ def test_bad_behavior_id_is_reported(tiny_bert_dir, tmp_path):
 
 
 def test_missing_canonical_tables(tiny_bert_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="llmfeat ingest"):
+    with pytest.raises(ValueError, match="llmfeat ingest"):  # a UserError
         encode(cfg_for(tiny_bert_dir, tmp_path))
 
 
