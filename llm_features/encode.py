@@ -35,6 +35,7 @@ import torch
 from llm_features.backbone import Backbone, BackboneConfig, configure_threads
 from llm_features.config import validate_config
 from llm_features.devices import resolve_device
+from llm_features.distributed import barrier, init_from_env, sum_over_ranks
 from llm_features.errors import UserError
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, FingerprintMismatchError, ModelFingerprint
 from llm_features.ids import normalize_text, stable_id
@@ -352,6 +353,9 @@ def encode(
     t0 = time.perf_counter()
     validate_config(cfg)
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    rank, world = init_from_env(device)
     ws = Workspace.at(cfg.data_dir)
     configure_threads(cfg.num_threads)
     texts = _read_texts(ws)
@@ -359,13 +363,15 @@ def encode(
     fp = bb.fingerprint
     done_behaviors = _existing_ids(ws.atomic_behavior_embeddings, "behavior_id", fp)
     done_items, stale_parts = _stale_items(ws.item_embeddings, fp, texts.items)
-    ws.claim_fingerprint(fp)
     stale_items = sorted({i for ids in stale_parts.values() for i in ids})
-    if stale_items:
-        log.info("encode: %d items changed their text since they were encoded (e.g. item %d): their old "
-                 "vectors are removed and their new texts encoded", len(stale_items), stale_items[0])
-        for part, ids in stale_parts.items():
-            _drop_rows(part, "item_id", ids, fp, "item")
+    barrier(world)  # every rank has read the parts before rank 0 rewrites any
+    if rank == 0:
+        ws.claim_fingerprint(fp)
+        if stale_items:
+            log.info("encode: %d items changed their text since they were encoded (e.g. item %d): their old "
+                     "vectors are removed and their new texts encoded", len(stale_items), stale_items[0])
+            for part, ids in stale_parts.items():
+                _drop_rows(part, "item_id", ids, fp, "item")
     behaviors = _without(texts.behaviors, "behavior_id", done_behaviors)
     items = _without(texts.items, "item_id", done_items)
 
@@ -400,7 +406,7 @@ def encode(
 
     # Items whose text a finished behaviour part already holds (e.g. a run killed between the two writes).
     reused = _stored_vectors(ws.atomic_behavior_embeddings, (needed & done_behaviors))
-    if reused:
+    if reused and rank == 0:
         record(*_write_rows(ws, fp, reused, behaviors.slice(0, 0), items))
     todo = sorted(needed - reused.keys())
 
@@ -410,9 +416,13 @@ def encode(
         bar.update(n)
 
     encode_t0 = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="text", desc="encode", disable=not cfg.progress, dynamic_ncols=True)
+    # part c is rank c % world's: the same part files as one process writes (see llm_features.distributed)
+    mine = [start for c, start in enumerate(range(0, len(todo), cfg.part_size)) if c % world == rank]
+    total = sum(len(todo[start : start + cfg.part_size]) for start in mine)
+    bar = tqdm(total=total, unit="text", desc=f"encode (rank {rank}/{world})" if world > 1 else "encode",
+               disable=not cfg.progress, dynamic_ncols=True)
     with bar:
-        for start in range(0, len(todo), cfg.part_size):
+        for start in mine:
             keys = todo[start : start + cfg.part_size]
             # the normalised text: the vector then does not depend on which spelling was seen first
             batch_texts = [normalize_text(text_of[k]) for k in keys]
@@ -421,6 +431,15 @@ def encode(
             record(*_write_rows(ws, fp, dict(zip(keys, vectors.numpy())), behaviors, items))
     stats.encode_seconds = time.perf_counter() - encode_t0
     stats.seconds = time.perf_counter() - t0
-    _write_report(ws, stats)
+    if world > 1:
+        summed = ("texts_encoded", "real_tokens", "padded_tokens", "behavior_rows_written", "item_rows_written",
+                  "parts_written", "encode_seconds", "seconds")
+        total_stats = sum_over_ranks({k: getattr(stats, k) for k in summed}, world,
+                                     maximum=("encode_seconds", "seconds"))
+        for k, v in total_stats.items():
+            setattr(stats, k, v)
+    if rank == 0:
+        _write_report(ws, stats)
+    barrier(world)
     log.debug(stats.summary())
     return stats

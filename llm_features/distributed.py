@@ -1,0 +1,44 @@
+"""Ranks under ``torchrun``: one process group for the stages that shard their work.
+
+``encode`` and ``embed-users`` split their part files round robin over the ranks: part ``c`` is
+written by rank ``c % world``, so the parts are the same files a single process writes, and a killed
+rank's parts are simply missing on the next run, which writes them. Rank 0 alone does what must
+happen once (dropping stale rows, claiming the fingerprint, writing the report), between barriers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+
+def init_from_env(device: torch.device | None = None) -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by ``torchrun`` (gloo on CPU, nccl on GPU)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def sum_over_ranks(values: Mapping[str, float], world: int, maximum: tuple[str, ...] = ()) -> dict[str, float]:
+    """``values`` summed over the ranks (the keys in ``maximum``: their maximum instead)."""
+    if world <= 1:
+        return dict(values)
+    import torch.distributed as dist
+
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, dict(values))
+    return {k: (max if k in maximum else sum)(g[k] for g in gathered) for k in values}
