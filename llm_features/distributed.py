@@ -34,11 +34,18 @@ def barrier(world: int) -> None:
 
 
 def sum_over_ranks(values: Mapping[str, float], world: int, maximum: tuple[str, ...] = ()) -> dict[str, float]:
-    """``values`` summed over the ranks (the keys in ``maximum``: their maximum instead)."""
+    """``values`` summed over the ranks (lists concatenated; the keys in ``maximum``: their maximum)."""
     if world <= 1:
         return dict(values)
     import torch.distributed as dist
 
     gathered: list = [None] * world
     dist.all_gather_object(gathered, dict(values))
-    return {k: (max if k in maximum else sum)(g[k] for g in gathered) for k in values}
+    return {k: (max if k in maximum else _total)([g[k] for g in gathered]) for k in values}
+
+
+def _total(values: list):
+    out = values[0]
+    for v in values[1:]:
+        out = out + v  # numbers add up, lists concatenate
+    return out

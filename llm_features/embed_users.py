@@ -53,6 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from llm_features.distributed import barrier, init_from_env, sum_over_ranks
 from llm_features.errors import UserError
 from llm_features.backbone import configure_threads
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, FingerprintMismatchError
@@ -503,6 +504,9 @@ def embed_users(
     """
     started = time.perf_counter()
     device = _resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    rank, world = init_from_env(device)
     configure_threads(cfg.num_threads)
     ident = checkpoint_identity(cfg.checkpoint)
     if model is None:
@@ -542,20 +546,24 @@ def embed_users(
     identity = _serving_identity(ident, n, k, exact, cadence)
 
     directory = ws.user_embeddings
-    if cfg.overwrite:
+    if cfg.overwrite and rank == 0:
         for p in list_parts(directory):
             log.info("--overwrite: removing %s", p)
             p.unlink()
+    barrier(world)
     existing = read_existing(directory, identity, fp.digest)
     digests = HistoryDigests(ws.interactions) if ws.interactions.exists() else None
     changed = digests.changed(existing.state) if digests is not None else []
     if changed:
         stale_parts = sorted({p for uid in changed for p in existing.owners[uid]})
-        log.info("embed-users: %d users' interactions changed content since their embeddings were exported "
-                 "(e.g. user %d: a text or label changed); recomputing the %d parts that hold them",
-                 len(changed), changed[0], len(stale_parts))
-        for p in stale_parts:
-            p.unlink()
+        barrier(world)  # every rank has read the parts before rank 0 removes any
+        if rank == 0:
+            log.info("embed-users: %d users' interactions changed content since their embeddings were exported "
+                     "(e.g. user %d: a text or label changed); recomputing the %d parts that hold them",
+                     len(changed), changed[0], len(stale_parts))
+            for p in stale_parts:
+                p.unlink()
+        barrier(world)
         existing = read_existing(directory, identity, fp.digest)
 
     if data is None:
@@ -581,7 +589,8 @@ def embed_users(
     rows_written = states_computed = 0
     compute_seconds = 0.0
     per = max(1, int(cfg.users_per_part))
-    for c in range(0, len(work_users), per):
+    # part c is rank c % world's: the same part files as one process writes (see llm_features.distributed)
+    for c in [c for i, c in enumerate(range(0, len(work_users), per)) if i % world == rank]:
         chunk_users = work_users[c : c + per]
         sel = todo & np.isin(snaps.user_id, chunk_users)
         rows, stamps, uids = snaps.row[sel], snaps.stamp[sel], snaps.user_id[sel]
@@ -630,10 +639,18 @@ def embed_users(
         log.info("embed-users: part %s, %d rows (%d users)", name, len(rows), len(chunk_users))
     drop_placeholder(directory)
     users = np.unique(np.concatenate([existing.keys.get_level_values(0).to_numpy(), snaps.user_id[todo]]))
+    seconds = time.perf_counter() - started
+    if world > 1:
+        total = sum_over_ranks({"rows_written": rows_written, "forward_states": states_computed,
+                                "compute_seconds": compute_seconds, "seconds": seconds, "parts": written},
+                               world, maximum=("compute_seconds", "seconds"))
+        rows_written, states_computed = total["rows_written"], total["forward_states"]
+        compute_seconds, seconds, written = total["compute_seconds"], total["seconds"], sorted(total["parts"])
+        barrier(world)
     report = EmbedUsersReport(
         checkpoint_id=identity["id"], cadence=cadence, context_size=n, targets_per_sequence=k,
         exact=exact, users=len(users), rows_written=rows_written, rows_existing=int(done.sum()),
-        parts_written=written, seconds=time.perf_counter() - started, compute_seconds=compute_seconds,
+        parts_written=written, seconds=seconds, compute_seconds=compute_seconds,
         forward_states=states_computed,
     )
     log.info("%s", report.summary())

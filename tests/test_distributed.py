@@ -64,3 +64,34 @@ def test_encode_two_ranks_equal_one_process(tiny_bert_dir, tmp_path):
     torchrun(*args, "--data-dir", str(two))
     assert _parts(one / "atomic_behavior_embeddings") == _parts(two / "atomic_behavior_embeddings")
     assert json.loads((two / "encode_report.json").read_text())["parts_written"] == 1
+
+
+def test_embed_users_two_ranks_equal_one_process(tiny_bert_dir, tmp_path):
+    from test_embed_users import make_checkpoint, make_rows, make_workspace
+
+    from llm_features.backbone import Backbone, BackboneConfig
+    from llm_features.embed_users import read_user_embeddings
+
+    bb = Backbone.load(BackboneConfig(model=tiny_bert_dir, split_layer=2))
+    ckpt = make_checkpoint(tmp_path / "ckpt", bb, tiny_bert_dir)
+    one = make_workspace(tmp_path / "one", bb, make_rows(users=7))
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    args = ["embed-users", "--checkpoint", str(ckpt), "--users-per-part", "2", "--num-threads", "1"]
+    from click.testing import CliRunner
+
+    from llm_features.cli import main
+
+    res = CliRunner().invoke(main, [*args, "--data-dir", str(one)])
+    assert res.exit_code == 0, res.output
+    torchrun(*args, "--data-dir", str(two))
+    assert _parts(one / "user_embeddings") == _parts(two / "user_embeddings")
+    assert len(_parts(one / "user_embeddings")) == 4
+    a, b = read_user_embeddings(one), read_user_embeddings(two)
+    assert a[["user_id", "event_timestamp"]].equals(b[["user_id", "event_timestamp"]])
+    np.testing.assert_allclose(np.stack(a["user_embedding"]), np.stack(b["user_embedding"]), atol=1e-5)
+    lost = list_parts(two / "user_embeddings")[1]
+    lost.unlink()
+    out = torchrun(*args, "--data-dir", str(two))
+    assert _parts(one / "user_embeddings") == _parts(two / "user_embeddings")
+    assert out.stdout.count("new rows in 1 parts") == 1  # the totals, once, from rank 0

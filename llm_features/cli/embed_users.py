@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from llm_features.config import dataclass_options
@@ -27,4 +29,5 @@ def command(cfg: EmbedUsersConfig) -> None:
         report = embed_users(cfg)
     except (CheckpointMismatchError, LateInteractionsError, FingerprintMismatchError) as e:
         raise click.ClickException(str(e)) from e
-    click.echo(report.summary())
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the totals once
+        click.echo(report.summary())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from llm_features.config import dataclass_options
@@ -17,4 +19,5 @@ def command(cfg: EncodeConfig) -> None:
     resumes from its last finished part. Writes encode_report.json (dedup ratio, throughput).
     """
     stats = encode(cfg)
-    click.echo(stats.summary())
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the totals once
+        click.echo(stats.summary())
