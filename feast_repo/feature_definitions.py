@@ -260,6 +260,34 @@ item_profile = FeatureView(
 )
 
 # ---------------------------------------------------------------------------------------------
+# As-of twins of the per-user time series, offline only. A point-in-time join over a view with a
+# row per (user, interaction time) pairs every entity row with every earlier row of its user (rows x
+# snapshots, quadratic in a user's activity) before keeping the newest. The ranker's fetch
+# (llm_features.asof) looks up each entity row's snapshot stamp itself and joins the twin AT that
+# stamp: with a one-second TTL, the join touches only rows of that second. Same source, same
+# features, same rows chosen (tests/test_asof.py compares both paths).
+
+ASOF_TTL = timedelta(seconds=1)
+ASOF_TAG = "llmfeat_asof_of"
+
+
+def _asof_twin(view: FeatureView) -> FeatureView:
+    return FeatureView(
+        name=f"{view.name}__asof",
+        entities=[user],
+        ttl=ASOF_TTL,
+        schema=[Field(name=f.name, dtype=f.dtype) for f in view.features],
+        source=view.batch_source,
+        online=False,
+        tags={**view.tags, ASOF_TAG: view.name},
+        description=f"Offline twin of {view.name} for the as-of fetch (llm_features.asof); never materialized.",
+    )
+
+
+user_embeddings__asof = _asof_twin(user_embeddings)
+user_recent_behaviors__asof = _asof_twin(user_recent_behaviors)
+
+# ---------------------------------------------------------------------------------------------
 # Feature services: what the ranker reads, and its id-only baseline twin
 
 ranker_llm = FeatureService(

@@ -408,7 +408,8 @@ def materialize_all(
     """
     if check:
         check_fingerprints(store, workspace)
-    views = [fv for fv in store.list_feature_views() if feature_views is None or fv.name in feature_views]
+    views = [fv for fv in store.list_feature_views()
+             if (feature_views is None and fv.online) or (feature_views is not None and fv.name in feature_views)]
     if feature_views is not None:
         missing = sorted(set(feature_views) - {fv.name for fv in views})
         if missing:

@@ -82,7 +82,8 @@ def load_entities(interactions: Path, split: str, max_rows: int | None = None, l
 
 
 def feast_source(store, service_name: str, columns: set[str] | None = None) -> FeatureSource:
-    """``get_historical_features`` over the named feature service as a :data:`FeatureSource`.
+    """``get_historical_features`` over the named feature service as a :data:`FeatureSource`
+    (through :func:`llm_features.asof.historical_features`: the same frame, a bounded join).
 
     With ``columns``, only the service's features of those names are joined: the same rows and
     values, without paying for columns the model never reads (e.g. ``recent_behavior_ids``).
@@ -93,8 +94,14 @@ def feast_source(store, service_name: str, columns: set[str] | None = None) -> F
         features = [f"{p.name_to_use()}:{f.name}" for p in service.feature_view_projections
                     for f in p.features if f.name in columns]
 
+    from llm_features.asof import historical_features
+
+    stamp_indexes: dict = {}  # built on the first chunk, reused by the others
+
     def fetch(entity_df: pd.DataFrame) -> pd.DataFrame:
-        return store.get_historical_features(entity_df=entity_df, features=features).to_df()
+        # Feast's point-in-time join, with the per-user time series joined at their as-of stamps
+        # (llm_features.asof): the same rows, without pairing each row with all earlier snapshots
+        return historical_features(store, entity_df, features, stamp_indexes)
 
     return fetch
 

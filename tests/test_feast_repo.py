@@ -30,8 +30,15 @@ def test_definitions_match_spec(tmp_path):
         "behavior": ("behavior_id", ValueType.INT64),
     }
     views = {fv.name: fv for fv in repo.feature_views}
+    twins = {n: views.pop(n) for n in list(views) if n.endswith("__asof")}
     assert set(views) == {"atomic_behavior_embeddings", "item_embeddings", "user_embeddings",
                           "user_recent_behaviors", "user_profile", "item_profile"}
+    # offline-only as-of twins of the per-user time series (llm_features.asof): same source and features
+    assert set(twins) == {"user_embeddings__asof", "user_recent_behaviors__asof"}
+    for name, twin in twins.items():
+        base = views[name.removesuffix("__asof")]
+        assert not twin.online and twin.ttl == timedelta(seconds=1) and twin.batch_source == base.batch_source
+        assert [f.name for f in twin.features] == [f.name for f in base.features]
     names = [f.name for fv in views.values() for f in fv.features]
     assert len(names) == len(set(names)), "feature names must be globally unique"
     embeddings = [("atomic_behavior_embeddings", "behavior_embedding"), ("item_embeddings", "item_embedding"),
