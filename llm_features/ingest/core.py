@@ -17,11 +17,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from llm_features.config import validate_config
 from llm_features.ids import stable_id
 from llm_features.ingest.errors import IngestError
 from llm_features.ingest.generic import load_generic, parse_mapping
 from llm_features.ingest.movielens import load_ml1m, load_ml100k
-from llm_features.ingest.readers import Loaded, SourceFile
+from llm_features.ingest.readers import (
+    DEFAULT_MIN_TIMESTAMP,
+    Loaded,
+    SourceFile,
+    TimeBounds,
+    _canonical_encoding,
+    check_delimiter,
+)
 from llm_features.ingest.split import SPLITS, SplitBoundaries, iso_us, parse_ratios, write_json_atomic
 from llm_features.parquet_io import utc_us, write_table_atomic
 from llm_features.workspace import Workspace
@@ -102,8 +110,23 @@ class IngestConfig:
     timestamp_unit: Literal["auto", "s", "ms", "us", "ns", "iso"] = field(
         default="auto",
         metadata={
-            "help": "Generic timestamps: epoch unit, or iso; auto = epoch seconds if numeric, else ISO 8601 "
-            "(naive = UTC)."
+            "help": "Generic timestamps: epoch unit, or iso. auto: epoch numbers in the unit their magnitude "
+            "shows (< 1e11 s, < 1e14 ms, < 1e17 us, else ns; a column mixing units is an error), "
+            "anything else ISO 8601 (naive = UTC)."
+        },
+    )
+    min_timestamp: str = field(
+        default=DEFAULT_MIN_TIMESTAMP,
+        metadata={
+            "help": "Earliest plausible event time (ISO 8601 date or time, naive = UTC); earlier, zero and "
+            "negative timestamps are an error."
+        },
+    )
+    allow_future: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept event times after now + 1 day (refused by default: future rows would become "
+            "the online values)."
         },
     )
     encoding: str | None = field(
@@ -111,12 +134,16 @@ class IngestConfig:
         metadata={"help": "Text encoding of the inputs (default: latin-1 for MovieLens, utf-8 for generic)."},
     )
     delimiter: str | None = field(
-        default=None, metadata={"help": "Generic CSV delimiter (default: ',' or tab for .tsv)."}
+        default=None,
+        metadata={"help": "Generic CSV delimiter, one character ('\\t' or tab for a tab; default: ',', "
+                  "or tab for .tsv)."},
     )
     hash_ids: bool = field(
         default=False,
         metadata={
-            "help": "Generic: map string user/item ids to stable int64 ids instead of requiring integers."
+            "help": "Generic: map each user/item id's text to a stable 63-bit id (blake2b of "
+            "'user:<id>' / 'item:<id>', NFKC-normalised) instead of requiring integers within int64; "
+            "two ids with the same hash are an error."
         },
     )
     drop_unknown_items: bool = field(
@@ -128,14 +155,17 @@ class IngestConfig:
     split_ratios: str = field(
         default="0.8,0.1,0.1",
         metadata={
-            "help": "Train/valid/test fractions over the global time order (recorded once in split.json)."
+            "help": "Train/valid/test fractions over the global time order (recorded once in split.json); "
+            "each must be > 0."
         },
     )
     resplit: bool = field(
         default=False,
         metadata={"help": "Recompute the split boundaries even if split.json already records them."},
     )
-    recent_n: int = field(default=30, metadata={"help": "Length of user_recent_behaviors lists."})
+    recent_n: int = field(
+        default=30, metadata={"help": "Length of user_recent_behaviors lists.", "min": 1, "max": 10_000}
+    )
     recent_cadence: Literal["event", "day", "none"] = field(
         default="event",
         metadata={
@@ -231,17 +261,34 @@ def input_fingerprint(cfg: IngestConfig, fmt: str) -> tuple[str, list[dict[str, 
     return hashlib.sha256(payload.encode()).hexdigest(), files
 
 
-def load(cfg: IngestConfig, fmt: str | None = None) -> Loaded:
+def check_options(cfg: IngestConfig) -> TimeBounds:
+    """Every option checked before any input is read or anything written (the Python API included);
+    returns the accepted event-time range."""
+    validate_config(cfg)
+    parse_ratios(cfg.split_ratios)
+    if cfg.label_column is None:
+        parse_label_rule(cfg.label_rule)
+    parse_mapping(cfg.map)
+    if cfg.encoding is not None:
+        _canonical_encoding(cfg.encoding)
+    check_delimiter(cfg.delimiter)
+    return TimeBounds.make(cfg.min_timestamp, cfg.allow_future)
+
+
+def load(cfg: IngestConfig, fmt: str | None = None, time_bounds: TimeBounds | None = None) -> Loaded:
     """Read the inputs with the adapter of ``fmt`` (detected when None)."""
     fmt = fmt or detect_format(cfg)
+    bounds = time_bounds or TimeBounds.make(cfg.min_timestamp, cfg.allow_future)
     src = Path(cfg.source) if cfg.source is not None else None
     if fmt == "ml-1m":
         return load_ml1m(
-            src, interactions=cfg.interactions, items=cfg.items, users=cfg.users, encoding=cfg.encoding
+            src, interactions=cfg.interactions, items=cfg.items, users=cfg.users, encoding=cfg.encoding,
+            time_bounds=bounds,
         )
     if fmt == "ml-100k":
         return load_ml100k(
-            src, interactions=cfg.interactions, items=cfg.items, users=cfg.users, encoding=cfg.encoding
+            src, interactions=cfg.interactions, items=cfg.items, users=cfg.users, encoding=cfg.encoding,
+            time_bounds=bounds,
         )
     return load_generic(
         cfg.interactions,
@@ -255,6 +302,7 @@ def load(cfg: IngestConfig, fmt: str | None = None) -> Loaded:
         encoding=cfg.encoding,
         delimiter=cfg.delimiter,
         hash_ids=cfg.hash_ids,
+        time_bounds=bounds,
     )
 
 
@@ -566,8 +614,11 @@ def ingest(cfg: IngestConfig, workspace: Workspace | None = None) -> dict[str, A
     """Run the ingest stage and return its report (also written to ``canonical/ingest_report.json``).
 
     Skips the work (``report["skipped"] = True``) when the inputs and settings match the last run.
+    Every option and every input row is checked before anything is written: a refused run leaves
+    the data directory as it was (a rerun after it is a fresh run).
     """
     started = time.perf_counter()
+    bounds = check_options(cfg)
     ws = workspace or Workspace.at(cfg.data_dir)
     fmt = detect_format(cfg)
     fingerprint, files = input_fingerprint(cfg, fmt)
@@ -581,7 +632,7 @@ def ingest(cfg: IngestConfig, workspace: Workspace | None = None) -> dict[str, A
         log.debug("ingest: inputs unchanged since %s; nothing to do", previous.get("written_at"))
         return {**previous, "skipped": True}
 
-    loaded = load(cfg, fmt)
+    loaded = load(cfg, fmt, bounds)
     ratios = parse_ratios(cfg.split_ratios)
     recorded: SplitBoundaries | None = None
     split_payload: dict[str, Any] | None = None

@@ -12,6 +12,7 @@ from llm_features.ingest.errors import IngestError
 from llm_features.ingest.readers import (
     Loaded,
     SourceFile,
+    TimeBounds,
     read_table_file,
     require_file,
     to_float,
@@ -111,17 +112,56 @@ def explicit_flag(canon: str) -> str:
     }.get(canon, "map")
 
 
-def _ids(src: SourceFile, frame: pd.DataFrame, col: str, kind: str, hash_ids: bool) -> np.ndarray:
-    if not hash_ids:
+class IdHasher:
+    """``--hash-ids``: each id's text to a stable 63-bit id, ``stable_id(f"{kind}:{text}")`` (blake2b
+    of the NFKC-normalised, white-space-collapsed text, top bit cleared). Two different id texts
+    that get the same id (a hash collision, or texts the normalisation makes equal) are an error
+    naming both, across all the files of one ingest."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, dict[int, tuple[str, SourceFile, int]]] = {"user": {}, "item": {}}
+
+    def __call__(self, src: SourceFile, frame: pd.DataFrame, col: str, kind: str) -> np.ndarray:
+        values = frame[col].astype("string").str.strip()
+        empty = (values.isna() | (values == "")).to_numpy()
+        if empty.any():
+            i = int(np.flatnonzero(empty)[0])
+            line = int(frame["_line"].iloc[i])
+            raise src.error(f"empty {kind} id", line=line, column=col, fix="Fill it in.")
+        codes, uniques = pd.factorize(values)
+        _, first_row = np.unique(codes, return_index=True)
+        lines = frame["_line"].to_numpy()
+        seen = self.seen[kind]
+        table = np.empty(len(uniques), dtype=np.int64)
+        for k, text in enumerate(uniques):
+            h = stable_id(f"{kind}:{text}")
+            table[k] = h
+            prev = seen.get(h)
+            line = int(lines[first_row[k]])
+            if prev is None:
+                seen[h] = (str(text), src, line)
+            elif prev[0] != text:
+                p_text, p_src, p_line = prev
+                where = f"{p_src.row_word} {p_line}"
+                if p_src.path != src.path:
+                    where = f"{p_src.path}, {where}"
+                raise src.error(
+                    f"--hash-ids: {kind} ids {p_text!r} ({where}) and {str(text)!r} get the same "
+                    f"hashed id {h}",
+                    line=line,
+                    column=col,
+                    fix="Ids are hashed after NFKC normalisation and white-space collapsing: make the ids "
+                    "distinct, or give integer ids without --hash-ids.",
+                )
+        return table[codes]
+
+
+def _ids(
+    src: SourceFile, frame: pd.DataFrame, col: str, kind: str, hasher: IdHasher | None
+) -> np.ndarray:
+    if hasher is None:
         return to_int64(src, frame, col)
-    values = frame[col].astype("string").str.strip()
-    empty = (values.isna() | (values == "")).to_numpy()
-    if empty.any():
-        i = int(np.flatnonzero(empty)[0])
-        raise src.error(f"empty {kind} id", line=int(frame["_line"].iloc[i]), column=col, fix="Fill it in.")
-    codes, uniques = pd.factorize(values)
-    table = np.array([stable_id(f"{kind}:{u}") for u in uniques], dtype=np.int64)
-    return table[codes]
+    return hasher(src, frame, col, kind)
 
 
 def _text(src: SourceFile, frame: pd.DataFrame, cols: list[str], what: str) -> pd.Series:
@@ -158,9 +198,12 @@ def load_generic(
     encoding: str | None = None,
     delimiter: str | None = None,
     hash_ids: bool = False,
+    time_bounds: TimeBounds | None = None,
 ) -> Loaded:
     """Read interaction logs (and optional item / user tables) named by a column mapping."""
     mapping = dict(mapping or {})
+    bounds = time_bounds or TimeBounds.make()
+    hasher = IdHasher() if hash_ids else None
     enc = encoding or "utf-8"
     if not interactions:
         raise IngestError(
@@ -184,9 +227,9 @@ def load_generic(
         ucol, icol, tcol = cols.col("user_id"), cols.col("item_id"), cols.col("event_timestamp")
         part = pd.DataFrame(
             {
-                "user_id": _ids(src, raw, ucol, "user", hash_ids),
-                "item_id": _ids(src, raw, icol, "item", hash_ids),
-                "ts_us": to_timestamp_us(src, raw, tcol, timestamp_unit),
+                "user_id": _ids(src, raw, ucol, "user", hasher),
+                "item_id": _ids(src, raw, icol, "item", hasher),
+                "ts_us": to_timestamp_us(src, raw, tcol, timestamp_unit, bounds=bounds),
             }
         )
         rcol = cols.find("rating", required=False)
@@ -235,7 +278,7 @@ def load_generic(
             cols.find("item_text", explicit=c)
         items_df = pd.DataFrame(
             {
-                "item_id": _ids(isrc, raw, cols.col("item_id"), "item", hash_ids),
+                "item_id": _ids(isrc, raw, cols.col("item_id"), "item", hasher),
                 "item_text": _text(isrc, raw, tcols, "item text"),
                 "_line": raw["_line"].to_numpy(),
             }
@@ -266,7 +309,7 @@ def load_generic(
         cols = _Cols(usrc, raw, mapping)
         users_df = pd.DataFrame(
             {
-                "user_id": _ids(usrc, raw, cols.col("user_id"), "user", hash_ids),
+                "user_id": _ids(usrc, raw, cols.col("user_id"), "user", hasher),
                 "_line": raw["_line"].to_numpy(),
             }
         )

@@ -10,9 +10,10 @@ import pandas as pd
 
 from llm_features.ids import normalize_text
 from llm_features.ingest.readers import (
-    US_PER_S,
     Loaded,
     SourceFile,
+    TimeBounds,
+    epoch_to_us,
     fast_numeric,
     read_text,
     require_file,
@@ -79,7 +80,13 @@ def _files(source: Path | None, given: tuple[Path, ...] | Path | None, default: 
 
 
 def _ratings(
-    paths: list[Path], sep: str, encoding: str, explicit: bool, names: list[str], blank: dict[str, int]
+    paths: list[Path],
+    sep: str,
+    encoding: str,
+    explicit: bool,
+    names: list[str],
+    blank: dict[str, int],
+    bounds: TimeBounds,
 ) -> tuple[pd.DataFrame, list[SourceFile]]:
     frames, sources = [], []
     for k, p in enumerate(paths):
@@ -97,7 +104,10 @@ def _ratings(
                     "user_id": to_int64(src, raw, names[0], fix=_FIX_LINE),
                     "item_id": to_int64(src, raw, names[1], fix=_FIX_LINE),
                     "rating": to_float(src, raw, names[2], allow_empty=False),
-                    "ts_us": to_int64(src, raw, names[3], fix=_FIX_LINE) * US_PER_S,
+                    "ts_us": epoch_to_us(  # MovieLens times are epoch seconds
+                        src, raw, to_int64(src, raw, names[3], fix=_FIX_LINE), names[3], "s", bounds,
+                        unit_option=False,
+                    ),
                     "_src": np.full(len(raw), k, dtype=np.int32),
                     "_line": raw["_line"].to_numpy(),
                 }
@@ -113,13 +123,15 @@ def load_ml1m(
     items: Path | None = None,
     users: Path | None = None,
     encoding: str | None = None,
+    time_bounds: TimeBounds | None = None,
 ) -> Loaded:
     """ML-1M: ``ratings.dat``, ``movies.dat``, ``users.dat`` (``::``-separated, Latin-1)."""
     enc, explicit = (encoding, True) if encoding else ("latin-1", False)
     blank: dict[str, int] = {}
     rnames = ["UserID", "MovieID", "Rating", "Timestamp"]
     inter, sources = _ratings(
-        _files(source, interactions, "ratings.dat", "interactions"), "::", enc, explicit, rnames, blank
+        _files(source, interactions, "ratings.dat", "interactions"), "::", enc, explicit, rnames, blank,
+        time_bounds or TimeBounds.make(),
     )
 
     mpath = _files(source, items, "movies.dat", "items")[0]
@@ -179,13 +191,15 @@ def load_ml100k(
     items: Path | None = None,
     users: Path | None = None,
     encoding: str | None = None,
+    time_bounds: TimeBounds | None = None,
 ) -> Loaded:
     """ML-100K: ``u.data`` (tab), ``u.item`` (``|``, Latin-1, 19 genre flags), ``u.user`` (``|``)."""
     enc, explicit = (encoding, True) if encoding else ("latin-1", False)
     blank: dict[str, int] = {}
     rnames = ["user id", "item id", "rating", "timestamp"]
     inter, sources = _ratings(
-        _files(source, interactions, "u.data", "interactions"), "\t", enc, explicit, rnames, blank
+        _files(source, interactions, "u.data", "interactions"), "\t", enc, explicit, rnames, blank,
+        time_bounds or TimeBounds.make(),
     )
 
     genre_names = ML100K_GENRES

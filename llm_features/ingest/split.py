@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -18,15 +19,25 @@ SPLITS = ("train", "valid", "test")
 
 
 def parse_ratios(spec: str) -> tuple[float, float, float]:
-    """``"0.8,0.1,0.1"`` or ``"8:1:1"`` to three fractions summing to 1."""
+    """``"0.8,0.1,0.1"`` or ``"8:1:1"`` to three fractions summing to 1; each must be > 0 (an empty
+    valid or test split would leave the ranker nothing to stop on or to report)."""
     try:
-        vals = [float(v) for v in re.split(r"[,:/\s]+", spec.strip()) if v]
+        vals = [float(v) for v in re.split(r"[,:/\s]+", str(spec).strip()) if v]
     except ValueError:
         vals = []
-    if len(vals) != 3 or min(vals) < 0 or sum(vals) <= 0 or vals[0] == 0:
+    if len(vals) != 3 or not all(math.isfinite(v) for v in vals) or min(vals) < 0 or sum(vals) <= 0:
         raise IngestError(
-            f"--split-ratios {spec!r} is not three non-negative numbers with train > 0",
+            f"{spec!r} is not three non-negative numbers (train, valid, test)",
+            option="--split-ratios",
             fix="For example --split-ratios 0.8,0.1,0.1 or 8:1:1.",
+        )
+    empty = [name for name, v in zip(SPLITS, vals) if v == 0]
+    if empty:
+        raise IngestError(
+            f"{spec!r} leaves the {' and '.join(empty)} split{'s' if len(empty) > 1 else ''} empty "
+            "(the ranker trains on train, stops on valid and reports its AUC on test)",
+            option="--split-ratios",
+            fix="Give every split a share > 0, e.g. --split-ratios 0.8,0.1,0.1.",
         )
     total = sum(vals)
     r = [round(v / total, 10) for v in vals]
