@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.05,0.25,1.0")
     ap.add_argument("--rss-cap-gb", type=float, default=14.0)
     ap.add_argument("--reuse", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="2%% of the users only (a smoke test)")
     ap.add_argument("--child", choices=["feast", "asof"])
     ap.add_argument("--fraction", type=float)
     ap.add_argument("--data", type=Path)
@@ -180,6 +181,8 @@ def main() -> None:
     if a.child:
         child(a.data, a.child, a.fraction, a.child_out)
         return
+    if a.quick:
+        a.fractions = "0.02"
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = prepare(a.source, a.work, a.reuse)
