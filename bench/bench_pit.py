@@ -19,7 +19,7 @@ Usage::
 
     python bench/bench_pit.py --source ../shared/data/ml-1m --work /tmp/pit --out bench/results
 
-Writes ``<out>/pit.json`` and ``<out>/pit.md``. It never asserts a timing. ``--reuse`` keeps the
+Writes ``<out>/pit.json`` and ``<out>/pit.md`` (``pit_quick.*`` with ``--quick``). It never asserts a timing. ``--reuse`` keeps the
 work dir's ingest and synthetic parts.
 """
 
@@ -212,7 +212,8 @@ def main() -> None:
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "command": "python bench/bench_pit.py " + " ".join(sys.argv[1:])}
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "pit.json").write_text(json.dumps(result, indent=2))
+    stem = "pit_quick" if a.quick else "pit"
+    (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = ["# Point-in-time fetch at event cadence: Feast's join vs the as-of join", "",
              f"`{result['command']}`; {recent_rows:,} user-embedding rows (and as many user_recent_behaviors "
              f"rows), train entity rows of the given share of users, chunks of 100,000 rows. Frames equal "
@@ -221,7 +222,7 @@ def main() -> None:
     for r in runs:
         lines.append(f"| {r.get('users', '')} ({r['fraction']:.0%}) | {r.get('rows', '')} | {r['path']} | "
                      f"{r.get('seconds', r['wall_seconds']):.1f} | {r['peak_rss_gb']} | {r['status']} |")
-    (a.out / "pit.md").write_text("\n".join(lines) + "\n")
+    (a.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
