@@ -49,6 +49,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -358,7 +359,9 @@ def lora_adapter_model(model, base_dir: Path, ft) -> nn.Module:
     peft_cfg.layers_pattern = prefix.rsplit(".", 1)[-1]
     peft_cfg.base_model_name_or_path = str(base_dir.resolve())
     peft_cfg.inference_mode = True
-    pm = get_peft_model(_load_hf(base_dir, ft, full_architecture=False), peft_cfg)
+    with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 deprecated property; nothing to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        pm = get_peft_model(_load_hf(base_dir, ft, full_architecture=False), peft_cfg)
     params = dict(pm.named_parameters())
     mapped = {}
     for name, value in trained.items():  # layers.{i}.<module>.lora_A.default.weight
@@ -468,7 +471,7 @@ def export(cfg: ExportConfig) -> ExportReport:
         lora=bool(ft.lora),
         head_tensors=sorted(tensors),
     )
-    log.info("%s", report.summary())
+    log.debug("%s", report.summary())
     return report
 
 
