@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "feast": "llm_features.cli.feast",
     "finetune": "llm_features.cli.finetune",
     "embed-users": "llm_features.cli.embed_users",
+    "export": "llm_features.cli.export",
     "ranker": "ranker.cli",
     "demo": "llm_features.cli.demo",
     "bench": "llm_features.cli.bench",
