@@ -122,46 +122,20 @@ def child(data: Path, path: str, fraction: float, out: Path) -> None:
 
 
 def run_child(data: Path, path: str, fraction: float, cap_gb: float, tmp: Path) -> dict:
+    from proc_sampler import run_sampled
+
     out = tmp / f"{path}-{fraction}.json"
-    proc = subprocess.Popen([sys.executable, __file__, "--child", path, "--fraction", str(fraction),
-                             "--data", str(data), "--child-out", str(out)])
-    peak, killed = 0, False
-    t0 = time.perf_counter()
-    while proc.poll() is None:
-        try:
-            rss = sum(int(open(f"/proc/{pid}/statm").read().split()[1]) for pid in _tree(proc.pid)) * os.sysconf(
-                "SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            rss = 0
-        peak = max(peak, rss)
-        if rss > cap_gb * 2**30:
-            proc.kill()
-            killed = True
-            break
-        time.sleep(0.2)
-    proc.wait()
-    res = {"path": path, "fraction": fraction, "peak_rss_gb": round(peak / 2**30, 2),
-           "wall_seconds": round(time.perf_counter() - t0, 1)}
-    if killed:
+    run = run_sampled([sys.executable, __file__, "--child", path, "--fraction", str(fraction),
+                       "--data", str(data), "--child-out", str(out)], cap_gb=cap_gb, log_path=tmp / f"{path}-{fraction}.log")
+    res = {"path": path, "fraction": fraction, "peak_rss_gb": round(run.peak_rss_mb / 1024, 2),
+           "wall_seconds": round(run.seconds, 1)}
+    if run.killed_at_cap:
         res["status"] = f"killed above the {cap_gb:g} GB cap"
-    elif proc.returncode != 0 or not out.exists():
-        res["status"] = f"failed (exit {proc.returncode})"
+    elif run.returncode != 0 or not out.exists():
+        res["status"] = f"failed (exit {run.returncode})"
     else:
         res.update(json.loads(out.read_text()), status="ok")
     return res
-
-
-def _tree(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            kids = open(f"/proc/{p}/task/{p}/children").read().split()
-        except OSError:
-            kids = []
-        todo += [int(k) for k in kids]
-    return out
 
 
 def main() -> None:

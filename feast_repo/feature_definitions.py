@@ -290,13 +290,21 @@ user_recent_behaviors__asof = _asof_twin(user_recent_behaviors)
 # ---------------------------------------------------------------------------------------------
 # Feature services: what the ranker reads, and its id-only baseline twin
 
+# A profile view exists only when the data has attributes for it: a log without a user table (or
+# an item table with nothing but its text) gets no empty view, which Feast cannot register.
+_PROFILES = [v for v in (user_profile, item_profile) if v.features]
+if not user_profile.features:
+    del user_profile
+if not item_profile.features:
+    del item_profile
+
 ranker_llm = FeatureService(
     name="ranker_llm",
-    features=[user_profile, item_profile, user_recent_behaviors, item_embeddings, user_embeddings],
+    features=[*_PROFILES, user_recent_behaviors, item_embeddings, user_embeddings],
     description="Ranker features including the LLM-derived user and item embeddings.",
 )
 ranker_id_only = FeatureService(
     name="ranker_id_only",
-    features=[user_profile, item_profile, user_recent_behaviors],
+    features=[*_PROFILES, user_recent_behaviors],
     description="The id-only baseline: the same features without LLM embeddings.",
 )
