@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from llm_features.config import dataclass_options
+from llm_features.workspace import Workspace
 from llm_features.encode import EncodeConfig, encode
 
 
@@ -16,5 +17,6 @@ def command(cfg: EncodeConfig) -> None:
     Incremental: texts already encoded by the same model fingerprint are skipped, and a killed run
     resumes from its last finished part. Writes encode_report.json (dedup ratio, throughput).
     """
-    stats = encode(cfg)
+    with Workspace.at(cfg.data_dir).lock("llmfeat encode"):  # one writer per data dir
+        stats = encode(cfg)
     click.echo(stats.summary())
