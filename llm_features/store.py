@@ -548,7 +548,7 @@ def check_part_fingerprints(workspace: Workspace) -> None:
     so a refused materialisation leaves the data dir (registry included) as it was."""
     fp = workspace.read_fingerprint()
     for name in EMBEDDING_VIEWS:
-        for part in _source_files(str(workspace.root / name)):
+        for part in _source_files(str(getattr(workspace, name))):  # refuses a table linked out of the dir
             _part_digest(name, part, workspace, fp.digest if fp is not None else None)
 
 
