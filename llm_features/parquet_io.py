@@ -4,6 +4,10 @@ Every table this package writes goes through here. A writer builds the file unde
 directory next to the destination and renames it into place, so a reader (DuckDB, Feast, a
 resumed run) never sees a half-written file. Part files are append-only: a new run adds parts,
 it never rewrites old ones.
+
+A writer never follows a symbolic link: a destination file, its directory or the staging
+directory that is a link is refused (:class:`~llm_features.errors.UserError`), so a linked table
+directory cannot make a stage write outside its data dir.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llm_features.errors import UserError
+
 PART_GLOB = "part-*.parquet"
 
 
@@ -25,18 +31,28 @@ def _staging_dir(dest_dir: Path) -> Path:
     return dest_dir.parent / f".{dest_dir.name}.staging"
 
 
+def _refuse_links(*paths: Path) -> None:
+    for p in paths:
+        if p.is_symlink():
+            raise UserError(
+                f"is a symbolic link to {os.readlink(p)}; refusing to write through it", file=p,
+                fix="Replace the link with a real directory (or file) inside the data dir.",
+            )
+
+
 def write_table_atomic(table: pa.Table, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``table`` to ``path`` atomically (staging file, fsync, rename).
 
     ``metadata`` is merged into the parquet schema metadata (string to string).
     """
     path = Path(path)
+    staging = _staging_dir(path.parent)
+    _refuse_links(path.parent, path, staging)
     path.parent.mkdir(parents=True, exist_ok=True)
     if metadata:
         merged = dict(table.schema.metadata or {})
         merged.update({k.encode(): v.encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(merged)
-    staging = _staging_dir(path.parent)
     staging.mkdir(parents=True, exist_ok=True)
     tmp = staging / f"{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     pq.write_table(table, tmp)
@@ -59,6 +75,7 @@ def write_part(
     by default a sortable, unique name is used.
     """
     dest_dir = Path(dest_dir)
+    _refuse_links(dest_dir)
     if name is None:
         name = f"{len(list_parts(dest_dir)):05d}-{uuid.uuid4().hex[:8]}"
     return write_table_atomic(table, dest_dir / f"part-{name}.parquet", metadata)

@@ -9,6 +9,14 @@ paths are relative. :func:`open_store` makes the same configuration work from an
 - the definitions read ``$LLMFEAT_DATA_DIR`` too, so :func:`apply_definitions` imports them with
   that variable set to the store's data directory.
 
+One data dir, one owner: the data dir's registry records (in its ``Infra``) the SQLite online store
+its tables live in. A data dir that was copied or moved still records the old one, and a
+``feast apply`` on it would move (drop) the original's online tables. :func:`open_store` notices
+(log line) and re-registers the copy for its own files first: it forgets the other dir's tables
+(never dropping them) and applies the definitions for this dir, keeping the copied online rows and
+materialisation intervals. Readers that need a registry (``open_store(..., must_exist=True)``) are
+told what to run when the data dir or its registry is missing.
+
 Note: the plain feast CLI cannot see ``$LLMFEAT_DATA_DIR`` in the yaml (no defaults in
 ``os.path.expandvars``), so it keeps its registry and online store in ``feast_repo/data`` even when
 the parquet tables live elsewhere. Use ``llmfeat feast ...`` (or pass ``data_dir``) for a moved
@@ -27,9 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import json
 import logging
 import os
+import sqlite3
 import time
 import uuid
 import warnings
@@ -50,8 +60,9 @@ from llm_features.fingerprint import (
     FingerprintMismatchError,
     ModelFingerprint,
 )
+from llm_features.errors import UserError
 from llm_features.parquet_io import file_metadata
-from llm_features.workspace import DATA_DIR_ENV, DEFAULT_REPO, Workspace
+from llm_features.workspace import DATA_DIR_ENV, DEFAULT_REPO, MissingInputError, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +99,14 @@ def _yaml_file(repo: Path, fs_yaml_file: str | os.PathLike | None) -> Path:
     if fs_yaml_file is None:
         yaml_file = repo / "feature_store.yaml"
         if not yaml_file.is_file():
-            raise FileNotFoundError(
-                f"no feature_store.yaml in {repo}; pass the feast_repo directory (--repo)"
+            raise MissingInputError(
+                "has no feature_store.yaml: not a Feast feature repository", file=repo, option="--repo",
+                fix="Pass the feast_repo directory.",
             )
         return yaml_file
     yaml_file = Path(fs_yaml_file) if Path(fs_yaml_file).is_absolute() else repo / fs_yaml_file
     if not yaml_file.is_file():
-        raise FileNotFoundError(f"feature store yaml {yaml_file} does not exist")
+        raise MissingInputError("feature store yaml does not exist", file=yaml_file)
     return yaml_file
 
 
@@ -135,37 +147,161 @@ def load_config(
     return config
 
 
+def _local_registry(config, data: Path) -> Path | None:
+    """The sqlite file of a registry kept in the data dir, else None (e.g. a PostgreSQL registry)."""
+    path = str(config.registry.path)
+    path = path[len("sqlite:///"):] if path.startswith("sqlite:///") else path
+    db = data / "registry.db"
+    return db if "://" not in path and Path(path) == db else None
+
+
 def open_store(
     repo_path: str | os.PathLike = DEFAULT_REPO,
     data_dir: str | os.PathLike | None = None,
     fs_yaml_file: str | os.PathLike | None = None,
+    *,
+    must_exist: bool = False,
 ):
     """A ``feast.FeatureStore`` over ``repo_path`` that works from any CWD (see the module docstring).
 
     ``fs_yaml_file``: another configuration of the same repo (see :func:`load_config`), e.g.
     ``open_store("feast_repo", fs_yaml_file="production/feature_store.postgres.yaml")``.
+    ``must_exist``: for readers -- refuse (:class:`UserError`, saying what to run) a data dir that
+    does not exist or has no registry yet, rather than creating them.
+
+    A data dir whose registry records another dir's online store (copied or moved) is re-registered
+    for its own files first (see the module docstring).
     """
     from feast import FeatureStore
 
     repo = Path(repo_path).resolve()
     data = resolve_data_dir(repo, data_dir)
+    if must_exist and not data.is_dir():
+        raise MissingInputError(
+            "the data dir does not exist", file=data, option="--data-dir",
+            fix="Pass the data dir that `llmfeat ingest` wrote (or run it first).",
+        )
     config = load_config(repo, data, fs_yaml_file)
     cli_registry = repo / "data" / "registry.db"
-    local_registry = str(data / "registry.db") in config.registry.path  # not e.g. a PostgreSQL one
+    local = _local_registry(config, data)
+    apply_hint = f"Run `llmfeat feast apply --data-dir {data}` and `llmfeat feast materialize --data-dir {data}`."
+    if must_exist and local is not None and not local.exists():
+        raise MissingInputError("the data dir has no Feast registry", file=data, option="--data-dir", fix=apply_hint)
+    if must_exist and local is not None:
+        # feast's SQL registry records a project it does not hold when it opens: refuse before that
+        projects = _registered_projects(local, getattr(config.registry, "registry_type", "file"))
+        if projects is not None and config.project not in projects:
+            if not projects:
+                raise MissingInputError("the data dir's Feast registry is empty", file=local, option="--data-dir",
+                                        fix=apply_hint)
+            raise UserError(
+                f"the Feast registry holds project(s) {', '.join(projects)}, not {config.project!r} (the project "
+                f"of {repo}/feature_store.yaml)", file=local, option="--data-dir", fix=apply_hint)
     if (
-        local_registry
+        local is not None
         and data != (repo / "data").resolve()
         and cli_registry.exists()
-        and not (data / "registry.db").exists()
+        and not local.exists()
     ):
         log.warning(
             "data dir %s has no Feast registry yet, but %s exists: the plain feast CLI keeps its registry in "
             "%s/data. Run `llmfeat feast apply --data-dir %s` to register this data dir.",
             data, cli_registry, repo, data,
         )
-    store = FeatureStore(repo_path=str(repo), config=config)
-    setattr(store, _STORE_DATA_DIR_ATTR, data)
+    others = _other_online_stores(config, local) if local is not None and local.exists() else []
+    if not others:
+        store = FeatureStore(repo_path=str(repo), config=config)
+        setattr(store, _STORE_DATA_DIR_ATTR, data)
+        return store
+    # a copied or moved data dir: re-register it for its own files before feast reads the registry
+    log.warning(
+        "%s records the online store %s: the data dir was copied or moved. Re-registering the definitions "
+        "for %s (the other dir is left untouched).", local, ", ".join(others), data,
+    )
+    with Workspace.at(data).lock("llmfeat: re-register a copied data dir"):
+        _forget_other_online_stores(config, local)
+        store = FeatureStore(repo_path=str(repo), config=config)
+        setattr(store, _STORE_DATA_DIR_ATTR, data)
+        with contextlib.redirect_stdout(io.StringIO()):  # feast prints every object's diff
+            apply_definitions(store)
     return store
+
+
+def _infra_rows(db: Path, registry_type: str, project: str):
+    """(read, write) of the ``Infra`` proto a local registry file stores for ``project``, read with
+    sqlite3/protobuf directly. Never through feast: building its registry object instantiates a
+    ``SqliteTable`` per recorded table, which connects to (so creates) each recorded file -- for a
+    moved data dir, an empty online store at the old place."""
+    from feast.protos.feast.core.InfraObject_pb2 import Infra as InfraProto
+
+    if registry_type == "sql":
+        where = "infra_name = 'infra_obj' AND project_id = ?"
+
+        def read():
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+                try:
+                    row = conn.execute(f"SELECT infra_proto FROM managed_infra WHERE {where}", (project,)).fetchone()
+                except sqlite3.OperationalError:  # no such table: an empty registry
+                    return None
+            return InfraProto.FromString(row[0]) if row is not None else None
+
+        def write(proto) -> None:
+            with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+                conn.execute(f"UPDATE managed_infra SET infra_proto = ? WHERE {where}",
+                             (proto.SerializeToString(), project))
+        return read, write
+
+    from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
+
+    def read_file():
+        return RegistryProto.FromString(db.read_bytes()).infra
+
+    def write_file(proto) -> None:
+        registry = RegistryProto.FromString(db.read_bytes())
+        registry.infra.CopyFrom(proto)
+        tmp = db.with_name(f".{db.name}.tmp")
+        tmp.write_bytes(registry.SerializeToString())
+        os.replace(tmp, db)
+    return read_file, write_file
+
+
+def _registered_projects(db: Path, registry_type: str) -> list[str] | None:
+    """The projects a local SQL registry file holds (read-only), or None where unknown."""
+    if registry_type != "sql":
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        try:
+            return sorted(r[0] for r in conn.execute("SELECT project_name FROM projects"))
+        except sqlite3.OperationalError:  # no such table: created by an older feast, or empty
+            return None
+
+
+def _is_sqlite_table(obj) -> bool:
+    return obj.WhichOneof("infra_object") == "sqlite_table"
+
+
+def _other_online_stores(config, db: Path) -> list[str]:
+    """The SQLite online stores other than this config's that the registry file ``db`` records
+    tables in: non-empty for a data dir that was copied or moved."""
+    online = config.online_store
+    if getattr(online, "type", None) != "sqlite":
+        return []
+    read, _ = _infra_rows(db, getattr(config.registry, "registry_type", "file"), config.project)
+    infra = read()
+    return sorted({o.sqlite_table.path for o in (infra.infra_objects if infra is not None else ())
+                   if _is_sqlite_table(o) and o.sqlite_table.path != online.path})
+
+
+def _forget_other_online_stores(config, db: Path) -> None:
+    """Drop the other stores' tables from the registry's ``Infra`` record -- from the record only:
+    feast would otherwise "move" them at the next apply, dropping them in the other dir."""
+    read, write = _infra_rows(db, getattr(config.registry, "registry_type", "file"), config.project)
+    infra = read()
+    keep = [o for o in infra.infra_objects
+            if not _is_sqlite_table(o) or o.sqlite_table.path == config.online_store.path]
+    del infra.infra_objects[:]
+    infra.infra_objects.extend(keep)
+    write(infra)
 
 
 @contextlib.contextmanager
@@ -243,7 +379,8 @@ def apply_definitions(store, data_dir: str | os.PathLike | None = None) -> None:
     project = store.config.project
     repo = load_definitions(repo_path, data, project)
     if not repo.feature_views:
-        raise FileNotFoundError(f"no feature views defined in {repo_path}")
+        raise MissingInputError("defines no feature views", file=repo_path, option="--repo",
+                                fix="Pass the feast_repo directory.")
     apply_total_with_repo_instance(store, project, store.registry, repo, skip_source_validation=False)
     store.__dict__.pop(_PLANS_ATTR, None)
 
@@ -255,8 +392,61 @@ def store_data_dir(store) -> Path:
 
 def registered_workspace(store) -> Workspace:
     """The workspace whose tables the registered views read (from the registry's source paths)."""
-    fv = store.get_feature_view("item_embeddings")
+    fv = feature_view(store, "item_embeddings")
     return Workspace.at(Path(fv.batch_source.path).parent)
+
+
+def not_registered(store, what: str) -> UserError:
+    """The error for a feature view or service the data dir's registry does not have."""
+    project = store.config.project
+    data = store_data_dir(store)
+    repo = store.config.repo_path
+    fix = f"Run `llmfeat feast apply --repo {repo} --data-dir {data}`."
+    try:
+        projects = sorted(p.name for p in store.registry.list_projects(allow_cache=False))
+    except Exception:  # noqa: BLE001 - only for the hint
+        projects = []
+    if projects and project not in projects:
+        return UserError(
+            f"the Feast registry holds project(s) {', '.join(projects)}, not {project!r} (the project of "
+            f"{repo}/feature_store.yaml), so it has no {what}", file=data, option="--data-dir", fix=fix)
+    return UserError(f"{what} is not registered in this data dir's Feast registry", file=data,
+                     option="--data-dir", fix=fix)
+
+
+def feature_service(store, name: str):
+    """``store.get_feature_service(name)``; an unregistered name is a :class:`UserError` saying what to run."""
+    from feast.errors import FeatureServiceNotFoundException
+
+    try:
+        return store.get_feature_service(name)
+    except FeatureServiceNotFoundException:
+        raise not_registered(store, f"feature service {name!r}") from None
+
+
+def feature_view(store, name: str):
+    """``store.get_feature_view(name)``; an unregistered name is a :class:`UserError` saying what to run."""
+    from feast.errors import FeatureViewNotFoundException
+
+    try:
+        return store.get_feature_view(name)
+    except FeatureViewNotFoundException:
+        raise not_registered(store, f"feature view {name!r}") from None
+
+
+def check_materialized(store, service: str) -> None:
+    """Refuse to serve ``service`` from an online store that was never materialised for its views
+    (every feature would be missing, and every score the same default)."""
+    fs = feature_service(store, service)
+    empty = [p.name for p in fs.feature_view_projections
+             if not feature_view(store, p.name).materialization_intervals]
+    if empty:
+        data = store_data_dir(store)
+        online = store.config.online_store
+        where = getattr(online, "path", None) if getattr(online, "type", None) == "sqlite" else data
+        raise UserError(
+            f"the online store has no rows for feature view(s) {', '.join(empty)} of {service}: never "
+            "materialized", file=where, fix=f"Run `llmfeat feast materialize --data-dir {data}` first.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,28 +490,9 @@ def check_fingerprints(store, workspace: Workspace | None = None) -> ModelFinger
         tag = fv.tags.get(FINGERPRINT_TAG)
         tag = None if tag in (None, "none") else tag
         for part in _source_files(fv.batch_source.path):
-            meta = file_metadata(part)
-            if _is_placeholder(meta):
+            part_digest = _part_digest(name, part, workspace, manifest_digest)
+            if part_digest is None:
                 continue
-            raw = meta.get(FINGERPRINT_METADATA_KEY)
-            if raw is None:
-                raise FingerprintMismatchError(
-                    f"feature view {name}: part file {part} has no '{FINGERPRINT_METADATA_KEY}' metadata, so "
-                    f"its model is unknown (manifest digest {manifest_digest}). Write embeddings with "
-                    f"llm_features.parquet_io.write_part(..., metadata=...) or remove the file."
-                )
-            part_digest = ModelFingerprint.from_json(raw).digest
-            if manifest_digest is None:
-                raise FingerprintMismatchError(
-                    f"feature view {name}: part file {part} holds model fingerprint {part_digest}, but "
-                    f"{workspace.manifest} is missing (manifest digest None)."
-                )
-            if part_digest != manifest_digest:
-                raise FingerprintMismatchError(
-                    f"feature view {name}: part file {part} holds model fingerprint {part_digest}, but "
-                    f"{workspace.manifest} records {manifest_digest}. Embeddings of two models would be "
-                    f"mixed; re-encode into a fresh data dir or delete the stale part files."
-                )
             if tag != part_digest:
                 raise FingerprintMismatchError(
                     f"feature view {name}: registry tag {FINGERPRINT_TAG}={tag} but part file {part} holds "
@@ -344,6 +515,43 @@ def check_fingerprints(store, workspace: Workspace | None = None) -> ModelFinger
     return manifest_fp
 
 
+def _part_digest(name: str, part: Path, workspace: Workspace, manifest_digest: str | None) -> str | None:
+    """The model digest of one part file (None for a placeholder), refused unless it is the manifest's."""
+    meta = file_metadata(part)
+    if _is_placeholder(meta):
+        return None
+    raw = meta.get(FINGERPRINT_METADATA_KEY)
+    if raw is None:
+        raise FingerprintMismatchError(
+            f"feature view {name}: part file {part} has no '{FINGERPRINT_METADATA_KEY}' metadata, so "
+            f"its model is unknown (manifest digest {manifest_digest}). Write embeddings with "
+            f"llm_features.parquet_io.write_part(..., metadata=...) or remove the file."
+        )
+    part_digest = ModelFingerprint.from_json(raw).digest
+    if manifest_digest is None:
+        raise FingerprintMismatchError(
+            f"feature view {name}: part file {part} holds model fingerprint {part_digest}, but "
+            f"{workspace.manifest} is missing (manifest digest None)."
+        )
+    if part_digest != manifest_digest:
+        raise FingerprintMismatchError(
+            f"feature view {name}: part file {part} holds model fingerprint {part_digest}, but "
+            f"{workspace.manifest} records {manifest_digest}. Embeddings of two models would be "
+            f"mixed; re-encode into a fresh data dir or delete the stale part files."
+        )
+    return part_digest
+
+
+def check_part_fingerprints(workspace: Workspace) -> None:
+    """The registry-free half of :func:`check_fingerprints`: every embedding part file of the
+    workspace holds the manifest's model. ``llmfeat feast materialize`` runs it before it applies,
+    so a refused materialisation leaves the data dir (registry included) as it was."""
+    fp = workspace.read_fingerprint()
+    for name in EMBEDDING_VIEWS:
+        for part in _source_files(str(getattr(workspace, name))):  # refuses a table linked out of the dir
+            _part_digest(name, part, workspace, fp.digest if fp is not None else None)
+
+
 def _embedding_width(workspace: Workspace, fp: ModelFingerprint) -> int:
     manifest = json.loads(workspace.manifest.read_text())
     return int(manifest.get("embedding_dim") or fp.hidden_size)
@@ -351,6 +559,10 @@ def _embedding_width(workspace: Workspace, fp: ModelFingerprint) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Materialisation
+
+
+class _UnknownViewsError(UserError, KeyError):
+    pass
 
 
 @dataclass
@@ -404,16 +616,31 @@ def materialize_all(
 ) -> MaterializeReport:
     """Materialise every row of every (or the named) feature view: ``[min ts - 1 s, now]``.
 
-    Runs :func:`check_fingerprints` first (``check=False`` only for tests of the check itself).
+    Runs :func:`check_fingerprints` first (``check=False`` only for tests of the check itself),
+    and refuses user embeddings computed from interactions that changed since (a text or a label:
+    ``llm_features.embed_users.stale_user_embeddings``), so the online store serves only current rows.
     """
     if check:
         check_fingerprints(store, workspace)
+        if feature_views is None or "user_embeddings" in feature_views:
+            from llm_features.embed_users import stale_user_embeddings
+
+            ws = workspace or registered_workspace(store)
+            stale = stale_user_embeddings(ws.root)
+            if stale:
+                raise UserError(
+                    f"{len(stale)} users' embeddings were computed from interactions that have changed since "
+                    f"(a behaviour text or a label; e.g. user {stale[0]})", file=ws.user_embeddings,
+                    fix="Run `llmfeat embed-users` first: it recomputes exactly those rows.")
     views = [fv for fv in store.list_feature_views()
              if (feature_views is None and fv.online) or (feature_views is not None and fv.name in feature_views)]
     if feature_views is not None:
         missing = sorted(set(feature_views) - {fv.name for fv in views})
         if missing:
-            raise KeyError(f"feature view(s) {missing} are not registered; run `llmfeat feast apply`")
+            known = ", ".join(sorted(fv.name for fv in store.list_feature_views())) or "none"
+            raise _UnknownViewsError(
+                f"feature view(s) {', '.join(missing)} are not registered (registered: {known})",
+                option="--views", fix="Name registered views, or run `llmfeat feast apply` first.")
     report = MaterializeReport(start=datetime.now(timezone.utc), end=datetime.now(timezone.utc), seconds=0.0)
     lo, hi = None, None
     for fv in views:
@@ -478,7 +705,7 @@ def _service_plan(store, service: str) -> _ServicePlan:
     # per store. apply_definitions() drops the cache.
     plans = store.__dict__.setdefault(_PLANS_ATTR, {})
     if service not in plans:
-        fs = store.get_feature_service(service)
+        fs = feature_service(store, service)
         by_keys: dict[tuple[str, ...], list[str]] = {}
         types: dict[str, tuple[Any, int]] = {}
         for proj in fs.feature_view_projections:

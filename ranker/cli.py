@@ -15,6 +15,7 @@ import time
 import click
 
 from llm_features.config import dataclass_options
+from llm_features.errors import UserError
 from ranker.config import EvaluateConfig, ScoreConfig, TrainConfig
 
 
@@ -58,12 +59,19 @@ def score_command(cfg: ScoreConfig) -> None:
     items = cfg.item_ids()
     if not items:
         raise click.UsageError("give candidate items with --items 1,2,3 (or repeat --items)")
+    if len(set(items)) != len(items):
+        dup = sorted({i for i in items if items.count(i) > 1})
+        raise UserError(f"item id(s) {', '.join(map(str, dup))} given more than once", option="--items",
+                        fix="Give each candidate once.")
     ranker = Ranker.load(cfg.checkpoint, repo=cfg.repo, data_dir=cfg.data_dir)
     ranker.feature_refs()  # registry lookups happen once, outside the timed request
     t0 = time.perf_counter()
     ranked = ranker.rank(cfg.user_id, items, cfg.top_k)
     latency_ms = (time.perf_counter() - t0) * 1000
     click.echo(f"user {cfg.user_id}: {len(items)} candidates ranked in {latency_ms:.1f} ms")
+    if ranker.user_known is False:
+        click.echo(f"note: user {cfg.user_id} has no features in the online store: a cold start, scored with "
+                   "the defaults (unknown id, learned missing vectors)")
     for pos, (item, prob) in enumerate(ranked, 1):
         click.echo(f"{pos:4d}  item {item:<10d} {prob:.4f}")
     out = cfg.out or (cfg.checkpoint / "score")

@@ -2,7 +2,9 @@
 
 ``ModelConfig`` holds what shapes the network; ``TrainConfig`` adds the data and optimisation
 fields of ``llmfeat ranker train``. The CLI options, a JSON/YAML ``--config`` file and a Python
-call all build the same dataclass (see :mod:`llm_features.config`).
+call all build the same dataclass (see :mod:`llm_features.config`); numeric options carry their
+ranges as field metadata (``"min"``, ``"max"``, ``"min_open"``), checked on the command line, in a
+config file and by :func:`llm_features.config.validate_config` (``train`` and ``evaluate`` call it).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from llm_features.errors import UserError
 
 FEATURE_SERVICE_LLM = "ranker_llm"
 FEATURE_SERVICE_ID_ONLY = "ranker_id_only"
@@ -47,45 +51,53 @@ class ModelConfig:
                           "other features learn the rest (a residual on the tower) rather than weigh it."},
     )
     llm_dropout: float = field(
-        default=0.0, metadata={"help": "Dropout on the normalised LLM vectors during training."}
+        default=0.0, metadata={"min": 0.0, "help": "Dropout on the normalised LLM vectors during training (< 1)."}
     )
     extra_numeric: tuple[str, ...] = field(
         default=(),
         metadata={"help": "Numeric feature columns of the feature rows to feed the dense arch as they are (repeatable); "
                           "a missing value becomes 0."},
     )
-    embedding_dim: int = field(default=16, metadata={"help": "Width D of every sparse embedding table."})
+    embedding_dim: int = field(default=16, metadata={"min": 1,
+        "help": "Width D of every sparse embedding table."})
     dense_hidden: tuple[int, ...] = field(
-        default=(128,), metadata={"help": "Hidden sizes of the dense arch (its last layer is D)."}
+        default=(128,), metadata={"min": 1, "help": "Hidden sizes of the dense arch (its last layer is D)."}
     )
     over_hidden: tuple[int, ...] = field(
-        default=(64, 32), metadata={"help": "Hidden sizes of the over arch (its last layer is the logit)."}
+        default=(64, 32), metadata={"min": 1,
+            "help": "Hidden sizes of the over arch (its last layer is the logit)."}
     )
     interaction: Literal["dcn", "dot"] = field(
         default="dcn", metadata={"help": "dcn: DLRM_DCN (low-rank DCNv2 cross net); dot: DLRM pairwise dots."}
     )
-    dcn_num_layers: int = field(default=2, metadata={"help": "Cross layers of the DCN interaction."})
-    dcn_low_rank_dim: int = field(default=16, metadata={"help": "Low-rank width of each DCN cross layer."})
-    max_recent_items: int = field(default=30, metadata={"help": "Keep at most this many recent items per row."})
+    dcn_num_layers: int = field(default=2, metadata={"min": 1,
+        "help": "Cross layers of the DCN interaction."})
+    dcn_low_rank_dim: int = field(default=16, metadata={"min": 1,
+        "help": "Low-rank width of each DCN cross layer."})
+    max_recent_items: int = field(default=30, metadata={"min": 1,
+        "help": "Keep at most this many recent items per row."})
     zip_prefix_len: int = field(
-        default=2, metadata={"help": "Leading characters of the zip code used as a category."}
+        default=2, metadata={"min": 1, "help": "Leading characters of the zip code used as a category."}
     )
 
     def __post_init__(self) -> None:
         if self.llm_mode not in ("score", "interaction", "dense"):
-            raise ValueError(f"llm_mode must be score, interaction or dense, got {self.llm_mode!r}")
+            raise UserError(f"llm_mode must be score, interaction or dense, got {self.llm_mode!r}",
+                            option="--llm-mode")
         if not 0.0 <= self.llm_dropout < 1.0:
-            raise ValueError(f"llm_dropout must be in [0, 1), got {self.llm_dropout}")
+            raise UserError(f"llm_dropout must be in [0, 1), got {self.llm_dropout}", option="--llm-dropout")
         unknown = sorted(set(self.llm_inputs) - {"user_embedding", "item_embedding"})
         if unknown or not self.llm_inputs:
-            raise ValueError(
-                f"llm_inputs must name user_embedding and/or item_embedding, got {list(self.llm_inputs)}"
+            raise UserError(
+                f"llm_inputs must name user_embedding and/or item_embedding, got {list(self.llm_inputs)}",
+                option="--llm-inputs",
             )
         self.llm_inputs = tuple(self.llm_inputs)
         if self.llm_features and self.llm_mode == "score" and set(self.llm_inputs) != {"user_embedding",
                                                                                         "item_embedding"}:
-            raise ValueError("llm_mode=score scores (user_embedding, item_embedding) pairs: it needs both "
-                             f"--llm-inputs, got {list(self.llm_inputs)}; use --llm-mode interaction for one")
+            raise UserError("llm_mode=score scores (user_embedding, item_embedding) pairs: it needs both "
+                            f"--llm-inputs, got {list(self.llm_inputs)}", option="--llm-inputs",
+                            fix="Use --llm-mode interaction for one.")
         self.extra_numeric = tuple(self.extra_numeric)
         self.dense_hidden = tuple(self.dense_hidden)
         self.over_hidden = tuple(self.over_hidden)
@@ -128,45 +140,56 @@ class TrainConfig(ModelConfig):
     )
     epochs: int = field(
         default=8,
-        metadata={"help": "Most passes over the train split. With the valid split (--validate), training stops once "
+        metadata={"min": 1,
+            "help": "Most passes over the train split. With the valid split (--validate), training stops once "
                           "the valid AUC has not improved for --patience epochs and keeps the best epoch's weights."},
     )
     patience: int = field(
-        default=1, metadata={"help": "Epochs without a better valid AUC before training stops (early stopping)."}
+        default=1, metadata={"min": 1,
+            "help": "Epochs without a better valid AUC before training stops (early stopping)."}
     )
-    batch_size: int = field(default=512, metadata={"help": "Rows per step (per process when distributed)."})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the dense parts."})
-    sparse_lr: float = field(default=0.05, metadata={"help": "(Row-wise) Adagrad learning rate of the tables."})
+    batch_size: int = field(default=512, metadata={"min": 1,
+        "help": "Rows per step (per process when distributed)."})
+    lr: float = field(default=1e-3, metadata={"min_open": 0.0,
+        "help": "Adam learning rate of the dense parts."})
+    sparse_lr: float = field(default=0.05, metadata={"min_open": 0.0,
+        "help": "(Row-wise) Adagrad learning rate of the tables."})
     oov_dropout: float = field(
         default=0.02,
-        metadata={"help": "Training-time probability of replacing a user/item id by the OOV row, so that row "
+        metadata={"min": 0.0, "max": 1.0,
+            "help": "Training-time probability of replacing a user/item id by the OOV row, so that row "
                           "learns what an unseen id means."},
     )
     missing_dropout: float = field(
         default=0.02,
-        metadata={"help": "Training-time probability of marking an LLM embedding missing, so the learned "
+        metadata={"min": 0.0, "max": 1.0,
+            "help": "Training-time probability of marking an LLM embedding missing, so the learned "
                           "'missing' vector is trained even when every training row has one."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of initialisation and shuffling."})
     max_train_rows: int | None = field(
-        default=None, metadata={"help": "Use only the last N train interactions (quick runs)."}
+        default=None, metadata={"min": 1, "help": "Use only the last N train interactions (quick runs)."}
     )
     validate: bool = field(
         default=True, metadata={"help": "Report AUC/LogLoss on the valid split after training."}
     )
     chunk_rows: int = field(
-        default=100_000, metadata={"help": "Entity rows per get_historical_features call (bounds memory)."}
+        default=100_000, metadata={"min": 1,
+            "help": "Entity rows per get_historical_features call (bounds memory)."}
     )
     sharding: Literal["auto", "table_wise", "column_wise", "data_parallel"] = field(
         default="auto", metadata={"help": "Table sharding under torchrun (ignored in a single process)."}
     )
-    threads: int | None = field(default=None, metadata={"help": "torch intra-op threads (default: torch's)."})
+    threads: int | None = field(default=None, metadata={"min": 1,
+        "help": "torch intra-op threads (default: torch's)."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.epochs < 1 or self.patience < 1:
-            raise ValueError(f"--epochs and --patience must be >= 1, got {self.epochs} and {self.patience}")
+        if self.epochs < 1:
+            raise UserError(f"must be at least 1, got {self.epochs}", option="--epochs")
+        if self.patience < 1:
+            raise UserError(f"must be at least 1, got {self.patience}", option="--patience")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
@@ -183,9 +206,11 @@ class EvaluateConfig:
     out: Path | None = field(
         default=None, metadata={"help": "Where metrics.json goes; default <checkpoint>/eval-<split>."}
     )
-    batch_size: int = field(default=4096, metadata={"help": "Rows per forward pass."})
-    chunk_rows: int = field(default=100_000, metadata={"help": "Entity rows per get_historical_features call."})
-    max_rows: int | None = field(default=None, metadata={"help": "Evaluate only the first N rows of the split."})
+    batch_size: int = field(default=4096, metadata={"min": 1, "help": "Rows per forward pass."})
+    chunk_rows: int = field(default=100_000, metadata={"min": 1,
+        "help": "Entity rows per get_historical_features call."})
+    max_rows: int | None = field(default=None, metadata={"min": 1,
+        "help": "Evaluate only the first N rows of the split."})
 
 
 @dataclass
@@ -199,7 +224,7 @@ class ScoreConfig:
     )
     repo: Path = field(default=Path("feast_repo"), metadata={"help": "Feast repository (feature_store.yaml)."})
     data_dir: Path | None = field(default=None, metadata={"help": "Workspace data directory."})
-    top_k: int | None = field(default=None, metadata={"help": "Print only the best K items."})
+    top_k: int | None = field(default=None, metadata={"min": 1, "help": "Print only the best K items."})
     out: Path | None = field(
         default=None, metadata={"help": "Where metrics.json goes; default <checkpoint>/score."}
     )
@@ -207,7 +232,12 @@ class ScoreConfig:
     def item_ids(self) -> list[int]:
         ids: list[int] = []
         for chunk in self.items:
-            ids.extend(int(tok) for tok in str(chunk).replace(",", " ").split())
+            for tok in str(chunk).replace(",", " ").split():
+                try:
+                    ids.append(int(tok))
+                except ValueError:
+                    raise UserError(f"{tok!r} is not an item id (an integer)", option="--items",
+                                    fix="Give integer ids: --items 1,2,3 or repeat --items.") from None
         return ids
 
 

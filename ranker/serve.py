@@ -11,7 +11,10 @@ One request makes two online reads: the user's features once (``user_profile``,
 batched call (``item_profile``, ``item_embeddings``); then one forward pass over the candidates.
 A user or item the store does not know is scored with the documented defaults (OOV rows, the
 learned missing vector plus its flag; see :mod:`ranker.features`), counted in ``missing`` and
-reported in one warning per request -- never an exception.
+reported in one warning per request -- never an exception (``user_known`` says whether the last
+request's user had any features: an unknown user is a cold start, scored with the defaults).
+An online store that was never materialised for the service's views is refused
+(:func:`llm_features.store.check_materialized`): every score would be the same default.
 
 Threads: a forward pass over ~100 candidates gains nothing from several intra-op threads; run a
 serving worker with ``torch.set_num_threads(1)`` (one worker per core). On a busy 2-core machine
@@ -64,6 +67,7 @@ class Ranker:
         self._repo = Path(repo)
         self._data_dir = data_dir
         self._refs: tuple[list[str], list[str]] | None = None
+        self.user_known: bool | None = None  # did the last request's user have any online features?
 
     @classmethod
     def load(
@@ -82,7 +86,7 @@ class Ranker:
         if self._store is None:
             from llm_features.store import open_store
 
-            self._store = open_store(self._repo, self._data_dir)
+            self._store = open_store(self._repo, self._data_dir, must_exist=True)
         return self._store
 
     def feature_refs(self) -> tuple[list[str], list[str]]:
@@ -90,7 +94,13 @@ class Ranker:
         if self._refs is None:
             wanted = set(self.encoder.source_columns)
             user_refs, item_refs = [], []
-            service = self.store.get_feature_service(self.feature_service)
+            if _is_feast_store(self.store):
+                from llm_features.store import check_materialized, feature_service
+
+                service = feature_service(self.store, self.feature_service)
+                check_materialized(self.store, self.feature_service)
+            else:  # a stand-in with the same methods (tests, a custom online source)
+                service = self.store.get_feature_service(self.feature_service)
             for proj in service.feature_view_projections:
                 keys = set(self.store.get_feature_view(proj.name).join_keys)
                 refs = [f"{proj.name}:{f.name}" for f in proj.features if f.name in wanted]
@@ -113,6 +123,7 @@ class Ranker:
             user = self.store.get_online_features(
                 features=user_refs, entity_rows=[{USER_ID: int(user_id)}]
             ).to_dict()
+            self.user_known = any(values[0] is not None for name, values in user.items() if name != USER_ID)
             for name, values in user.items():
                 if name != USER_ID:
                     frame[name] = [values[0]] * n
@@ -146,3 +157,7 @@ class Ranker:
         probs = self.score(user_id, item_ids)
         order = np.argsort(-probs, kind="stable")[:top_k]
         return [(int(item_ids[i]), float(probs[i])) for i in order]
+
+
+def _is_feast_store(store: Any) -> bool:
+    return type(store).__module__.split(".")[0] == "feast"

@@ -33,6 +33,9 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
+from llm_features.config import validate_config
+from llm_features.errors import UserError
+from llm_features.workspace import MissingInputError
 from ranker.config import EvaluateConfig, ModelConfig, TrainConfig
 from ranker.features import (
     LABEL,
@@ -72,10 +75,12 @@ def workspace_for(repo: Path, data_dir: Path | None):
 def load_entities(interactions: Path, split: str, max_rows: int | None = None, last: bool = False) -> pd.DataFrame:
     """The labelled interactions of ``split`` as a Feast entity DataFrame."""
     if not interactions.exists():
-        raise FileNotFoundError(f"{interactions} not found: run `llmfeat ingest` first (or pass --data-dir)")
+        raise MissingInputError("not found", file=interactions, option="--data-dir",
+                                fix="Run `llmfeat ingest` first, or pass the data dir it wrote.")
     df = pd.read_parquet(interactions, columns=ENTITY_COLUMNS + ["split"], filters=[("split", "==", split)])
     if df.empty:
-        raise ValueError(f"{interactions} has no rows with split == {split!r}")
+        raise UserError(f"has no rows with split == {split!r}", file=interactions, column="split",
+                        fix="Re-run `llmfeat ingest` with a split that gives every split rows.")
     if max_rows is not None and len(df) > max_rows:
         df = df.iloc[-max_rows:] if last else df.iloc[:max_rows]
     return df[ENTITY_COLUMNS].reset_index(drop=True)
@@ -88,7 +93,9 @@ def feast_source(store, service_name: str, columns: set[str] | None = None) -> F
     With ``columns``, only the service's features of those names are joined: the same rows and
     values, without paying for columns the model never reads (e.g. ``recent_behavior_ids``).
     """
-    service = store.get_feature_service(service_name)
+    from llm_features.store import feature_service
+
+    service = feature_service(store, service_name)
     features: Any = service
     if columns is not None:
         features = [f"{p.name_to_use()}:{f.name}" for p in service.feature_view_projections
@@ -200,13 +207,21 @@ def load_checkpoint(path: Path) -> tuple[RankingModel, FeatureEncoder, dict[str,
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / CONFIG_FILE).exists():
-        raise FileNotFoundError(
-            f"{path} is not a ranker checkpoint (no {CONFIG_FILE}); run `llmfeat ranker train`"
+    if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
+        missing = CONFIG_FILE if not (path / CONFIG_FILE).exists() else WEIGHTS_FILE
+        raise MissingInputError(
+            f"is not a ranker checkpoint (no {missing})", file=path, option="--checkpoint",
+            fix="Pass the --out directory of `llmfeat ranker train` (or run it first).",
         )
-    payload = json.loads((path / CONFIG_FILE).read_text())
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path / CONFIG_FILE}: format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    try:
+        payload = json.loads((path / CONFIG_FILE).read_text())
+    except ValueError as e:
+        raise UserError(f"is not valid JSON ({e})", file=path / CONFIG_FILE, option="--checkpoint",
+                        fix="Re-run `llmfeat ranker train` to rewrite the checkpoint.") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else None
+        raise UserError(f"format {found!r}, expected {CHECKPOINT_FORMAT!r}", file=path / CONFIG_FILE,
+                        option="--checkpoint", fix="Pass a checkpoint written by `llmfeat ranker train`.")
     encoder = FeatureEncoder.from_dict(payload["encoder"])
     model = RankingModel(encoder)
     model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
@@ -250,6 +265,7 @@ def train(
     Returns:
         The metrics written to ``metrics.json`` (on every rank; only rank 0 writes files).
     """
+    validate_config(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     owns_group = world > 1 and not dist.is_initialized()
     if owns_group:
@@ -273,11 +289,13 @@ def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSourc
     ws = None
     if entities is None or source is None:
         ws = workspace_for(cfg.repo, cfg.data_dir)
-    if source is None:
-        from llm_features.store import open_store
-
-        store = open_store(cfg.repo, ws.root)
-        source = feast_source(store, model_cfg.feature_service, feature_columns(model_cfg))
+        if not ws.root.is_dir():
+            raise MissingInputError("the data dir does not exist", file=ws.root, option="--data-dir",
+                                    fix="Pass the data dir that `llmfeat ingest` wrote (or run it first).")
+    # every input is checked before the (long) point-in-time join
+    tower = None
+    if model_cfg.llm_features and model_cfg.llm_mode == "score":
+        tower = resolve_tower(cfg.tower, ws)
 
     def split_entities(split: str, max_rows: int | None = None) -> pd.DataFrame:
         if entities is not None:
@@ -286,6 +304,11 @@ def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSourc
         return load_entities(ws.interactions, split, max_rows, last=True)
 
     train_entities = split_entities("train", cfg.max_train_rows)
+    if source is None:
+        from llm_features.store import open_store
+
+        store = open_store(cfg.repo, ws.root, must_exist=True)
+        source = feast_source(store, model_cfg.feature_service, feature_columns(model_cfg))
     shard = train_entities.iloc[rank::world]  # each rank joins only its own rows
     t0 = time.perf_counter()
     raw = fetch_rows(shard, source, model_cfg, cfg.chunk_rows)
@@ -299,8 +322,8 @@ def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSourc
     else:
         encoder = FeatureEncoder.fit([observed], model_cfg)
     tower_state = None
-    if model_cfg.llm_features and model_cfg.llm_mode == "score":
-        encoder.tower, encoder.tower_hidden, tower_state = resolve_tower(cfg.tower, ws)
+    if tower is not None:
+        encoder.tower, encoder.tower_hidden, tower_state = tower
     train_missing = MissingFeatures()
     rows = encoder.index(raw, train_missing)
     del raw
@@ -385,18 +408,23 @@ def resolve_tower(tower: Path | None, ws) -> tuple[dict[str, Any], int, dict[str
                 break
     if tower is None:
         if exported is None:
-            raise ValueError("llm_mode=score needs the fine-tuned tower: pass --tower <llmfeat finetune --out dir>, "
-                             "or run `llmfeat embed-users` first so the workspace records it")
+            where = ws.user_embeddings if ws is not None else None
+            raise UserError(
+                "llm_mode=score needs the fine-tuned tower, and no user embeddings record one"
+                + (f" ({where} has no parts)" if where is not None else ""), option="--tower",
+                fix="Pass --tower <llmfeat finetune --out dir>, or run `llmfeat embed-users` first "
+                    "(or train the id-only twin: --no-llm-features).")
         tower = Path(exported["path"])
     tower = Path(tower)
     if not (tower / WEIGHTS).exists():
-        raise FileNotFoundError(f"--tower {tower}: no {WEIGHTS}; pass the directory `llmfeat finetune --out` wrote")
+        raise MissingInputError(f"no {WEIGHTS}", file=tower, option="--tower",
+                                fix="Pass the directory `llmfeat finetune --out` wrote.")
     identity = checkpoint_identity(tower)
     if exported is not None and exported.get("id") != identity["id"]:
-        raise ValueError(
+        raise UserError(
             f"{ws.user_embeddings} holds user embeddings of checkpoint {exported.get('id')} "
-            f"({exported.get('path')}), but --tower {tower} is checkpoint {identity['id']}: run "
-            "`llmfeat embed-users --overwrite` with this checkpoint, or pass the one that exported them"
+            f"({exported.get('path')}), but this is checkpoint {identity['id']}", file=tower, option="--tower",
+            fix="Run `llmfeat embed-users --overwrite` with this checkpoint, or pass the one that exported them."
         )
     ft_cfg, _, _ = read_checkpoint_config(tower)
     return identity, int(ft_cfg.head_hidden), load_file(str(tower / WEIGHTS))
@@ -604,10 +632,14 @@ def evaluate_rows(
 def evaluate(cfg: EvaluateConfig, entities: pd.DataFrame | None = None,
              source: FeatureSource | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint on ``cfg.split`` and write ``metrics.json`` (``cfg.out``)."""
+    validate_config(cfg)
     t0 = time.perf_counter()
     model, encoder, payload = load_checkpoint(cfg.checkpoint)
     if entities is None or source is None:
         ws = workspace_for(cfg.repo, cfg.data_dir)
+        if not ws.root.is_dir():
+            raise MissingInputError("the data dir does not exist", file=ws.root, option="--data-dir",
+                                    fix="Pass the data dir that `llmfeat ingest` wrote (or run it first).")
         fp = ws.read_fingerprint() if payload.get("fingerprint") else None
         if fp is not None and fp.digest != payload["fingerprint"]:
             from llm_features.fingerprint import FingerprintMismatchError
@@ -623,7 +655,7 @@ def evaluate(cfg: EvaluateConfig, entities: pd.DataFrame | None = None,
     if source is None:
         from llm_features.store import open_store
 
-        store = open_store(cfg.repo, ws.root)
+        store = open_store(cfg.repo, ws.root, must_exist=True)
         source = feast_source(store, payload["feature_service"], set(encoder.source_columns))
     out = cfg.out or (cfg.checkpoint / f"eval-{cfg.split}")
     metrics = {

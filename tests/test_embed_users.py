@@ -302,6 +302,14 @@ def test_changed_behaviour_text_recomputes_the_users_who_had_it(setup, tmp_path)
     rows[first3] = (u, (b + 1) % N_BEHAVIORS, t, r)  # another text for that interaction
     write_interactions(ws, rows)
     assert stale_user_embeddings(ws) == [3]
+    # materialize serves only current rows: it refuses, and leaves the data dir as it was
+    from bad_input import run_bad
+    from test_store import copy_repo
+
+    repo = copy_repo(tmp_path / "feast_repo")
+    run_bad(["feast", "materialize", "--repo", repo, "--data-dir", ws],
+            expect=r"user_embeddings: 1 users' embeddings were computed from interactions that have changed.*"
+                   r"Run `llmfeat embed-users` first", unchanged=[ws / "user_embeddings", ws / "canonical"])
     rerun = embed_users(cfg(setup, ws, users_per_part=2))
     assert rerun.rows_written > 0 and stale_user_embeddings(ws) == []
     got = read_user_embeddings(ws)

@@ -297,4 +297,8 @@ def _print_report(report: dict) -> None:
 def command(cfg: DemoConfig) -> None:
     """Run the main job end to end: ingest, encode, feast apply, finetune, embed users,
     materialize, ranker training and evaluation, and an online ranking for a sample user."""
-    run_demo(cfg)
+    from llm_features.store import resolve_data_dir
+    from llm_features.workspace import Workspace
+
+    with Workspace.at(resolve_data_dir(cfg.repo, cfg.data_dir)).lock("llmfeat demo"):  # one writer per data dir
+        run_demo(cfg)

@@ -7,6 +7,7 @@ import os
 import click
 
 from llm_features.config import dataclass_options
+from llm_features.workspace import Workspace
 from llm_features.embed_users import EmbedUsersConfig
 
 
@@ -26,7 +27,8 @@ def command(cfg: EmbedUsersConfig) -> None:
     from llm_features.fingerprint import FingerprintMismatchError
 
     try:
-        report = embed_users(cfg)
+        with Workspace.at(cfg.data_dir).lock("llmfeat embed-users"):  # one writer per data dir
+            report = embed_users(cfg)
     except (CheckpointMismatchError, LateInteractionsError, FingerprintMismatchError) as e:
         raise click.ClickException(str(e)) from e
     if os.environ.get("RANK", "0") == "0":  # under torchrun, the totals once

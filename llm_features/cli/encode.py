@@ -7,6 +7,7 @@ import os
 import click
 
 from llm_features.config import dataclass_options
+from llm_features.workspace import Workspace
 from llm_features.encode import EncodeConfig, encode
 
 
@@ -18,6 +19,7 @@ def command(cfg: EncodeConfig) -> None:
     Incremental: texts already encoded by the same model fingerprint are skipped, and a killed run
     resumes from its last finished part. Writes encode_report.json (dedup ratio, throughput).
     """
-    stats = encode(cfg)
+    with Workspace.at(cfg.data_dir).lock("llmfeat encode"):  # one writer per data dir
+        stats = encode(cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, the totals once
         click.echo(stats.summary())

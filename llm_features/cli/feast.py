@@ -3,6 +3,9 @@
 The same operations as the feast CLI run inside ``feast_repo/``, but from any directory and for any
 data dir (``--data-dir`` / ``$LLMFEAT_DATA_DIR``), and ``materialize`` always checks the model
 fingerprints first.
+
+``apply`` and ``materialize`` hold the data dir's lock (:meth:`Workspace.lock`); ``lookup`` reads
+only: it refuses a data dir without a registry and an online store that was never materialised.
 """
 
 from __future__ import annotations
@@ -61,37 +64,66 @@ def command() -> None:
 @dataclass_options(FeastApplyConfig)
 def apply_cmd(cfg: FeastApplyConfig) -> None:
     """Register the definitions in feast_repo/ for the data dir (like `feast apply`)."""
-    from llm_features.store import apply_definitions, open_store
+    from llm_features.store import apply_definitions, open_store, resolve_data_dir
+    from llm_features.workspace import Workspace
 
-    store = open_store(cfg.repo, cfg.data_dir)
-    apply_definitions(store)
+    with Workspace.at(resolve_data_dir(cfg.repo, cfg.data_dir)).lock("llmfeat feast apply"):
+        store = open_store(cfg.repo, cfg.data_dir)
+        apply_definitions(store)
 
 
 @command.command("materialize")
 @dataclass_options(FeastMaterializeConfig)
 def materialize_cmd(cfg: FeastMaterializeConfig) -> None:
     """Check model fingerprints, then materialise every row of the data dir into the online store."""
-    from llm_features.store import apply_definitions, materialize_all, open_store
+    from llm_features.store import (
+        apply_definitions,
+        check_part_fingerprints,
+        materialize_all,
+        open_store,
+        resolve_data_dir,
+    )
+    from llm_features.workspace import Workspace
 
-    store = open_store(cfg.repo, cfg.data_dir)
-    if cfg.apply:
-        apply_definitions(store)
-    report = materialize_all(store, feature_views=list(cfg.views) or None)
+    ws = Workspace.at(resolve_data_dir(cfg.repo, cfg.data_dir))
+    with ws.lock("llmfeat feast materialize"):
+        # checked before apply rewrites the registry: a refused run changes nothing
+        check_part_fingerprints(ws)
+        store = open_store(cfg.repo, cfg.data_dir, must_exist=not cfg.apply)
+        if cfg.views and cfg.apply:
+            _check_views(store, cfg.views, ws.root)
+        if cfg.apply:
+            apply_definitions(store)
+        report = materialize_all(store, feature_views=list(cfg.views) or None)
     span = f"{report.start.isoformat()} .. {report.end.isoformat()}"
     click.echo(f"materialized {span} in {report.seconds:.1f} s")
     for name, n in sorted(report.entities.items()):
         click.echo(f"  {name:28s} {report.source_rows[name]:>9,d} source rows  {n:>9,d} entities")
 
 
+def _check_views(store, views: tuple[str, ...], data_dir: Path) -> None:
+    from llm_features.errors import UserError
+    from llm_features.store import load_definitions
+
+    defs = load_definitions(store.config.repo_path, data_dir, store.config.project)
+    defined = {fv.name for fv in defs.feature_views}
+    unknown = sorted(set(views) - defined)
+    if unknown:
+        raise UserError(f"feature view(s) {', '.join(unknown)} are not defined in {store.config.repo_path} "
+                        f"(defined: {', '.join(sorted(defined))})", option="--views",
+                        fix="Name views of the feature repository.")
+
+
 @command.command("lookup")
 @dataclass_options(FeastLookupConfig)
 def lookup_cmd(cfg: FeastLookupConfig) -> None:
     """Print the online features of one user and some items."""
-    from llm_features.store import online_features, open_store
+    from llm_features.store import check_materialized, online_features, open_store
 
     if cfg.user_id is None:
         raise click.UsageError("--user-id is required")
-    store = open_store(cfg.repo, cfg.data_dir)
+    store = open_store(cfg.repo, cfg.data_dir, must_exist=True)
+    check_materialized(store, cfg.service)
     feats = online_features(store, cfg.user_id, list(cfg.item_ids) or [0], cfg.service)
     click.echo(f"user {feats.user_id}, items {feats.item_ids.tolist()} ({cfg.service})")
     for name, value in feats.values.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from llm_features.config import dataclass_options
+from llm_features.workspace import Workspace
 from llm_features.ingest import IngestConfig, format_summary, ingest
 
 
@@ -20,4 +21,5 @@ def command(cfg: IngestConfig) -> None:
                   --map user_id=uid --map item_id=sku --map event_timestamp=ts --map rating=stars \\
                   --item-text-column title
     """
-    click.echo(format_summary(ingest(cfg)))
+    with Workspace.at(cfg.data_dir).lock("llmfeat ingest"):  # one writer per data dir
+        click.echo(format_summary(ingest(cfg)))
