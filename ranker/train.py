@@ -94,9 +94,30 @@ def feast_source(store, service_name: str, columns: set[str] | None = None) -> F
                     for f in p.features if f.name in columns]
 
     def fetch(entity_df: pd.DataFrame) -> pd.DataFrame:
-        return store.get_historical_features(entity_df=entity_df, features=features).to_df()
+        # a copy: the Spark offline store rewrites the caller's timestamp column in place
+        frame = store.get_historical_features(entity_df=entity_df.copy(), features=features).to_df()
+        return _entity_timestamps_as_given(frame, entity_df)
 
     return fetch
+
+
+def _entity_timestamps_as_given(frame: pd.DataFrame, entity_df: pd.DataFrame) -> pd.DataFrame:
+    """The entity timestamps of a feature frame in the entity frame's dtype, whatever the offline store.
+
+    DuckDB returns them as given (UTC-aware); Spark returns them tz-naive in the session time zone
+    (UTC: ``llm_features.offline_sources.spark_session_defaults``) and in ns, so the same entity row
+    would not look up the same in :class:`PrefetchedSource`.
+    """
+    col = "event_timestamp"
+    if col not in frame or col not in entity_df:
+        return frame
+    want = entity_df[col].dtype
+    ts = frame[col]
+    if isinstance(want, pd.DatetimeTZDtype) and ts.dtype != want:
+        if pd.api.types.is_datetime64_dtype(ts):  # tz-naive: Spark's session time zone, UTC
+            ts = ts.dt.tz_localize("UTC")
+        frame[col] = ts.astype(want)
+    return frame
 
 
 class PrefetchedSource:
