@@ -10,7 +10,8 @@ documented file ``feast_repo/production/feature_store.spark_local.yaml`` (Spark 
 * the ranker's historical fetch (``ranker.train.feast_source`` over ``ranker_llm``) for the 10,000
   rows of the test split returns the same rows from both: same keys and labels, the same feature row
   chosen point in time for every view (the user-embedding snapshots and recent-behaviour lists differ
-  per version, so a different choice shows), the same vectors bit for bit;
+  per version, so a different choice shows; both are also checked against the latest version at or
+  before each row's timestamp, computed with pandas), the same vectors bit for bit;
 * ``materialize_all`` through the Spark engine leaves the same online rows as the local engine: every
   user, item and behaviour key, with the same values and the same feature timestamps.
 
@@ -107,7 +108,7 @@ def stop_spark() -> None:
 # The definitions follow the configured store (no Spark needed)
 
 
-def test_definitions_declare_the_source_class_of_the_offline_store(tmp_path):
+def test_definitions_declare_the_source_class_of_the_offline_store(tmp_path, monkeypatch):
     from feast import FileSource
     from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
 
@@ -116,6 +117,7 @@ def test_definitions_declare_the_source_class_of_the_offline_store(tmp_path):
     repo = copy_repo(tmp_path / "feast_repo")
     data = tmp_path / "data"
     write_synthetic_workspace(data)
+    monkeypatch.delenv(OFFLINE_STORE_ENV, raising=False)
     duck = load_definitions(repo, data, offline_store="duckdb")
     spark = load_definitions(repo, data, offline_store="spark")
     assert duck.data_sources and all(type(s) is FileSource for s in duck.data_sources)
@@ -250,6 +252,7 @@ def ml100k_both(tmp_path_factory, tiny_bert_dir):
 
     entities = load_entities(data / "canonical" / "interactions.parquet", "test")
     out = {"entities": entities.copy()}
+    pyspark_python = os.environ.get("PYSPARK_PYTHON")  # open_store sets it for the local[2] master
     try:
         for name, yaml in (("duckdb", None), ("spark", SPARK_YAML)):
             shutil.copytree(data, root / name / "data")
@@ -265,6 +268,8 @@ def ml100k_both(tmp_path_factory, tiny_bert_dir):
         yield out
     finally:
         stop_spark()
+        if pyspark_python is None:
+            os.environ.pop("PYSPARK_PYTHON", None)
 
 
 def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
@@ -315,6 +320,12 @@ def test_historical_features_equal_duckdb(ml100k_both):
     assert a.dtypes.to_dict() == b.dtypes.to_dict()
     assert b["event_timestamp"].dtype == entities["event_timestamp"].dtype == "datetime64[us, UTC]"
     pd.testing.assert_frame_equal(ml100k_both["entities_after"], entities)  # the caller's frame is untouched
+    # ... so the ranker's prefetch (benchmarks, sweeps) finds its entity rows in Spark's answer
+    from ranker.train import PrefetchedSource
+
+    spark_frame = ml100k_both["spark"]["frame"]
+    pre = PrefetchedSource(lambda chunk: spark_frame.copy(), entities, chunk_rows=len(entities))
+    assert pre(entities.iloc[:50])["item_id"].tolist() == entities["item_id"].iloc[:50].tolist()
     pd.testing.assert_frame_equal(a[KEYS + ["label"]], _sorted(entities)[KEYS + ["label"]])
     for col in a.columns:
         if a[col].dtype == object:
@@ -330,6 +341,21 @@ def test_historical_features_equal_duckdb(ml100k_both):
     assert (distinct > 1).sum() > 100, "many users should get different snapshots at different times"
     assert a["recent_item_ids"].map(len).nunique() > 1
     assert a["item_embedding"].map(lambda v: v.shape).unique().tolist() == [(32,)]
+
+    # ... and both chose the right rows: the latest version at or before each entity timestamp
+    from llm_features.parquet_io import read_parts
+    from llm_features.workspace import Workspace
+
+    ws = Workspace.at(ml100k_both["duckdb"]["store"].config.repo_path.parent / "data")
+    for directory, column in ((ws.user_embeddings, "user_embedding"), (ws.user_recent_behaviors, "recent_item_ids")):
+        versions = read_parts(directory).select(["user_id", column, "event_timestamp"]).to_pandas()
+        versions["chosen"] = versions["event_timestamp"]  # the version's own timestamp, kept by the join
+        expected = pd.merge_asof(
+            a[KEYS].reset_index().sort_values("event_timestamp"), versions.sort_values("event_timestamp"),
+            on="event_timestamp", by="user_id", direction="backward", allow_exact_matches=True,
+        ).set_index("index").sort_index()
+        assert expected["chosen"].notna().sum() > len(a) // 2, column
+        _assert_cells_equal(column, a[column], expected[column])
 
 
 def test_materialization_equal_duckdb(ml100k_both):
