@@ -2,12 +2,15 @@
 
 Every source reads the data directory (``$LLMFEAT_DATA_DIR``, default ``feast_repo/data``) through
 ABSOLUTE paths: DuckDB resolves relative FileSource paths against the process CWD, not the repo.
+The source class follows the configured offline store: ``FileSource`` for DuckDB (the default),
+``SparkSource`` for ``offline_store: {type: spark}``, with the same names, paths, timestamp field
+and schemas (``llm_features.offline_sources``), so switching the yaml needs no edit here.
 Embedding views read part-file DIRECTORIES (``parquet_io.write_part`` appends parts there), so a new
 encode run needs no new `feast apply`.
 
 A source that does not exist yet (``user_embeddings/`` before the finetune stage, or everything
 before ingest) gets an empty, schema-only parquet file so that `feast apply` and `feast materialize`
-still work (DuckDB cannot read an empty directory). In a part-file directory it is named
+still work (neither DuckDB nor Spark can read an empty directory). In a part-file directory it is named
 ``empty-schema.parquet`` (not ``_``- or ``.``-prefixed, which pyarrow's schema inference skips):
 DuckDB reads every ``*.parquet`` there, while the stages' readers (``parquet_io.list_parts``:
 ``part-*.parquet``) never see it. It is removed as soon as real part
@@ -26,10 +29,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
-from feast.data_format import ParquetFormat
+from feast import Entity, FeatureService, FeatureView, Field, ValueType
+from feast.data_source import DataSource
 from feast.types import Array, Bool, Float32, Float64, Int32, Int64, String
 
+from llm_features.offline_sources import configured_offline_store, parquet_source
 from llm_features.parquet_io import list_parts, write_table_atomic
 from llm_features.workspace import Workspace, default_data_dir
 
@@ -48,6 +52,10 @@ PLACEHOLDER_PART = "empty-schema.parquet"
 PLACEHOLDER_METADATA_KEY = "llmfeat.placeholder"
 
 TS = pa.timestamp("us", tz="UTC")
+
+# FileSource for DuckDB (the default), SparkSource for the Spark offline store: the class the
+# configured offline store reads (llm_features/offline_sources.py says how the type is found).
+OFFLINE_STORE = configured_offline_store(REPO_DIR)
 
 
 def _embedding_dim() -> int:
@@ -69,29 +77,24 @@ def _write_placeholder(path: Path, schema: pa.Schema) -> None:
     write_table_atomic(schema.empty_table(), path, metadata={PLACEHOLDER_METADATA_KEY: "true"})
 
 
-def _part_dir_source(name: str, directory: Path, schema: pa.Schema) -> FileSource:
-    """A FileSource over a directory of part files, made readable even while it has none."""
+def _part_dir_source(name: str, directory: Path, schema: pa.Schema) -> DataSource:
+    """A source over a directory of part files, made readable even while it has none."""
     directory.mkdir(parents=True, exist_ok=True)
     placeholder = directory / PLACEHOLDER_PART
     if list_parts(directory):
         placeholder.unlink(missing_ok=True)
     elif not placeholder.exists():
         _write_placeholder(placeholder, schema)
-    return FileSource(
-        name=name, path=str(directory), file_format=ParquetFormat(), timestamp_field="event_timestamp"
-    )
+    return parquet_source(name, directory, OFFLINE_STORE)
 
 
-def _table_source(name: str, path: Path, schema: pa.Schema) -> tuple[FileSource, pa.Schema]:
-    """A FileSource over one canonical table; a placeholder (outside canonical/) until ingest ran."""
+def _table_source(name: str, path: Path, schema: pa.Schema) -> tuple[DataSource, pa.Schema]:
+    """A source over one canonical table; a placeholder (outside canonical/) until ingest ran."""
     if not path.exists():
         path = DATA_DIR / ".feast_placeholders" / path.name
         if not path.exists():
             _write_placeholder(path, schema)
-    source = FileSource(
-        name=name, path=str(path), file_format=ParquetFormat(), timestamp_field="event_timestamp"
-    )
-    return source, pq.read_schema(path)
+    return parquet_source(name, path, OFFLINE_STORE), pq.read_schema(path)
 
 
 def _feast_type(arrow_type: pa.DataType):

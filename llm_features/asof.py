@@ -88,7 +88,8 @@ def historical_features(store, entity_df: pd.DataFrame, features: Any,
     frame = entity_df.reset_index(drop=True).copy()
     frame[_ROW] = np.arange(len(frame))
     if direct:
-        out = store.get_historical_features(entity_df=frame, features=direct).to_df()
+        # copies: the Spark offline store rewrites the caller's timestamp column in place
+        out = store.get_historical_features(entity_df=frame.copy(), features=direct).to_df()
     else:
         out = frame
     out = out.sort_values(_ROW, kind="stable").reset_index(drop=True)
@@ -103,7 +104,7 @@ def historical_features(store, entity_df: pd.DataFrame, features: Any,
                                "event_timestamp": stamps.fillna(_NEVER).to_numpy(),
                                _ROW: frame[_ROW].to_numpy()})
         got = store.get_historical_features(
-            entity_df=lookup, features=[f"{twin.name}:{n}" for n in by_view[view]]).to_df()
+            entity_df=lookup.copy(), features=[f"{twin.name}:{n}" for n in by_view[view]]).to_df()
         got = got.sort_values(_ROW, kind="stable").reset_index(drop=True)
         for n in by_view[view]:
             out[n] = got[n].to_numpy()

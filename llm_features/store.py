@@ -144,6 +144,9 @@ def load_config(
     if getattr(online, "type", None) == "sqlite":
         online.path = _relocate(online.path, repo, data)
         Path(online.path).parent.mkdir(parents=True, exist_ok=True)
+    from llm_features.offline_sources import spark_session_defaults
+
+    spark_session_defaults(config)  # Spark stores only: UTC session, local workers use this Python
     return config
 
 
@@ -317,11 +320,18 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ[name] = old
 
 
-def load_definitions(repo_path: str | os.PathLike, data_dir: str | os.PathLike, project: str = "llmfeat"):
+def load_definitions(
+    repo_path: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    project: str = "llmfeat",
+    offline_store: str | None = None,
+):
     """The Feast objects of ``repo_path``'s definitions, built for ``data_dir``, as a ``RepoContents``.
 
     Mirrors ``feast apply``'s module scan (every ``*.py`` not in ``.feastignore``), but imports each
-    module afresh, so several data directories can be applied in one process.
+    module afresh, so several data directories can be applied in one process. ``offline_store`` (an
+    ``offline_store.type``, e.g. ``duckdb`` or ``spark``) picks the data source class the definitions
+    declare (``llm_features.offline_sources``); default: the repo's ``feature_store.yaml``.
     """
     from feast import Entity, FeatureService, FeatureView
     from feast.data_source import DataSource
@@ -340,7 +350,10 @@ def load_definitions(repo_path: str | os.PathLike, data_dir: str | os.PathLike, 
         if not any(obj is o for o in found[kind]):
             found[kind].append(obj)
 
-    with _env(DATA_DIR_ENV, str(Path(data_dir).resolve())):
+    from llm_features.offline_sources import OFFLINE_STORE_ENV, configured_offline_store
+
+    store_type = offline_store or configured_offline_store(repo)
+    with _env(DATA_DIR_ENV, str(Path(data_dir).resolve())), _env(OFFLINE_STORE_ENV, store_type):
         for file in get_repo_files(repo):
             name = f"_llmfeat_feast_defs_{file.stem}_{uuid.uuid4().hex[:8]}"
             spec = importlib.util.spec_from_file_location(name, file)
@@ -377,7 +390,9 @@ def apply_definitions(store, data_dir: str | os.PathLike | None = None) -> None:
     repo_path = Path(store.config.repo_path)
     data = Path(data_dir).resolve() if data_dir is not None else store_data_dir(store)
     project = store.config.project
-    repo = load_definitions(repo_path, data, project)
+    from llm_features.offline_sources import offline_store_type_of
+
+    repo = load_definitions(repo_path, data, project, offline_store=offline_store_type_of(store.config))
     if not repo.feature_views:
         raise MissingInputError("defines no feature views", file=repo_path, option="--repo",
                                 fix="Pass the feast_repo directory.")

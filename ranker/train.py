@@ -108,9 +108,29 @@ def feast_source(store, service_name: str, columns: set[str] | None = None) -> F
     def fetch(entity_df: pd.DataFrame) -> pd.DataFrame:
         # Feast's point-in-time join, with the per-user time series joined at their as-of stamps
         # (llm_features.asof): the same rows, without pairing each row with all earlier snapshots
-        return historical_features(store, entity_df, features, stamp_indexes)
+        frame = historical_features(store, entity_df, features, stamp_indexes)
+        return _entity_timestamps_as_given(frame, entity_df)
 
     return fetch
+
+
+def _entity_timestamps_as_given(frame: pd.DataFrame, entity_df: pd.DataFrame) -> pd.DataFrame:
+    """The entity timestamps of a feature frame in the entity frame's dtype, whatever the offline store.
+
+    DuckDB returns them as given (UTC-aware); Spark returns them tz-naive in the session time zone
+    (UTC: ``llm_features.offline_sources.spark_session_defaults``) and in ns, so the same entity row
+    would not look up the same in :class:`PrefetchedSource`.
+    """
+    col = "event_timestamp"
+    if col not in frame or col not in entity_df:
+        return frame
+    want = entity_df[col].dtype
+    ts = frame[col]
+    if isinstance(want, pd.DatetimeTZDtype) and ts.dtype != want:
+        if pd.api.types.is_datetime64_dtype(ts):  # tz-naive: Spark's session time zone, UTC
+            ts = ts.dt.tz_localize("UTC")
+        frame[col] = ts.astype(want)
+    return frame
 
 
 class PrefetchedSource:

@@ -22,10 +22,12 @@ import numpy as np
 import pytest
 
 from llm_features.store import apply_definitions, materialize_all, online_features, open_store
+from tests.test_spark_store import require_spark, stop_spark
 from tests.test_store import copy_repo, write_synthetic_workspace
 
 URL_ENV = "LLMFEAT_TEST_POSTGRES_URL"
 YAML = "production/feature_store.postgres.yaml"
+SPARK_YAML = "production/feature_store.spark.yaml"
 HOW = f"export {URL_ENV}=$(bash scripts/start_postgres.sh)"
 
 pytestmark = pytest.mark.integration
@@ -69,9 +71,16 @@ def _conn_kwargs(url) -> dict:
     )
 
 
-def test_postgres_registry_and_online_store_roundtrip(pg_url, tmp_path, monkeypatch):
+@pytest.mark.parametrize("yaml_file", [YAML, SPARK_YAML], ids=["postgres", "spark"])
+def test_postgres_registry_and_online_store_roundtrip(yaml_file, pg_url, tmp_path, monkeypatch):
+    """The postgres file, and the spark one (Spark offline store and engine in local[2] mode writing
+    the PostgreSQL online store; no definitions edited): the same roundtrip, the same values."""
     import psycopg
 
+    if yaml_file == SPARK_YAML:
+        require_spark()
+        monkeypatch.setenv("LLMFEAT_SPARK_MASTER", "local[2]")
+        monkeypatch.delenv("PYSPARK_PYTHON", raising=False)  # open_store sets it for a local[...] master
     kw = _conn_kwargs(pg_url)
     for var, value in {
         "LLMFEAT_PG_HOST": kw["host"],
@@ -86,16 +95,18 @@ def test_postgres_registry_and_online_store_roundtrip(pg_url, tmp_path, monkeypa
     repo = copy_repo(tmp_path / "feast_repo")
     # The documented file, with a project name of its own so that runs sharing a database never meet.
     project = f"llmfeat_test_{uuid.uuid4().hex[:10]}"
-    yaml_file = repo / YAML
-    text = yaml_file.read_text()
+    path = repo / yaml_file
+    text = path.read_text()
     assert "\nproject: llmfeat\n" in text
-    yaml_file.write_text(text.replace("\nproject: llmfeat\n", f"\nproject: {project}\n"))
+    path.write_text(text.replace("\nproject: llmfeat\n", f"\nproject: {project}\n"))
 
     data = tmp_path / "data"
     syn = write_synthetic_workspace(data)
-    store = open_store(repo, data, fs_yaml_file=YAML)
+    store = open_store(repo, data, fs_yaml_file=yaml_file)
     assert store.config.registry.path.startswith("postgresql+psycopg://")
     assert store.config.online_store.type == "postgres"
+    if yaml_file == SPARK_YAML:
+        assert store.config.offline_store.type == "spark" and store.config.batch_engine.type == "spark.engine"
     schema = store.config.online_store.db_schema
     try:
         apply_definitions(store)
@@ -104,7 +115,7 @@ def test_postgres_registry_and_online_store_roundtrip(pg_url, tmp_path, monkeypa
         assert report.entities["user_embeddings"] == 3
 
         # A fresh store (another process, in production) finds the definitions in the PostgreSQL registry.
-        reader = open_store(repo, data, fs_yaml_file=YAML)
+        reader = open_store(repo, data, fs_yaml_file=yaml_file)
         assert {fv.name for fv in reader.list_feature_views()} >= {
             "atomic_behavior_embeddings", "item_embeddings", "user_embeddings", "user_recent_behaviors",
             "user_profile", "item_profile",
@@ -140,8 +151,15 @@ def test_postgres_registry_and_online_store_roundtrip(pg_url, tmp_path, monkeypa
             ).fetchone()[0]
         assert n_items == 20
         assert n_views == 6
+        if yaml_file == SPARK_YAML:
+            from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
+
+            assert all(type(fv.batch_source) is SparkSource for fv in reader.list_feature_views())
     finally:
-        _drop_project(store, project)
+        try:
+            _drop_project(store, project)
+        finally:
+            stop_spark()
 
 
 def _drop_project(store, project: str) -> None:
@@ -177,7 +195,10 @@ def test_production_yaml_variants_validate(variant, monkeypatch):
 
     extra = {"redis": "redis", "spark": "pyspark"}.get(variant)
     if extra and importlib.util.find_spec(extra) is None:
+        if variant == "spark" and _in_ci():  # scripts/bootstrap.sh installs the spark extra
+            pytest.fail("CI is set but pyspark is not installed: pip install -e '.[spark]'")
         pytest.skip(f"feast[{variant}] is not installed ({extra} missing); llmfeat installs feast[postgres]")
+    monkeypatch.delenv("PYSPARK_PYTHON", raising=False)  # load_config sets it for a local[...] master
     for var, value in _PROD_ENV.items():
         monkeypatch.setenv(var, value)
     repo = Path(__file__).resolve().parents[1] / "feast_repo"
