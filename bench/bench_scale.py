@@ -68,7 +68,8 @@ def generate(path: Path, n: int, seed: int = 0) -> dict:
     users = np.repeat(rng.permutation(n_users) + 1, counts)
     items = rng.choice(n_items, size=n, p=item_p) + 1
     start = 1_600_000_000 * US_PER_S
-    ts = start + rng.integers(0, 365 * 86_400, size=n) * US_PER_S
+    # distinct seconds over a year (a log has no two events of a user and an item at one instant)
+    ts = start + (rng.permutation(n) * (365 * 86_400 // max(n, 365 * 86_400 // 1000))) * US_PER_S
     rating = rng.integers(1, 6, size=n)
     path.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"user": users, "item": items, "ts": pa.array(ts // US_PER_S, pa.int64()),
