@@ -20,11 +20,7 @@ def command(cfg: EmbedUsersConfig) -> None:
 
     Example: llmfeat embed-users --checkpoint runs/finetune --cadence event
     """
-    from llm_features.embed_users import CheckpointMismatchError, LateInteractionsError, embed_users
-    from llm_features.fingerprint import FingerprintMismatchError
+    from llm_features.embed_users import embed_users
 
-    try:
-        report = embed_users(cfg)
-    except (CheckpointMismatchError, LateInteractionsError, FingerprintMismatchError) as e:
-        raise click.ClickException(str(e)) from e
-    click.echo(report.summary())
+    # bad input is a UserError (a click exception): one line, exit code 1
+    click.echo(embed_users(cfg).summary())
