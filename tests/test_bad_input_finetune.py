@@ -3,7 +3,7 @@
 Every refusal exits 1 with a one- or two-line message naming the file or the option and what to do,
 without a traceback, and leaves the checkpoint and the data directory as they were.
 
-Classes (27):
+Classes (29):
 1. finetune --resume with a trainer state that is a crafted pickle: refused, never unpickled (no code runs)
 2. finetune --resume in a checkpoint of an older llmfeat (a loose trainer_state.pt, no committed resume
    set): refused, never unpickled
@@ -24,17 +24,19 @@ Classes (27):
 14. finetune --epochs 0
 15. finetune --fold outside 0..--folds-1
 16. finetune --adam-beta2 1 (AdamW divides by 1 - beta)
-17. embed-users --every 0, and --every with a cadence other than event
-18. embed-users --context-size 0
-19. --device that is not a torch device
-20. a checkpoint whose saved config.json holds a value outside the choices ("pooling": "max")
-21. embed-users --checkpoint that does not exist
-22. embed-users --checkpoint whose config.json is not JSON
-23. embed-users --checkpoint of another model than the workspace's (fingerprint mismatch)
-24. finetune --model directory that does not exist
-25. finetune --model directory that is not a Hugging Face model
-26. finetune --resume with options changed since the checkpoint
-27. embed-users with a data directory that does not exist (no interactions)
+17. embed-users --every 0
+18. embed-users --every with a cadence other than event (it was silently ignored)
+19. embed-users --context-size 0
+20. --device that is not a torch device
+21. a checkpoint whose saved config.json holds a value outside the choices ("pooling": "max")
+22. embed-users --checkpoint whose model.safetensors is not the one its config.json was written with
+23. embed-users --checkpoint that does not exist
+24. embed-users --checkpoint whose config.json is not JSON
+25. embed-users --checkpoint of another model than the workspace's (fingerprint mismatch)
+26. finetune --model directory that does not exist
+27. finetune --model directory that is not a Hugging Face model
+28. finetune --resume with options changed since the checkpoint
+29. embed-users with a data directory that does not exist (no interactions)
 """
 
 from __future__ import annotations
@@ -225,15 +227,27 @@ def test_kill_between_checkpoint_files_resumes_from_the_last_complete_one(tiny_b
 
 
 def test_resume_refuses_a_resume_set_mixed_by_hand(tiny_bert_dir, ws, trained, tmp_path):
-    out = train(tiny_bert_dir, ws, tmp_path / "run")
-    where, _ = resume_set(out)
-    weights = where / "model.safetensors"
     from safetensors.torch import load_file, save_file
 
-    tensors = load_file(str(weights))
-    save_file({k: v + 1.0 for k, v in tensors.items()}, str(weights))  # the weights of another step
+    def mix(weights: Path) -> None:  # the weights of another step
+        save_file({k: v + 1.0 for k, v in load_file(str(weights)).items()}, str(weights))
+
+    out = train(tiny_bert_dir, ws, tmp_path / "run")
+    where, _ = resume_set(out)
+    mix(where / "model.safetensors")
     run_bad(ft_args(tiny_bert_dir, ws, out, *RUN, "--resume"),
             expect=r"model\.safetensors.*(incomplete|does not match)", unchanged=[out, ws])
+
+    # with an older complete set next to it (a kill between a commit and the removal of the older
+    # set), --resume falls back to that one
+    fresh = train(tiny_bert_dir, ws, tmp_path / "fresh")
+    good, _ = resume_set(fresh)
+    newer = good.with_name("ckpt-%06d" % (int(good.name.split("-")[1]) + 1))
+    shutil.copytree(good, newer)
+    mix(newer / "model.safetensors")
+    res = CliRunner().invoke(main, [str(a) for a in ft_args(tiny_bert_dir, ws, fresh, *RUN, "--resume")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((fresh / "metrics.json").read_text())["steps"] == 3
 
 
 # --------------------------------------------------------------------------- 5-7: model code
@@ -295,7 +309,7 @@ def test_config_file_cannot_allow_model_code(tiny_bert_dir, ws, tmp_path):
             expect=rf"{conf.name}.*--trust-remote-code.*command line", unchanged=[out, ws])
 
 
-# --------------------------------------------------------------------------- 8-19: option ranges
+# --------------------------------------------------------------------------- 8-20: option ranges
 @pytest.mark.parametrize("extra,expect", [
     (["--context-size", "0"], r"--context-size"),
     (["--batch-size", "0"], r"--batch-size"),
@@ -338,12 +352,24 @@ def test_embed_users_option_out_of_range(ws, trained, extra, expect):
             expect=expect, unchanged=[trained, ws])
 
 
-# --------------------------------------------------------------------------- 20-27: files
+# --------------------------------------------------------------------------- 21-29: files
 def test_checkpoint_config_value_outside_the_choices(ws, trained, tmp_path):
     ckpt = copy_ckpt(trained, tmp_path / "ckpt")
     edit_checkpoint(ckpt, pooling="max")
     run_bad(["embed-users", "--checkpoint", ckpt, "--data-dir", ws, "--device", "cpu"],
             expect=r"config\.json.*--pooling.*'max'", unchanged=[ckpt, ws])
+
+
+def test_checkpoint_weights_not_the_ones_its_config_was_written_with(ws, trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = copy_ckpt(trained, tmp_path / "ckpt")
+    weights = ckpt / "model.safetensors"
+    tensors = load_file(str(weights))
+    weights.unlink()  # (a hard link into the resume set: replace the file, not its content)
+    save_file({k: v * 0.5 for k, v in tensors.items()}, str(weights))  # another run's weights, same shapes
+    run_bad(["embed-users", "--checkpoint", ckpt, "--data-dir", ws, "--device", "cpu"],
+            expect=r"model\.safetensors.*does not match config\.json", unchanged=[ckpt, ws])
 
 
 def test_missing_checkpoint(ws, tmp_path):
