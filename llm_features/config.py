@@ -18,7 +18,9 @@ Example::
 Numeric fields may bound their values with ``metadata={"min": ..., "max": ...}`` (inclusive; a
 ``"min_open"`` bound is exclusive). A value from a config file is checked against the same type,
 choices and bounds as the command-line option, and a bad one is a :class:`UserError` naming the
-file and the option.
+file and the option. A field with ``metadata={"cli_only": True}`` (``trust_remote_code``: it lets a
+model directory's Python code run) is only ever switched on by the command line: a config file that
+sets it is refused.
 """
 
 from __future__ import annotations
@@ -166,6 +168,9 @@ def build_config(cls: type[T], values: dict[str, Any], where: str | None = None,
                 value = get_origin(tp)(value)
         else:
             value = check_value(name, hints[name], fields[name].metadata, value, where)
+            if value and fields[name].metadata.get("cli_only"):
+                raise UserError("is taken from the command line only, never from a file", file=where,
+                                option=_flag(name), fix=f"Pass {_flag(name)} on the command line if you mean it.")
         kwargs[name] = value
     return cls(**kwargs)  # type: ignore[call-arg]
 

@@ -57,7 +57,9 @@ from llm_features.distributed import barrier, init_from_env, sum_over_ranks
 from llm_features.errors import UserError
 from llm_features.backbone import configure_threads
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, FingerprintMismatchError
-from llm_features.finetune.checkpoint import CONFIG, WEIGHTS, load_finetuned
+from llm_features.config import validate_config
+from llm_features.devices import resolve_device
+from llm_features.finetune.checkpoint import CONFIG, WEIGHTS, check_weights, load_finetuned, read_checkpoint_config
 from llm_features.finetune.data import FinetuneData, load_finetune_data
 from llm_features.finetune.model import FinetuneModel
 from llm_features.finetune.packing import UserHistories, batch_indices, make_blocks
@@ -106,21 +108,26 @@ class EmbedUsersConfig:
     every: int = field(default=1, metadata={
         "help": "With cadence=event: keep each user's first N interaction times, then every N-th (+ the final "
                 "row). A row is then at most N-1 interactions stale, and Feast's offline point-in-time join, "
-                "which pairs every entity row with every earlier row of its user, shrinks about N-fold."})
+                "which pairs every entity row with every earlier row of its user, shrinks about N-fold.",
+        "min": 1})
     context_size: int | None = field(default=None, metadata={
-        "help": "n: strictly earlier interactions per embedding (default: the checkpoint's, as trained)."})
+        "help": "n: strictly earlier interactions per embedding (default: the checkpoint's, as trained).", "min": 1})
     targets_per_sequence: int | None = field(default=None, metadata={
         "help": f"k snapshots packed per sequence (default: {DEFAULT_EXACT_K} for leakage=isolated, where it "
-                "is exact, else 1 = the sliding window)."})
-    batch_size: int = field(default=1024, metadata={"help": "Snapshots per forward pass."})
+                "is exact, else 1 = the sliding window).", "min": 1})
+    batch_size: int = field(default=1024, metadata={"help": "Snapshots per forward pass.", "min": 1})
     users_per_part: int = field(default=512, metadata={
-        "help": "Users per part file (the unit a killed run resumes from)."})
+        "help": "Users per part file (the unit a killed run resumes from).", "min": 1})
     overwrite: bool = field(default=False, metadata={
         "help": "Delete existing user_embeddings parts of another checkpoint (or stale ones) first."})
     device: str = field(default="auto", metadata={
         "help": "cpu, cuda, cuda:N, or auto (cuda when available)."})
     num_threads: int | None = field(default=None, metadata={
-        "help": "CPU threads for torch (default: the cores this process may use)."})
+        "help": "CPU threads for torch (default: the cores this process may use).", "min": 1})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow Python code from the checkpoint's model directory (off: only built-in architectures). "
+                "Taken from the command line only, never from the checkpoint or a --config file.",
+        "cli_only": True})
 
 
 @dataclass
@@ -422,12 +429,6 @@ def _behavior_hashes(texts: list[str]) -> np.ndarray:
     return np.array([int.from_bytes(d, "little", signed=True) for d in digests], dtype=np.int64)
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @torch.inference_mode()
 def compute_user_states(
     model: FinetuneModel,
@@ -503,30 +504,39 @@ def embed_users(
         data: already loaded workspace data (tests); read from ``cfg.data_dir`` if None.
     """
     started = time.perf_counter()
-    device = _resolve_device(cfg.device)
+    # Everything that can refuse the run is checked before any model code is loaded.
+    validate_config(cfg)
+    if cfg.every > 1 and cfg.cadence != "event":
+        raise UserError(f"{cfg.every} applies to --cadence event only, not {cfg.cadence}", option="--every",
+                        fix="Drop --every, or use --cadence event.")
+    device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     rank, world = init_from_env(device)
     configure_threads(cfg.num_threads)
+    _, trained_fp, meta = read_checkpoint_config(cfg.checkpoint)
+    check_weights(cfg.checkpoint, meta)
+    ws = Workspace.at(cfg.data_dir)
+    if data is None and not ws.interactions.exists():
+        raise UserError("not found", file=ws.interactions, option="--data-dir",
+                        fix="Run `llmfeat ingest` and `llmfeat encode` for this data dir first.")
+    manifest = ws.read_fingerprint()
+    if manifest is not None and manifest.digest != trained_fp.digest:
+        raise FingerprintMismatchError(
+            f"{ws.manifest} records model fingerprint {manifest.digest} ({manifest.model_name}), but "
+            f"checkpoint {cfg.checkpoint} was trained on {trained_fp.digest} ({trained_fp.model_name}); its user "
+            "embeddings would not match this workspace's item and behaviour embeddings."
+        )
     ident = checkpoint_identity(cfg.checkpoint)
     if model is None:
-        model, ft = load_finetuned(cfg.checkpoint, device=device)
+        model, ft = load_finetuned(cfg.checkpoint, device=device, trust_remote_code=cfg.trust_remote_code)
     else:
-        from llm_features.finetune.checkpoint import read_checkpoint_config
-
         ft = read_checkpoint_config(cfg.checkpoint)[0]
         model = model.to(device).eval()
     if checkpoint_identity(cfg.checkpoint)["id"] != ident["id"]:
-        raise RuntimeError(f"{cfg.checkpoint} changed while it was being loaded; retry when finetune is done")
+        raise UserError("changed while it was being loaded", file=cfg.checkpoint,
+                        fix="Retry when `llmfeat finetune` is done writing it.")
     fp = model.backbone.fingerprint
-    ws = Workspace.at(cfg.data_dir)
-    manifest = ws.read_fingerprint()
-    if manifest is not None and manifest.digest != fp.digest:
-        raise FingerprintMismatchError(
-            f"{ws.manifest} records model fingerprint {manifest.digest} ({manifest.model_name}), but "
-            f"checkpoint {cfg.checkpoint} was trained on {fp.digest} ({fp.model_name}); its user embeddings "
-            "would not match this workspace's item and behaviour embeddings."
-        )
 
     n = int(cfg.context_size or ft.context_size)
     if n < 1:

@@ -23,13 +23,10 @@ def command(cfg: EmbedUsersConfig) -> None:
 
     Example: llmfeat embed-users --checkpoint runs/finetune --cadence event
     """
-    from llm_features.embed_users import CheckpointMismatchError, LateInteractionsError, embed_users
-    from llm_features.fingerprint import FingerprintMismatchError
+    from llm_features.embed_users import embed_users
 
-    try:
-        with Workspace.at(cfg.data_dir).lock("llmfeat embed-users"):  # one writer per data dir
-            report = embed_users(cfg)
-    except (CheckpointMismatchError, LateInteractionsError, FingerprintMismatchError) as e:
-        raise click.ClickException(str(e)) from e
+    # bad input is a UserError (a click exception): one line, exit code 1
+    with Workspace.at(cfg.data_dir).lock("llmfeat embed-users"):  # one writer per data dir
+        report = embed_users(cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, the totals once
         click.echo(report.summary())

@@ -15,7 +15,8 @@ def command(cfg: FinetuneConfig) -> None:
 
     Behaviour level (default) runs the deep layers over the cached atomic behaviour embeddings
     (run `llmfeat encode` first, with the same model options); token level runs every layer over
-    the behaviour texts. Writes model.safetensors, config.json and metrics.json to --out.
+    the behaviour texts. Writes model.safetensors, config.json and metrics.json to --out, and the
+    last complete checkpoint (weights, options, trainer state) to --out/resume/ for --resume.
 
     Example: llmfeat finetune --packing dti --targets-per-sequence 16 --context-size 30 --epochs 1
     """

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Literal
 
 from llm_features.backbone import BackboneConfig
+from llm_features.config import validate_config
+from llm_features.errors import UserError
 
 
 @dataclass
@@ -29,16 +31,18 @@ class FinetuneConfig(BackboneConfig):
         default="dti", metadata={"help": "dti: k targets per sequence; sliding-window: one target per sequence."}
     )
     context_size: int = field(
-        default=30, metadata={"help": "n: strictly earlier interactions a target sees."}
+        default=30, metadata={"help": "n: strictly earlier interactions a target sees.", "min": 1}
     )
-    targets_per_sequence: int = field(default=128, metadata={"help": "k: targets packed per sequence (DTI)."})
+    targets_per_sequence: int = field(default=128, metadata={"help": "k: targets packed per sequence (DTI).",
+        "min": 1})
     leakage: Literal["windowed", "block", "isolated"] = field(
         default="windowed",
         metadata={"help": "How far back a context token may look: its own n-window, the whole packed block, "
                           "or only itself (exact DTI = sliding window for any k)."},
     )
     eval_targets_per_sequence: int | None = field(
-        default=None, metadata={"help": "k used for valid/test (default: the training k; 1 = sliding window)."}
+        default=None, metadata={"help": "k used for valid/test (default: the training k; 1 = sliding window).",
+            "min": 1}
     )
     feedback: Literal["rating", "label"] = field(
         default="rating", metadata={"help": "Feedback f_j added to a context: the rating where known, or the label."}
@@ -55,88 +59,103 @@ class FinetuneConfig(BackboneConfig):
                           "DTI rows). The same mask either way."},
     )
     dropout: float | None = field(
-        default=None, metadata={"help": "Override the dropout probability of the deep layers (default: the model's)."}
+        default=None, metadata={"help": "Override the dropout probability of the deep layers (default: the model's).",
+            "min": 0.0, "max": 1.0}
     )
     head_hidden: int = field(
-        default=256, metadata={"help": "Hidden width of the CTR head MLP over [u, v, u*v]."}
+        default=256, metadata={"help": "Hidden width of the CTR head MLP over [u, v, u*v].", "min": 1}
     )
     epochs: int = field(
         default=2,
-        metadata={"help": "Passes over the training targets; the epoch with the best valid AUC is the one saved."},
+        metadata={"help": "Passes over the training targets; the epoch with the best valid AUC is the one saved.",
+            "min": 1},
     )
-    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps.",
+        "min": 1})
     batch_size: int = field(
         default=512,
-        metadata={"help": "Targets per optimizer step (sequences per step = about batch_size / k, at least one)."},
+        metadata={"help": "Targets per optimizer step (sequences per step = about batch_size / k, at least one).",
+            "min": 1},
     )
     micro_batch_tokens: int = field(
         default=4096,
         metadata={"help": "Run each optimizer step in forward/backward passes of at most this many sequence "
                           "positions, accumulating gradients (the same step; bounds memory and keeps "
-                          "CPU caches warm). 0 = one pass per step."},
+                          "CPU caches warm). 0 = one pass per step.", "min": 0},
     )
-    eval_batch_size: int = field(default=1024, metadata={"help": "Targets per evaluation batch."})
-    lr: float = field(default=1e-4, metadata={"help": "Learning rate of the deep layers (or LoRA adapters)."})
+    eval_batch_size: int = field(default=1024, metadata={"help": "Targets per evaluation batch.", "min": 1})
+    lr: float = field(default=1e-4, metadata={"help": "Learning rate of the deep layers (or LoRA adapters).",
+        "min_open": 0.0})
     head_lr: float = field(
-        default=2e-3, metadata={"help": "Learning rate of the new parts (head, Q, F, bias)."}
+        default=2e-3, metadata={"help": "Learning rate of the new parts (head, Q, F, bias).", "min_open": 0.0}
     )
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay.", "min": 0.0})
     adam_beta1: float = field(
-        default=0.9, metadata={"help": "AdamW beta1 (gradient momentum): higher averages the gradients of more steps."}
+        default=0.9,
+        metadata={"help": "AdamW beta1 (gradient momentum, below 1): higher averages the gradients of more steps.",
+                  "min": 0.0},
     )
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
-    warmup_steps: int = field(default=30, metadata={"help": "Linear warm-up steps, then linear decay to 0."})
-    grad_clip: float = field(default=1.0, metadata={"help": "Max gradient norm (0 = off)."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (below 1).", "min": 0.0})
+    warmup_steps: int = field(default=30, metadata={"help": "Linear warm-up steps, then linear decay to 0.",
+        "min": 0})
+    grad_clip: float = field(default=1.0, metadata={"help": "Max gradient norm (0 = off).", "min": 0.0})
     ema_decay: float = field(
         default=0.0,
         metadata={"help": "Keep an exponential moving average of the trained weights with this decay (e.g. "
-                          "0.995) and evaluate, save and export it instead of the last weights (0 = off)."},
+                          "0.995) and evaluate, save and export it instead of the last weights (0 = off; below 1).",
+                              "min": 0.0},
     )
-    seed: int = field(default=0, metadata={"help": "Random seed (data order, initialisation, dropout)."})
+    seed: int = field(default=0, metadata={"help": "Random seed (data order, initialisation, dropout).",
+        "min": 0})
     data_seed: int | None = field(
         default=None,
         metadata={"help": "Seed of the --limit-users sample and the --max-targets cap (default: --seed), so that "
-                          "runs with different --seed can train on the same users."},
+                          "runs with different --seed can train on the same users.", "min": 0},
     )
     limit_users: int | None = field(
-        default=None, metadata={"help": "Use a seeded sample of this many users."}
+        default=None, metadata={"help": "Use a seeded sample of this many users.", "min": 1}
     )
     max_targets: int | None = field(
-        default=None, metadata={"help": "Cap the targets of each split (whole users in a seeded order; the same targets for every k)."}
+        default=None, metadata={"help": "Cap the targets of each split (whole users in a seeded order; the same targets for every k).",
+            "min": 1}
     )
     folds: int = field(
         default=1,
-        metadata={"help": "Cross-fitting: users fall into this many folds by a fixed hash of their id (see --fold)."},
+        metadata={"help": "Cross-fitting: users fall into this many folds by a fixed hash of their id (see --fold).",
+            "min": 1},
     )
     fold: int | None = field(
         default=None,
         metadata={"help": "Train only on users outside this fold (0..folds-1), so that the embeddings of its users "
-                          "come from a tower that never saw their labels; valid/test keep every user."},
+                          "come from a tower that never saw their labels; valid/test keep every user.",
+                              "min": 0},
     )
     lora: bool = field(
         default=False, metadata={"help": "Train LoRA adapters on the deep layers (default: full FT)."}
     )
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank.", "min": 1})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha.", "min": 1})
     device: str = field(
         default="auto", metadata={"help": "cpu, cuda, cuda:1, ... (auto: cuda if available)."}
     )
     num_threads: int | None = field(
-        default=None, metadata={"help": "CPU threads (default: the allowed cores)."}
+        default=None, metadata={"help": "CPU threads (default: the allowed cores).", "min": 1}
     )
-    log_every: int = field(default=50, metadata={"help": "Log the training loss every this many steps."})
+    log_every: int = field(default=50, metadata={"help": "Log the training loss every this many steps.",
+        "min": 0})
     save_every: int = field(
-        default=0, metadata={"help": "Also checkpoint every this many steps (0: per epoch)."}
+        default=0, metadata={"help": "Also checkpoint every this many steps (0: per epoch).", "min": 0}
     )
     resume: bool = field(
-        default=False, metadata={"help": "Continue from the checkpoint in --out if there is one."}
+        default=False,
+        metadata={"help": "Continue from the last complete checkpoint in --out (its resume/ set) if there is one."},
     )
 
     def __post_init__(self) -> None:
         if self.folds < 1:
-            raise ValueError(f"--folds must be >= 1, got {self.folds}")
+            raise UserError(f"--folds must be >= 1, got {self.folds}")
         if self.fold is not None and not 0 <= self.fold < self.folds:
-            raise ValueError(f"--fold must be in 0..{self.folds - 1} (with --folds {self.folds}), got {self.fold}")
+            raise UserError(f"--fold must be in 0..{self.folds - 1} (with --folds {self.folds}), got {self.fold}")
 
     @property
     def sample_seed(self) -> int:
@@ -151,3 +170,17 @@ class FinetuneConfig(BackboneConfig):
     @property
     def eval_k(self) -> int:
         return self.eval_targets_per_sequence or self.k
+
+
+def check_finetune_config(cfg: FinetuneConfig) -> None:
+    """Every option of ``cfg`` in its range (as on the command line), and the rules between options:
+    a :class:`UserError` naming the first bad one. The library entry points call it, so the Python
+    API refuses what the command line refuses."""
+    validate_config(cfg)
+    for name in ("adam_beta1", "adam_beta2", "ema_decay"):
+        value = getattr(cfg, name)
+        if value >= 1.0:
+            raise UserError(f"{value!r} must be less than 1", option="--" + name.replace("_", "-"),
+                            fix="AdamW's betas and the weight average's decay are in [0, 1).")
+    if cfg.fold is not None and not 0 <= cfg.fold < cfg.folds:
+        raise UserError(f"{cfg.fold} is outside 0..{cfg.folds - 1} (with --folds {cfg.folds})", option="--fold")

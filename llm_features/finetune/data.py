@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
+from llm_features.errors import UserError
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, FingerprintMismatchError, ModelFingerprint
 from llm_features.finetune.packing import SPLIT_CODES, UserHistories, feedback_index
 from llm_features.parquet_io import embedding_matrix, file_metadata, list_parts
@@ -44,11 +45,12 @@ class FinetuneData:
 def _check_parts(directory: Path, fp: ModelFingerprint) -> list[Path]:
     parts = list_parts(directory)
     if not parts:
-        raise FileNotFoundError(f"{directory}: no part files; run `llmfeat encode` on this workspace first")
+        raise UserError("no part files", file=directory, fix="Run `llmfeat encode` on this data dir first.")
     for p in parts:
         raw = file_metadata(p).get(FINGERPRINT_METADATA_KEY)
         if raw is None:
-            raise FingerprintMismatchError(f"{p}: no {FINGERPRINT_METADATA_KEY} metadata; re-run `llmfeat encode`")
+            raise FingerprintMismatchError(f"no {FINGERPRINT_METADATA_KEY} metadata", file=p,
+                                           fix="Re-run `llmfeat encode` on this data dir.")
         got = ModelFingerprint.from_json(raw)
         if got.digest != fp.digest:
             raise FingerprintMismatchError(
@@ -70,9 +72,9 @@ def _lookup(directory: Path, parts: list[Path], id_column: str, vec_column: str,
     found = ids[order][pos] == wanted
     if not found.all():
         missing = wanted[~found]
-        raise KeyError(
-            f"{directory}: {len(missing)} {id_column}s of the interactions have no embedding "
-            f"(e.g. {missing[:3].tolist()}); run `llmfeat encode` on this workspace"
+        raise UserError(
+            f"{len(missing)} {id_column}s of the interactions have no embedding (e.g. {missing[:3].tolist()})",
+            file=directory, fix="Run `llmfeat encode` on this data dir.",
         )
     matrix = embedding_matrix(table[vec_column])
     return torch.from_numpy(np.ascontiguousarray(matrix[order[pos]]))
@@ -99,7 +101,8 @@ def load_finetune_data(
     """
     ws = Workspace.at(data_dir)
     if not ws.interactions.exists():
-        raise FileNotFoundError(f"{ws.interactions} does not exist; run `llmfeat ingest` first")
+        raise UserError("not found", file=ws.interactions, option="--data-dir",
+                        fix="Run `llmfeat ingest` (and `llmfeat encode`) for this data dir first.")
     cols = ["user_id", "item_id", "event_timestamp", "behavior_id", "behavior_text", "label", "rating", "split"]
     t = pq.read_table(ws.interactions, columns=cols)
     user = t["user_id"].to_numpy()
@@ -117,7 +120,8 @@ def load_finetune_data(
     split_names = t["split"].to_numpy(zero_copy_only=False)
     unknown = set(np.unique(split_names)) - set(SPLIT_CODES)
     if unknown:
-        raise ValueError(f"{ws.interactions}: unknown split values {sorted(unknown)}; expected train/valid/test")
+        raise UserError(f"unknown split values {sorted(unknown)}; expected train/valid/test", file=ws.interactions,
+                        column="split", fix="Re-run `llmfeat ingest`.")
     split = np.select([split_names == s for s in SPLIT_CODES], list(SPLIT_CODES.values())).astype(np.int8)
 
     b_ids, b_first, b_row = np.unique(behavior_id, return_index=True, return_inverse=True)

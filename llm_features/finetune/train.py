@@ -24,33 +24,40 @@ import torch
 import torch.nn.functional as F
 
 from llm_features.backbone import Backbone, configure_threads
+from llm_features.devices import resolve_device as _resolve_device
+from llm_features.errors import UserError
+from llm_features.fingerprint import FingerprintMismatchError
 from llm_features.finetune.checkpoint import (
     METRICS,
     TEST_PREDICTIONS,
-    TRAINER_STATE,
+    ResumeSet,
+    link_into_place,
     build_model,
+    check_model_files,
     config_to_dict,
+    load_resume_set,
     load_trainable,
-    read_checkpoint_config,
     save_checkpoint,
     write_json,
     write_predictions,
     save_weights,
     BEST_WEIGHTS,
+    CONFIG,
     WEIGHTS,
 )
-from llm_features.finetune.config import FinetuneConfig
+from llm_features.finetune.config import FinetuneConfig, check_finetune_config
 from llm_features.finetune.data import FinetuneData, limit_targets, load_finetune_data
 from llm_features.finetune.ema import WeightAverage
 from llm_features.finetune.memory import TrainingMemory, peak_rss_mb  # noqa: F401 (re-exported)
 from llm_features.finetune.model import FinetuneModel, count_parameters
 from llm_features.finetune.packing import BehaviorPacker, Blocks, TokenPacker, batch_indices, make_blocks
+from llm_features.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 # Options that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "log_every", "save_every", "device", "num_threads",
-                     "eval_batch_size", "attention", "micro_batch_tokens"}
+                     "eval_batch_size", "attention", "micro_batch_tokens", "out", "trust_remote_code"}
 # Optimizer steps of each process left out of the steady-state throughput (allocator and optimizer-state
 # warm-up, first-touch page faults).
 TIMING_WARMUP_STEPS = 2
@@ -84,9 +91,29 @@ def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
 
 # ------------------------------------------------------------------------------------------ helpers
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``--device`` as a torch device (a :class:`UserError` for one this machine does not have)."""
+    return _resolve_device(device)
+
+
+def check_resume(cfg: FinetuneConfig, saved: ResumeSet) -> None:
+    """Refuse to resume ``saved`` with options that change what is trained."""
+    then, now = config_to_dict(saved.cfg), config_to_dict(cfg)
+    changed = [k for k, v in then.items() if k not in RESUMABLE_CHANGES and now.get(k) != v]
+    if changed:
+        what = ", ".join(f"--{k.replace('_', '-')} {then[k]} (now {now.get(k)})" for k in changed[:3])
+        raise UserError(f"was trained with {what}", file=Path(cfg.out), option="--resume",
+                        fix="Resume with the same options, or choose a new --out.")
+
+
+def check_split(backbone: Backbone) -> None:
+    """Fine-tuning needs layers on both sides of ``--split-layer``."""
+    n, split = backbone.num_layers, backbone.split_layer
+    if not 1 <= split <= n - 1:
+        raise UserError(
+            f"{split} leaves the {'shallow' if split == 0 else 'deep'} stack empty: "
+            f"{backbone.fingerprint.model_name} has {n} layers", option="--split-layer",
+            fix=f"Use 1..{n - 1} (layers below it encode behaviours, the others are fine-tuned)."
+            if n > 1 else "Fine-tuning needs a model of two layers or more.")
 
 
 def make_packer(cfg: FinetuneConfig, data: FinetuneData, backbone: Backbone) -> BehaviorPacker | TokenPacker:
@@ -261,13 +288,32 @@ def finetune(
         data: already loaded data (tests); read from ``cfg.data_dir`` if None.
     """
     started = time.perf_counter()
+    # Everything that can refuse the run is checked before any model is loaded or any file written.
+    check_finetune_config(cfg)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    out = Path(cfg.out)
+    resume = load_resume_set(out) if cfg.resume else None
+    if resume is not None:
+        check_resume(cfg, resume)
+        if backbone is None:
+            check_model_files(cfg, resume.fingerprint, resume.path / CONFIG)
+    if data is None:
+        interactions = Workspace.at(cfg.data_dir).interactions
+        if not interactions.exists():
+            raise UserError("not found", file=interactions, option="--data-dir",
+                            fix="Run `llmfeat ingest` and `llmfeat encode` for this data dir first.")
     rank, world = init_distributed(device)
     configure_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     backbone = backbone or Backbone.load(cfg.backbone_config(), device=device)
+    check_split(backbone)
+    if resume is not None and backbone.fingerprint.digest != resume.fingerprint.digest:
+        raise FingerprintMismatchError(
+            f"was trained on fingerprint {resume.fingerprint.digest}, the model loaded now is "
+            f"{backbone.fingerprint.digest}", file=resume.path / CONFIG, option="--resume",
+            fix="Resume with the model options it was trained with, or choose a new --out.")
     if data is None:
         data = load_finetune_data(
             cfg.data_dir, backbone.fingerprint, feedback=cfg.feedback,
@@ -289,7 +335,9 @@ def finetune(
     valid_blocks = split_blocks(cfg, data, "valid", cfg.eval_k)
     test_blocks = split_blocks(cfg, data, "test", cfg.eval_k)
     if len(train_blocks) == 0:
-        raise ValueError("no training targets: the train split of this workspace is empty")
+        raise UserError("no training targets: the train split is empty (or --fold, --limit-users or "
+                        "--max-targets left none)", file=Workspace.at(cfg.data_dir).interactions,
+                        fix="Check the split of `llmfeat ingest` and those options.")
     steps_per_epoch = len(batch_indices(train_blocks.num_targets, cfg.batch_size))
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
@@ -308,18 +356,11 @@ def finetune(
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps))
-    out = Path(cfg.out)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "train_targets": 0,
                              "history": []}
-    if cfg.resume and (out / TRAINER_STATE).exists():
-        saved_cfg, _, _ = read_checkpoint_config(out)
-        changed = [k for k, v in config_to_dict(saved_cfg).items()
-                   if k not in RESUMABLE_CHANGES and config_to_dict(cfg)[k] != v]
-        if changed:
-            raise ValueError(f"--resume: {out} was trained with different {', '.join(changed)}; "
-                             "resume with the same options or choose a new --out")
-        load_trainable(model, out / WEIGHTS)
-        saved = torch.load(out / TRAINER_STATE, weights_only=False)
+    if resume is not None:
+        load_trainable(model, resume.path / WEIGHTS)
+        saved = resume.trainer_state  # unpickled with weights_only=True: tensors and plain data only
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
@@ -327,7 +368,10 @@ def finetune(
             ema.load_state_dict(saved["ema"])
             ema.load_raw_state(saved["raw_weights"])
         _set_rng_state(saved["rng"])
-        log.info("resuming from %s at step %d (epoch %d, batch %d)", out, state["step"], state["epoch"],
+        if rank == 0 and "best" in state and (resume.path / BEST_WEIGHTS).exists():
+            # the best epoch as of that step (a later one may have been written before the kill)
+            link_into_place(resume.path / BEST_WEIGHTS, out / BEST_WEIGHTS)
+        log.info("resuming from %s at step %d (epoch %d, batch %d)", resume.path, state["step"], state["epoch"],
                  state["batch"])
 
     def checkpoint() -> None:
@@ -338,7 +382,8 @@ def finetune(
         if ema is not None:
             trainer_state.update(ema=ema.state_dict(), raw_weights=ema.raw_state())
         with averaged():
-            save_checkpoint(out, model, cfg, item_dim=item_dim, trainer_state=trainer_state)
+            save_checkpoint(out, model, cfg, item_dim=item_dim, trainer_state=trainer_state,
+                            best_weights=out / BEST_WEIGHTS if "best" in state else None)
 
     log.info(
         "finetune: %s level, %s (k=%d, n=%d, leakage=%s), %d train targets in %d sequences, %d steps; "
