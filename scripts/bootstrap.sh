@@ -26,9 +26,9 @@ echo "[bootstrap] creating $VENV from constraints.txt (first run takes a few min
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # torch first and exactly pinned: a resolver that sees a looser torch range pulls CUDA wheels.
 "${PIP[@]}" install -c constraints.txt torch==2.13.0 fbgemm-gpu-cpu==1.8.0
-"${PIP[@]}" install -c constraints.txt -e '.[dev]'
+"${PIP[@]}" install -c constraints.txt -e '.[dev,examples]'
 "${PIP[@]}" install -c constraints.txt --no-deps torchrec==1.9.2
-"$VENV/bin/python" -c 'import torch, fbgemm_gpu, torchrec, feast, transformers' \
+"$VENV/bin/python" -c 'import torch, fbgemm_gpu, torchrec, feast, transformers, sklearn, lightgbm' \
   || { echo "error: the installed stack does not import; see above" >&2; exit 1; }
 echo "$want" > "$STAMP"
 echo "[bootstrap] ready: $VENV"
