@@ -116,8 +116,10 @@ def historical(store, entity_df: pd.DataFrame, features: list[str]) -> pd.DataFr
         out = store.get_historical_features(entity_df=entity_df, features=features).to_df()
     if len(out) != len(entity_df):
         raise RuntimeError(f"get_historical_features returned {len(out)} rows for {len(entity_df)}")
-    # rows come back in the offline store's order; the entity columns (label too) come with them
-    return out.reset_index(drop=True)
+    # The entity columns (label too) come back with each row, in an order the offline store chooses
+    # (it can differ between runs); sort so that training sees the same rows in the same order.
+    keys = [c for c in ("event_timestamp", "user_id", "item_id", "label") if c in out]
+    return out.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
 def stack(column: pd.Series, dim: int) -> np.ndarray:
