@@ -21,7 +21,7 @@ Prerequisite: the repository is applied and materialised, e.g. by ``make demo`` 
     llmfeat ingest --source ml-100k && llmfeat encode
     llmfeat feast apply && llmfeat feast materialize
 
-Run::
+Run (``pip install -e '.[examples]'`` installs scikit-learn)::
 
     python examples/feast_features_in_existing_pipeline.py --repo feast_repo --data-dir feast_repo/data \\
         --limit 5000

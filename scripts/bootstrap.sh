@@ -27,10 +27,11 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # torch first and exactly pinned: a resolver that sees a looser torch range pulls CUDA wheels.
 "${PIP[@]}" install -c constraints.txt torch==2.13.0 fbgemm-gpu-cpu==1.8.0
 # dev: the test tools; spark: pyspark for the Spark offline store/engine (tests/test_spark_store.py
-# runs it; Spark itself also needs Java 17+, which .ci/run installs and this script does not)
-"${PIP[@]}" install -c constraints.txt -e '.[dev,spark]'
+# runs it; Spark itself also needs Java 17+, which .ci/run installs and this script does not);
+# examples: scikit-learn and LightGBM for examples/ (tests/test_examples.py)
+"${PIP[@]}" install -c constraints.txt -e '.[dev,spark,examples]'
 "${PIP[@]}" install -c constraints.txt --no-deps torchrec==1.9.2
-"$VENV/bin/python" -c 'import torch, fbgemm_gpu, torchrec, feast, transformers, pyspark' \
+"$VENV/bin/python" -c 'import torch, fbgemm_gpu, torchrec, feast, transformers, pyspark, sklearn, lightgbm' \
   || { echo "error: the installed stack does not import; see above" >&2; exit 1; }
 echo "$want" > "$STAMP"
 echo "[bootstrap] ready: $VENV"
