@@ -251,14 +251,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------ distributed
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size); joins the process group when launched by ``torchrun`` (gloo on CPU, nccl on GPU)."""
-    import torch.distributed as dist
+    from llm_features.distributed import init_from_env
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    return init_from_env(device)
 
 
 def _shard(idx: np.ndarray, rank: int, world: int) -> np.ndarray:
