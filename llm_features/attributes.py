@@ -54,7 +54,9 @@ class Attribute:
         prefix: categorical only: use the first ``prefix`` characters as the category.
         sep: multi only: the separator the values were split on (for display).
         source: the source column it was read from.
-        origin: ``format`` (the input format's own), ``declared`` or ``inferred``.
+        origin: ``format`` (the input format's own), ``declared``, ``canonical name`` (a generic
+            column named like a MovieLens attribute: gender, age, occupation, zip, genres) or
+            ``inferred``.
     """
 
     name: str

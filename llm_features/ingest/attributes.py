@@ -90,6 +90,13 @@ def parse_specs(specs: tuple[str, ...] | list[str], entity: str) -> list[Attribu
     return out
 
 
+def check_declared(user_specs: tuple[str, ...], item_specs: tuple[str, ...]) -> None:
+    """The declarations alone (before any file is read): valid, names free and distinct."""
+    specs = {"user": parse_specs(user_specs, "user"), "item": parse_specs(item_specs, "item")}
+    check_names({e: [Attribute(s.name, s.kind or "categorical", e, source=s.column) for s in ss]
+                 for e, ss in specs.items()}, specs)
+
+
 def check_names(attributes: dict[str, list[Attribute]], specs: dict[str, list[AttributeSpec]]) -> None:
     """Declared names must be free and distinct (feature names are global across the Feast views)."""
     seen: dict[str, str] = {}

@@ -22,7 +22,7 @@ from llm_features.config import validate_config
 from llm_features.ids import stable_id
 from llm_features import attributes as attributes_mod
 from llm_features.attributes import Attribute
-from llm_features.ingest.attributes import parse_specs
+from llm_features.ingest.attributes import check_declared
 from llm_features.ingest.errors import IngestError
 from llm_features.ingest.generic import load_generic, parse_mapping
 from llm_features.ingest.movielens import load_ml1m, load_ml100k
@@ -300,15 +300,7 @@ def check_options(cfg: IngestConfig) -> TimeBounds:
     if cfg.label_column is None:
         parse_label_rule(cfg.label_rule)
     parse_mapping(cfg.map)
-    parse_specs(cfg.user_attribute, "user")
-    parse_specs(cfg.item_attribute, "item")
-    fmt = cfg.format if cfg.format != "auto" else None
-    if (cfg.user_attribute or cfg.item_attribute) and fmt in ("ml-1m", "ml-100k"):
-        raise IngestError(
-            f"--user-attribute and --item-attribute are for generic data; {fmt} declares its own attributes",
-            option="--user-attribute" if cfg.user_attribute else "--item-attribute",
-            fix="Drop them, or ingest the files with --format generic.",
-        )
+    check_declared(cfg.user_attribute, cfg.item_attribute)
     if cfg.encoding is not None:
         _canonical_encoding(cfg.encoding)
     check_delimiter(cfg.delimiter)
@@ -320,6 +312,12 @@ def load(cfg: IngestConfig, fmt: str | None = None, time_bounds: TimeBounds | No
     fmt = fmt or detect_format(cfg)
     bounds = time_bounds or TimeBounds.make(cfg.min_timestamp, cfg.allow_future)
     src = Path(cfg.source) if cfg.source is not None else None
+    if (cfg.user_attribute or cfg.item_attribute) and fmt != "generic":
+        raise IngestError(
+            f"--user-attribute and --item-attribute are for generic data; {fmt} declares its own attributes",
+            option="--user-attribute" if cfg.user_attribute else "--item-attribute",
+            fix="Drop them, or ingest the files with --format generic.",
+        )
     if fmt == "ml-1m":
         return load_ml1m(
             src, interactions=cfg.interactions, items=cfg.items, users=cfg.users, encoding=cfg.encoding,
@@ -782,7 +780,9 @@ def format_summary(report: dict[str, Any]) -> str:
         head,
         f"  interactions {c['interactions']:,}  items {c['items']:,}  users {c['users']:,}  "
         f"behaviours {c['distinct_behaviors']:,}",
-        f"  label {report['label']['source']}: positive rate {report['label']['positive_rate']:.3f}",
+        f"  label {report['label']['source']}: positive rate {report['label']['positive_rate']:.3f}"
+        + ("  (warning: one class only; the tower and the ranker learn nothing from it: a log of clicks "
+           "needs the rows shown but not clicked)" if report["label"]["positive_rate"] in (0.0, 1.0) else ""),
         f"  split {'(recorded earlier) ' if sp.get('reused') else ''}valid from {sp['valid_start']}, "
         f"test from {sp['test_start']}: " + ", ".join(f"{k} {v:,}" for k, v in sp["counts"].items()),
         f"  dropped: {c['exact_duplicates_dropped']:,} exact duplicates, "
@@ -797,7 +797,7 @@ def format_summary(report: dict[str, Any]) -> str:
                 lines.append(f"    warning: {entity} attribute {a['name']} has no value in any row")
         if att.get("skipped"):
             lines.append("    not kept: " + "; ".join(f"{s['column']} ({s['why']})" for s in att["skipped"]))
-    if c.get("users_without_profile"):
+    if c.get("users_without_profile") and (report.get("attributes") or {}).get("user", {}).get("kept", True):
         lines.append(f"  {c['users_without_profile']:,} users have no profile row (attributes left empty)")
     if report["recent"]["parts"]:
         lines.append(

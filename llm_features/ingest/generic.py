@@ -353,7 +353,7 @@ def load_generic(
                 continue
             used.add(acol)
             attrs["user"].append(Attribute(a, "categorical", "user", prefix=2 if a == "zip" else None, source=acol,
-                                           origin="declared" if a in mapping else "inferred"))
+                                           origin="declared" if a in mapping else "canonical name"))
             if a == "age":
                 v = to_float(usrc, raw, acol)
                 users_df[a] = pd.array(np.where(np.isnan(v), 0, v).astype(np.int64), dtype="Int64")
@@ -373,7 +373,7 @@ def load_generic(
         items_df["item_genres"] = items_df.pop("genres")
         gsrc = mapping.get("genres", "genres")
         attrs["item"].insert(0, Attribute("item_genres", "multi", "item", sep="|", source=gsrc,
-                                          origin="declared" if "genres" in mapping else "inferred"))
+                                          origin="declared" if "genres" in mapping else "canonical name"))
     check_names(attrs, specs)
     return Loaded(
         "generic",
