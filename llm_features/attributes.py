@@ -69,7 +69,8 @@ class Attribute:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"attribute {self.name!r}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+            raise ValueError(f"attribute {self.name!r}: kind must be one of {', '.join(KINDS)}, "
+                             f"got {self.kind!r}")
 
     @property
     def feature_name(self) -> str:

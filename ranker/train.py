@@ -124,11 +124,21 @@ def feast_source(store, service_name: str, columns: set[str] | None = None) -> F
 def service_attributes(store, service) -> list[Attribute]:
     """The user and item attributes of a feature service: its fields tagged with an attribute kind
     (``feast_repo`` tags the profile views' fields with what ingest recorded), in service order."""
+    from ranker.features import legacy_attributes
+
     out: list[Attribute] = []
     for proj in service.feature_view_projections:
         keys = set(store.get_feature_view(proj.name).join_keys)
         entity = "user" if keys == {"user_id"} else "item" if keys == {"item_id"} else ""
-        out += attributes_of_fields(proj.features, entity)
+        found = attributes_of_fields(proj.features, entity)
+        if not found and proj.name in ("user_profile", "item_profile") and proj.features:
+            # a registry applied by definitions that did not tag the attributes yet: their fixed set
+            names = [f.name for f in proj.features]
+            found = [a for a in legacy_attributes([*names, "zip_prefix"]) if a.name in names]
+            log.warning("ranker: %s has no attribute tags (applied by an older llmfeat): reading %s as before; "
+                        "run `llmfeat feast apply` to register the attributes ingest recorded",
+                        proj.name, ", ".join(a.name for a in found) or "nothing")
+        out += found
     return out
 
 

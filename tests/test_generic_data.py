@@ -359,3 +359,29 @@ def test_bad_attributes_are_refused_with_file_and_column(tmp_path):
                    r"'ES' at line 6")
     run_bad(["ingest", "--source", ML100K, "--data-dir", data, "--user-attribute", "zip"], unchanged=[data],
             expect=r"--user-attribute: --user-attribute and --item-attribute are for generic data")
+
+
+def test_a_registry_without_attribute_tags_reads_the_old_profile_fields(caplog):
+    """A registry applied by definitions that did not tag attributes yet: its profile fields are read as
+    the fixed set they were, with a warning to re-apply; tagged fields are read from their tags."""
+    from types import SimpleNamespace as NS
+
+    from llm_features.attributes import Attribute
+    from ranker.train import service_attributes
+
+    def field(name, tags=None):
+        return NS(name=name, tags=tags or {})
+
+    views = {"user_profile": ["user_id"], "item_profile": ["item_id"], "item_embeddings": ["item_id"]}
+    store = NS(get_feature_view=lambda name: NS(join_keys=views[name]))
+    old = NS(feature_view_projections=[
+        NS(name="user_profile", features=[field("gender"), field("zip")]),
+        NS(name="item_profile", features=[field("item_genres"), field("title")]),
+        NS(name="item_embeddings", features=[field("item_embedding")])])
+    got = service_attributes(store, old)
+    assert [(a.name, a.kind, a.prefix) for a in got] == [("gender", "categorical", None), ("zip", "categorical", 2),
+                                                         ("item_genres", "multi", None)]
+    assert "llmfeat feast apply" in caplog.text
+    tagged = NS(feature_view_projections=[NS(name="item_profile", features=[
+        field("brand", Attribute("brand", "categorical", "item").tags()), field("title")])])
+    assert [(a.name, a.entity) for a in service_attributes(store, tagged)] == [("brand", "item")]

@@ -152,7 +152,8 @@ def infer_kind(s: pd.Series) -> tuple[str | None, str]:
         return "multi", "'|'-separated lists"
     n = st.nunique()
     if len(st) > 10 and n >= UNIQUE_SHARE * len(st):
-        return None, f"{n} distinct values in {len(st)} rows (an identifier or free text? declare it to keep it)"
+        return None, (f"{n} distinct values in {len(st)} rows (an identifier or free text? "
+                      "declare it to keep it)")
     return "categorical", f"text, {n} distinct"
 
 
@@ -167,7 +168,8 @@ def parse_values(src: SourceFile, frame: pd.DataFrame, col: str, kind: str, sep:
         out = []
         for v in s:
             if isinstance(v, (list, tuple, np.ndarray)):
-                items = [str(x).strip() for x in v if x is not None and not (isinstance(x, float) and np.isnan(x))]
+                items = [str(x).strip() for x in v
+                         if x is not None and not (isinstance(x, float) and np.isnan(x))]
             elif v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
                 items = []
             else:

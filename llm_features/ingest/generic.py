@@ -220,6 +220,7 @@ def load_generic(
     column of the ``users`` / ``items`` table whose kind can be inferred."""
     mapping = dict(mapping or {})
     specs = {"user": parse_specs(user_attributes, "user"), "item": parse_specs(item_attributes, "item")}
+    declared = {sp.name for ss in specs.values() for sp in ss}
     attrs: dict[str, list[Attribute]] = {"user": [], "item": []}
     skipped: dict[str, list[dict[str, str]]] = {"user": [], "item": []}
     bounds = time_bounds or TimeBounds.make()
@@ -319,7 +320,7 @@ def load_generic(
             items_df["genres"] = _genres(raw[gcol])
         used = {cols.col("item_id"), *tcols, *(c for c in (tc, gcol) if c)}
         _table_attributes(isrc, raw, items_df, "item", specs["item"], attrs, skipped, used, mapping,
-                          infer_attributes and not specs["item"])
+                          infer_attributes and not specs["item"], declared)
     else:
         isrc = sources[0]
         keep = ["item_id", "item_text", "_line", "_src"] + [
@@ -346,10 +347,9 @@ def load_generic(
             }
         )
         used = {cols.col("user_id")}
-        declared = {sp.name for sp in specs["user"]}
         for a in USER_ATTRS:
             acol = cols.find(a, required=False)
-            if acol is None or a in declared:
+            if acol is None or a in {sp.name for sp in specs["user"]}:
                 continue
             used.add(acol)
             attrs["user"].append(Attribute(a, "categorical", "user", prefix=2 if a == "zip" else None, source=acol,
@@ -362,7 +362,7 @@ def load_generic(
                 s = raw[acol].astype("string").str.strip()
                 users_df[a] = s.mask(s == "")
         _table_attributes(usrc, raw, users_df, "user", specs["user"], attrs, skipped, used, mapping,
-                          infer_attributes and not specs["user"])
+                          infer_attributes and not specs["user"], declared)
     elif specs["user"]:
         usrc = sources[0]
         first = inter.sort_values(["user_id", "_src", "_line"], kind="stable").drop_duplicates("user_id")
@@ -418,8 +418,10 @@ def _table_attributes(
     used: set[str],
     mapping: dict[str, str],
     infer: bool,
+    declared_names: set[str],
 ) -> None:
-    """Declared attributes of a --users / --items table, then (``infer``) every other column."""
+    """Declared attributes of a --users / --items table, then (``infer``) every other column (under a
+    name no declared or earlier attribute has)."""
     for spec in specs:
         kind, values = _declared_values(src, raw, spec, entity, f"--{entity}s")
         out[spec.name] = values.set_axis(out.index)
@@ -428,7 +430,7 @@ def _table_attributes(
         used.add(spec.column)
     if not infer:
         return
-    taken = {a.name for es in attrs.values() for a in es}
+    taken = {a.name for es in attrs.values() for a in es} | declared_names
     for col in raw.columns:
         if col == "_line" or col in used or col in mapping.values():
             continue
@@ -476,7 +478,9 @@ def _log_attributes(
             row = frame.iloc[int(np.flatnonzero(differs)[0])]
             ref = first[first["k"] == row["k"]].iloc[0]
             s1, s2 = sources[int(ref["_src"])], sources[int(row["_src"])]
-            other = f"{s2.row_word} {int(row['_line'])}" if s1 is s2 else f"{s2.path}, {s2.row_word} {int(row['_line'])}"
+            other = f"{s2.row_word} {int(row['_line'])}"
+            if s1 is not s2:
+                other = f"{s2.path}, {other}"
             raise s1.error(
                 f"{entity} attribute '{spec.name}' changes for {entity} {row['k']}: {ref['v']!r} here, "
                 f"{row['v']!r} at {other}",
