@@ -33,6 +33,7 @@ from feast import Entity, FeatureService, FeatureView, Field, ValueType
 from feast.data_source import DataSource
 from feast.types import Array, Bool, Float32, Float64, Int32, Int64, String
 
+from llm_features.attributes import read_attributes
 from llm_features.offline_sources import configured_offline_store, parquet_source
 from llm_features.parquet_io import list_parts, write_table_atomic
 from llm_features.workspace import Workspace, default_data_dir
@@ -113,10 +114,16 @@ def _feast_type(arrow_type: pa.DataType):
     raise TypeError(f"no Feast type for arrow type {arrow_type}")
 
 
-def _profile_fields(schema: pa.Schema, wanted: tuple[str, ...]) -> list[Field]:
-    """The profile attributes this dataset has, typed from the table itself (e.g. occupation is an
-    int code in ML-1M and a string in ML-100K)."""
-    return [Field(name=c, dtype=_feast_type(schema.field(c).type)) for c in wanted if c in schema.names]
+def _profile_fields(schema: pa.Schema, entity: str, extra: tuple[str, ...] = ()) -> list[Field]:
+    """The attributes ingest recorded for this table (``llm_features.attributes``), typed from the table
+    itself (e.g. occupation is an int code in ML-1M and a string in ML-100K) and tagged with their kind,
+    which is what the ranker builds its features from; then the ``extra`` columns it has, untagged."""
+    fields = [
+        Field(name=a.name, dtype=_feast_type(schema.field(a.name).type), tags=a.tags(),
+              description=a.describe())
+        for a in read_attributes(schema, entity)
+    ]
+    return fields + [Field(name=c, dtype=_feast_type(schema.field(c).type)) for c in extra if c in schema.names]
 
 
 def _embedding_field(name: str) -> Field:
@@ -171,28 +178,15 @@ user_recent_behaviors_source = _part_dir_source(
 users_source, _users_schema = _table_source(
     "users_source",
     WORKSPACE.users,
-    pa.schema(
-        [
-            ("user_id", pa.int64()),
-            ("gender", pa.string()),
-            ("age", pa.int64()),
-            ("occupation", pa.string()),
-            ("zip", pa.string()),
-            ("event_timestamp", TS),
-        ]
-    ),
+    # (until ingest ran: no attributes, so no user_profile view)
+    pa.schema([("user_id", pa.int64()), ("event_timestamp", TS)], metadata={"llmfeat.attributes": "[]"}),
 )
 items_source, _items_schema = _table_source(
     "items_source",
     WORKSPACE.items,
     pa.schema(
-        [
-            ("item_id", pa.int64()),
-            ("item_text", pa.string()),
-            ("title", pa.string()),
-            ("item_genres", pa.list_(pa.string())),
-            ("event_timestamp", TS),
-        ]
+        [("item_id", pa.int64()), ("item_text", pa.string()), ("title", pa.string()), ("event_timestamp", TS)],
+        metadata={"llmfeat.attributes": "[]"},
     ),
 )
 
@@ -247,19 +241,20 @@ user_profile = FeatureView(
     name="user_profile",
     entities=[user],
     ttl=TTL,
-    schema=_profile_fields(_users_schema, ("gender", "age", "occupation", "zip")),
+    schema=_profile_fields(_users_schema, "user"),
     source=users_source,
     online=True,
-    description="Static user attributes from canonical/users.parquet.",
+    description="Static user attributes from canonical/users.parquet (the ones ingest kept: declared, "
+    "given by the input format, or inferred).",
 )
 item_profile = FeatureView(
     name="item_profile",
     entities=[item],
     ttl=TTL,
-    schema=_profile_fields(_items_schema, ("item_genres", "title")),
+    schema=_profile_fields(_items_schema, "item", extra=("title",)),
     source=items_source,
     online=True,
-    description="Static item attributes from canonical/items.parquet.",
+    description="Static item attributes from canonical/items.parquet (the ones ingest kept), and the title.",
 )
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ Layout::
     <data_dir>/
       canonical/interactions.parquet   user_id, item_id, event_timestamp, behavior_id, behavior_text,
                                        label, rating, split
-      canonical/items.parquet          item_id, item_text, title, genres, ...
+      canonical/items.parquet          item_id, item_text, title, the item attributes, ...
       canonical/users.parquet          user_id and the attributes the source has
       canonical/split.json             the train/valid/test boundaries, recorded once
       atomic_behavior_embeddings/      part files: behavior_id, behavior_embedding, event_timestamp

@@ -33,6 +33,9 @@ def train_command(cfg: TrainConfig) -> None:
     metrics = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    feats = metrics.get("features", {})
+    click.echo(f"features ({metrics['feature_service']}): sparse {', '.join(feats.get('sparse', []))}; "
+               f"dense {', '.join(feats.get('dense', []))}")
     if "valid" in metrics:
         v = metrics["valid"]
         click.echo(f"valid AUC {v['auc']:.4f}  LogLoss {v['logloss']:.4f}  ({v['rows']} rows)")

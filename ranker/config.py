@@ -76,9 +76,6 @@ class ModelConfig:
         "help": "Low-rank width of each DCN cross layer."})
     max_recent_items: int = field(default=30, metadata={"min": 1,
         "help": "Keep at most this many recent items per row."})
-    zip_prefix_len: int = field(
-        default=2, metadata={"min": 1, "help": "Leading characters of the zip code used as a category."}
-    )
 
     def __post_init__(self) -> None:
         if self.llm_mode not in ("score", "interaction", "dense"):

@@ -38,6 +38,7 @@ import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 from torchrec.datasets.utils import Batch
 
+from llm_features.attributes import LEGACY, Attribute
 from ranker.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ USER_EMBEDDING = "user_embedding"
 ITEM_EMBEDDING = "item_embedding"
 RECENT_ITEM_IDS = "recent_item_ids"
 RECENT_LABELS = "recent_labels"
-ITEM_GENRES = "item_genres"
 LLM_COLUMNS = (USER_EMBEDDING, ITEM_EMBEDDING)
 
 INT_MISSING = np.iinfo(np.int64).min
@@ -68,27 +68,89 @@ class SparseFeature:
     vocab: str
     kind: str  # "int" (ids, looked up by value) or "str" (categories)
     multi: bool = False  # a bag of values per row (MEAN pooled) rather than one value
-    entity: str = "user"  # "user" or "item": which online lookup serves it
+    entity: str = "user"  # "user" or "item" ("" unknown): the entity of its column
+    prefix: int | None = None  # categories: keep the first ``prefix`` characters
 
 
-SPARSE_FEATURES: tuple[SparseFeature, ...] = (
+ID_FEATURES: tuple[SparseFeature, ...] = (
     SparseFeature("user_id", USER_ID, "user_id", "int", entity="user"),
     SparseFeature("item_id", ITEM_ID, "item_id", "int", entity="item"),
-    SparseFeature("gender", "gender", "gender", "str"),
-    SparseFeature("age", "age", "age", "str"),
-    SparseFeature("occupation", "occupation", "occupation", "str"),
-    SparseFeature("zip_prefix", "zip", "zip_prefix", "str"),
-    SparseFeature("item_genres", ITEM_GENRES, "item_genres", "str", multi=True, entity="item"),
-    SparseFeature("recent_item_ids", RECENT_ITEM_IDS, "item_id", "int", multi=True),
 )
-_BY_NAME = {f.name: f for f in SPARSE_FEATURES}
+RECENT_ITEMS_FEATURE = SparseFeature("recent_item_ids", RECENT_ITEM_IDS, "item_id", "int", multi=True)
 ALWAYS_ON = ("user_id", "item_id")
+# Columns of a feature frame that are never attributes (keys, labels, the fixed features, LLM vectors).
+NOT_ATTRIBUTES = frozenset({
+    USER_ID, ITEM_ID, LABEL, "event_timestamp", "split", "behavior_id", RECENT_ITEM_IDS, RECENT_LABELS,
+    "recent_behavior_ids", USER_EMBEDDING, ITEM_EMBEDDING, "behavior_embedding", "item_text", "title",
+    "genres", "release_date", "created", "true_probability",
+})
 
 
-def feature_columns(cfg: ModelConfig) -> set[str]:
-    """Every feature column a model of ``cfg`` may read (a subset of its feature service)."""
-    cols = {f.column for f in SPARSE_FEATURES if f.name not in ALWAYS_ON} | {RECENT_ITEM_IDS, RECENT_LABELS}
+def sparse_features(attributes: list[Attribute] | tuple[Attribute, ...]) -> tuple[SparseFeature, ...]:
+    """The ranker's sparse features for ``attributes``, in order: the user and item ids, one per
+    categorical attribute (``<name>_prefix`` with a prefix), one bag per multi attribute, and the
+    user's recent items. (Numeric attributes feed the dense arch.)"""
+    feats = list(ID_FEATURES)
+    for a in attributes:
+        if a.kind == "categorical":
+            feats.append(SparseFeature(a.feature_name, a.name, a.feature_name, "str", entity=a.entity,
+                                       prefix=a.prefix))
+        elif a.kind == "multi":
+            feats.append(SparseFeature(a.feature_name, a.name, a.feature_name, "str", multi=True, entity=a.entity))
+    feats.append(RECENT_ITEMS_FEATURE)
+    names = [f.name for f in feats]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"two features named {', '.join(dup)}: rename the attributes at ingest")
+    return tuple(feats)
+
+
+def feature_columns(cfg: ModelConfig, attributes: list[Attribute] | tuple[Attribute, ...] = ()) -> set[str]:
+    """Every feature column a model of ``cfg`` with ``attributes`` may read (a subset of its feature
+    service). :func:`ranker.train.feast_source` adds its service's attribute columns itself."""
+    cols = {a.name for a in attributes} | {RECENT_ITEM_IDS, RECENT_LABELS}
     return cols | set(cfg.extra_numeric) | (set(cfg.llm_inputs) if cfg.llm_features else set())
+
+
+def infer_frame_attributes(columns: Any, cfg: ModelConfig) -> list[Attribute]:
+    """Attributes of a feature frame that came with none (a custom feature source): every column that
+    is not a key, label, fixed feature, LLM vector or ``extra_numeric``, by its values: lists are
+    multi, text and integers categorical, other numbers numeric. (Feast sources say it with tags.)"""
+    out = []
+    skip = NOT_ATTRIBUTES | set(cfg.extra_numeric)
+    for name in columns:
+        if name in skip:
+            continue
+        cells = [v for v in _cells(columns[name], len(columns[name])) if not _is_missing(v)][:1000]
+        if not cells:
+            continue
+        first = cells[0]
+        if isinstance(first, (list, tuple, np.ndarray)):
+            kind = "multi"
+        elif isinstance(first, (str, bool, np.bool_)):
+            kind = "categorical"
+        elif all(isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer())
+                 for v in cells):
+            kind = "categorical"
+        elif isinstance(first, (int, float, np.integer, np.floating)):
+            kind = "numeric"
+        else:
+            continue
+        out.append(Attribute(str(name), kind, origin="inferred"))
+    if out:
+        log.info("ranker: attributes inferred from the feature frame: %s", ", ".join(a.describe() for a in out))
+    return out
+
+
+def legacy_attributes(sparse_names: list[str], zip_prefix_len: int = 2) -> list[Attribute]:
+    """The attributes of a checkpoint written before the ranker recorded them (its fixed MovieLens set)."""
+    out = []
+    for a in (*LEGACY["user"], *LEGACY["item"]):
+        if a.prefix:
+            a = Attribute(a.name, a.kind, a.entity, prefix=zip_prefix_len, origin=a.origin)
+        if a.feature_name in sparse_names:
+            out.append(a)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,6 +206,10 @@ class RawRows:
     llm_missing: dict[str, np.ndarray]
     sparse: dict[str, tuple[np.ndarray | None, np.ndarray]]
     labels: np.ndarray | None
+    attributes: list[Attribute] = field(default_factory=list)
+    """The attributes the rows were read with (the sparse features follow from them)."""
+    attr_numeric: dict[str, np.ndarray] = field(default_factory=dict)
+    """Numeric attributes: ``[N]`` float64 raw values, NaN where missing (standardised by the encoder)."""
 
     def __len__(self) -> int:
         return len(self.numeric)
@@ -173,21 +239,27 @@ class RawRows:
             llm_missing={c: np.concatenate([p.llm_missing[c] for p in parts]) for c in parts[0].llm_missing},
             sparse=sparse,
             labels=labels,
+            attributes=parts[0].attributes,
+            attr_numeric={c: np.concatenate([p.attr_numeric[c] for p in parts]) for c in parts[0].attr_numeric},
         )
 
 
-def extract(frame: pd.DataFrame | dict[str, Any], cfg: ModelConfig, with_labels: bool = True) -> RawRows:
+def extract(frame: pd.DataFrame | dict[str, Any], cfg: ModelConfig, with_labels: bool = True,
+            attributes: list[Attribute] | tuple[Attribute, ...] | None = None) -> RawRows:
     """Read a Feast feature frame into :class:`RawRows`.
 
     Args:
         frame: historical-features DataFrame, or a dict of equally long columns (online features).
             Embedding cells are float arrays/lists or None; list features are arrays/lists or None.
             Absent columns are treated as missing for every row.
-        cfg: the model configuration (which LLM columns, recent-item length, zip prefix).
+        cfg: the model configuration (which LLM columns, recent-item length).
         with_labels: read the ``label`` column.
+        attributes: the user and item attributes to read (their kinds decide the features); None
+            infers them from the frame's other columns (:func:`infer_frame_attributes`).
     """
     columns = frame if isinstance(frame, dict) else {c: frame[c] for c in frame.columns}
     n = len(columns[USER_ID]) if USER_ID in columns else len(columns[ITEM_ID])
+    attrs = list(attributes) if attributes is not None else infer_frame_attributes(columns, cfg)
 
     recent_offsets, recent_values = _int_bags(columns.get(RECENT_ITEM_IDS), n, cfg.max_recent_items)
     lengths = np.diff(recent_offsets).astype(np.float32)
@@ -209,26 +281,32 @@ def extract(frame: pd.DataFrame | dict[str, Any], cfg: ModelConfig, with_labels:
             llm[col], llm_missing[col] = _vectors(columns.get(col), n, col)
 
     sparse: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}
-    for feat in SPARSE_FEATURES:
+    for feat in sparse_features(attrs):
         col = columns.get(feat.column)
         if feat.name == "recent_item_ids":
             if cfg.use_recent_items:
                 sparse[feat.name] = (recent_offsets, recent_values)
-        elif feat.name == "item_genres":
-            if col is not None:
-                sparse[feat.name] = _str_bags(col, n)
         elif feat.kind == "int":
             sparse[feat.name] = (None, _ints(col, n))
-        elif col is not None:
-            prefix = cfg.zip_prefix_len if feat.name == "zip_prefix" else None
-            sparse[feat.name] = (None, _categories(col, prefix))
+        elif col is None:
+            continue  # absent column: left out (training) or every row unknown (serving, see index)
+        elif feat.multi:
+            sparse[feat.name] = _str_bags(col, n)
+        else:
+            sparse[feat.name] = (None, _categories(col, feat.prefix))
+    attr_numeric: dict[str, np.ndarray] = {}
+    for a in attrs:
+        if a.kind == "numeric" and columns.get(a.name) is not None:
+            cells = columns[a.name]
+            values = pd.to_numeric(pd.Series(np.asarray(cells, dtype=object)), errors="coerce")
+            attr_numeric[a.name] = values.to_numpy(dtype=np.float64, na_value=np.nan)
 
     labels = None
     if with_labels:
         labels = np.asarray(pd.to_numeric(pd.Series(np.asarray(columns[LABEL])), errors="coerce"), np.float32)
         if np.isnan(labels).any():
             raise ValueError(f"{int(np.isnan(labels).sum())} rows have no label; labels must be 0/1")
-    return RawRows(numeric, llm, llm_missing, sparse, labels)
+    return RawRows(numeric, llm, llm_missing, sparse, labels, attrs, attr_numeric)
 
 
 def _is_missing(v: Any) -> bool:
@@ -475,8 +553,9 @@ def _gather_bags(offsets: np.ndarray, values: np.ndarray, idx: np.ndarray) -> tu
 class FeatureEncoder:
     """Vocabularies and input layout fitted on the train split; saved with the checkpoint.
 
-    Dense layout (``F_dense`` columns): ``NUMERIC_FEATURES`` (3), then for each LLM column
-    (LLM twin only) its ``d`` values followed by one missing flag.
+    Dense layout (``F_dense`` columns): ``NUMERIC_FEATURES`` (3), ``extra_numeric``, the numeric
+    attributes (standardised with the train split's mean and standard deviation, 0 where missing),
+    then for each LLM column (LLM twin only) its ``d`` values followed by one missing flag.
     """
 
     model: ModelConfig
@@ -487,27 +566,47 @@ class FeatureEncoder:
     """Hidden width of the tower's CTR head (``llm_mode=score``)."""
     tower: dict[str, Any] | None = None
     """Identity of the finetune checkpoint whose head scores the pairs (``llm_mode=score``)."""
+    attributes: list[Attribute] = field(default_factory=list)
+    """The user and item attributes the features were built from (recorded in the checkpoint)."""
+    numeric_stats: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Numeric attribute -> (mean, std) on the train split; the dense inputs, in this order."""
+
+    @property
+    def features(self) -> dict[str, SparseFeature]:
+        return {f.name: f for f in sparse_features(self.attributes)}
 
     @classmethod
     def observe(cls, raw: RawRows) -> dict[str, Any]:
         """What :meth:`fit` needs from one shard of rows (small; gathered across ranks)."""
+        by_name = {f.name: f for f in sparse_features(raw.attributes)}
         values: dict[str, list[Any]] = {}
         for name, (_, vals) in raw.sparse.items():
-            feat = _BY_NAME[name]
+            feat = by_name[name]
             values.setdefault(feat.vocab, []).extend(Vocabulary.of(feat.kind, vals).keys)
+        numeric = {}
+        for name, v in raw.attr_numeric.items():
+            ok = v[np.isfinite(v)]
+            numeric[name] = [int(len(ok)), float(ok.sum()), float((ok * ok).sum())]
         return {
             "values": values,
             "sparse": sorted(raw.sparse),
             "llm_dims": {c: int(m.shape[1]) for c, m in raw.llm.items()},
+            "attributes": [a.to_dict() for a in raw.attributes],
+            "numeric": numeric,
         }
 
     @classmethod
     def fit(cls, observed: list[dict[str, Any]] | RawRows, cfg: ModelConfig) -> "FeatureEncoder":
-        """Fit on :class:`RawRows` of the train split, or on :meth:`observe` outputs of every shard."""
+        """Fit on :class:`RawRows` of the train split, or on :meth:`observe` outputs of every shard.
+
+        A sparse feature whose column the rows do not have, or with no value in any train row, is
+        left out (and so is a numeric attribute without any value)."""
         if isinstance(observed, RawRows):
             observed = [cls.observe(observed)]
+        attributes = [Attribute.from_dict(d) for d in observed[0].get("attributes", [])]
+        feats = sparse_features(attributes)
         vocabs: dict[str, Vocabulary] = {}
-        for feat in SPARSE_FEATURES:
+        for feat in feats:
             if feat.vocab in vocabs:
                 continue
             merged = [v for o in observed for v in o["values"].get(feat.vocab, [])]
@@ -515,10 +614,24 @@ class FeatureEncoder:
                 vocabs[feat.vocab] = Vocabulary(feat.kind, sorted(set(merged)))
         present = set().union(*(o["sparse"] for o in observed))
         names = [
-            f.name for f in SPARSE_FEATURES
+            f.name for f in feats
             if f.name in present and (f.name in ALWAYS_ON or f.name == "recent_item_ids"
                                       or vocabs.get(f.vocab, Vocabulary(f.kind, [])).keys)
         ]
+        numeric_stats: dict[str, tuple[float, float]] = {}
+        for a in attributes:
+            parts = [o.get("numeric", {}).get(a.name) for o in observed]
+            parts = [p for p in parts if p is not None]
+            count = sum(p[0] for p in parts)
+            if a.kind != "numeric" or count == 0:
+                continue
+            mean = sum(p[1] for p in parts) / count
+            var = max(sum(p[2] for p in parts) / count - mean * mean, 0.0)
+            numeric_stats[a.name] = (mean, math.sqrt(var) if var > 1e-12 else 1.0)
+        dropped = [f.name for f in feats if f.name not in names and f.name not in (*ALWAYS_ON, "recent_item_ids")]
+        dropped += [a.name for a in attributes if a.kind == "numeric" and a.name not in numeric_stats]
+        if dropped:
+            log.warning("ranker: no train row has a value for %s: left out of the model", ", ".join(dropped))
         llm_dims = {}
         if cfg.llm_features:
             llm_dims = {c: max(o["llm_dims"].get(c, 0) for o in observed) for c in cfg.llm_inputs}
@@ -529,7 +642,8 @@ class FeatureEncoder:
                 "(llmfeat encode / embed-users, then llmfeat feast materialize), pick the available ones "
                 "with --llm-inputs, or train the id-only twin with --no-llm-features."
             )
-        return cls(model=cfg, vocabs=vocabs, sparse_names=names, llm_dims=llm_dims)
+        return cls(model=cfg, vocabs=vocabs, sparse_names=names, llm_dims=llm_dims, attributes=attributes,
+                   numeric_stats=numeric_stats)
 
     @property
     def dense_dim(self) -> int:
@@ -537,25 +651,38 @@ class FeatureEncoder:
 
     @property
     def numeric_dim(self) -> int:
-        """Numeric columns at the start of the dense block: ``NUMERIC_FEATURES`` then ``extra_numeric``."""
-        return len(NUMERIC_FEATURES) + len(self.model.extra_numeric)
+        """Numeric columns at the start of the dense block: ``NUMERIC_FEATURES``, ``extra_numeric``, then
+        the numeric attributes."""
+        return len(NUMERIC_FEATURES) + len(self.model.extra_numeric) + len(self.numeric_stats)
+
+    def describe(self) -> dict[str, Any]:
+        """The model's inputs by name: what ``ranker train`` prints and writes to ``metrics.json``."""
+        return {
+            "sparse": list(self.sparse_names),
+            "dense": [*NUMERIC_FEATURES, *self.model.extra_numeric, *self.numeric_stats,
+                      *(f"{c} (+ missing flag)" for c in self.llm_dims)],
+            "attributes": [a.describe() for a in self.attributes],
+        }
 
     @property
     def source_columns(self) -> list[str]:
         """Feast feature columns this encoder reads (for building online requests)."""
-        cols = [_BY_NAME[n].column for n in self.sparse_names if n not in ALWAYS_ON]
-        cols += [RECENT_ITEM_IDS, RECENT_LABELS] + list(self.model.extra_numeric) + list(self.llm_dims)
+        feats = self.features
+        cols = [feats[n].column for n in self.sparse_names if n not in ALWAYS_ON and n != "recent_item_ids"]
+        cols += [RECENT_ITEM_IDS, RECENT_LABELS] + list(self.model.extra_numeric) + list(self.numeric_stats)
+        cols += list(self.llm_dims)
         return list(dict.fromkeys(cols))
 
     def tables(self) -> list[EmbeddingBagConfig]:
         """One ``EmbeddingBagConfig`` per sparse feature; bags are MEAN pooled."""
+        feats = self.features
         return [
             EmbeddingBagConfig(
                 name=f"t_{name}",
                 embedding_dim=self.model.embedding_dim,
-                num_embeddings=self.vocabs[_BY_NAME[name].vocab].num_rows,
+                num_embeddings=self.vocabs[feats[name].vocab].num_rows,
                 feature_names=[name],
-                pooling=PoolingType.MEAN if _BY_NAME[name].multi else PoolingType.SUM,
+                pooling=PoolingType.MEAN if feats[name].multi else PoolingType.SUM,
             )
             for name in self.sparse_names
         ]
@@ -564,8 +691,19 @@ class FeatureEncoder:
         """Look up vocabularies and lay out the dense block; counts defaults into ``stats``."""
         n = len(raw)
         blocks = [raw.numeric]
-        flag_cols: list[int] = []
         width = raw.numeric.shape[1]
+        if self.numeric_stats:
+            attr_block = np.zeros((n, len(self.numeric_stats)), np.float32)
+            for j, (name, (mean, std)) in enumerate(self.numeric_stats.items()):
+                v = raw.attr_numeric.get(name)
+                missing = np.ones(n, bool) if v is None else ~np.isfinite(v)
+                if v is not None:
+                    attr_block[~missing, j] = (v[~missing] - mean) / std
+                if stats is not None:
+                    stats.add(f"missing_{name}", int(missing.sum()))
+            blocks.append(attr_block)
+            width += attr_block.shape[1]
+        flag_cols: list[int] = []
         for col, d in self.llm_dims.items():
             vec = _pad_width(raw.llm[col], d) if raw.llm[col].shape[1] != d else raw.llm[col]
             if vec.shape[1] != d:
@@ -577,9 +715,10 @@ class FeatureEncoder:
             width += 1
             if stats is not None:
                 stats.add(f"missing_{col}", int(missing.sum()))
+        feats = self.features
         sparse: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}
         for name in self.sparse_names:
-            feat = _BY_NAME[name]
+            feat = feats[name]
             offsets, vals = raw.sparse.get(name, (None, None))
             if vals is None:  # column absent at serving time: every row takes the OOV row
                 offsets, vals = (None, np.zeros(n, np.int64))
@@ -598,7 +737,7 @@ class FeatureEncoder:
 
     def encode(self, frame: pd.DataFrame | dict[str, Any], stats: MissingFeatures | None = None,
                with_labels: bool = True) -> EncodedRows:
-        return self.index(extract(frame, self.model, with_labels), stats)
+        return self.index(extract(frame, self.model, with_labels, self.attributes), stats)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -608,17 +747,26 @@ class FeatureEncoder:
             "vocabs": {k: v.to_dict() for k, v in self.vocabs.items()},
             "tower_hidden": self.tower_hidden,
             "tower": self.tower,
+            "attributes": [a.to_dict() for a in self.attributes],
+            "numeric_stats": {k: list(v) for k, v in self.numeric_stats.items()},
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FeatureEncoder":
+        sparse_names = list(d["sparse_names"])
+        if "attributes" in d:
+            attributes = [Attribute.from_dict(a) for a in d["attributes"]]
+        else:  # a checkpoint of the fixed MovieLens feature set
+            attributes = legacy_attributes(sparse_names, int(d["model"].get("zip_prefix_len", 2)))
         return cls(
             model=ModelConfig.from_dict(d["model"]),
             vocabs={k: Vocabulary.from_dict(v) for k, v in d["vocabs"].items()},
-            sparse_names=list(d["sparse_names"]),
+            sparse_names=sparse_names,
             llm_dims={k: int(v) for k, v in d["llm_dims"].items()},
             tower_hidden=d.get("tower_hidden"),
             tower=d.get("tower"),
+            attributes=attributes,
+            numeric_stats={k: (float(v[0]), float(v[1])) for k, v in d.get("numeric_stats", {}).items()},
         )
 
 

@@ -12,7 +12,11 @@ from collections import defaultdict, deque
 import numpy as np
 import pandas as pd
 
+from llm_features.attributes import LEGACY
+
 ENTITY_COLUMNS = ["user_id", "item_id", "event_timestamp", "label", "split"]
+# The attributes of the synthetic rows, declared as MovieLens declares them (zip: first 2 characters).
+SYNTHETIC_ATTRIBUTES = [*LEGACY["user"], *LEGACY["item"]]
 _GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]
 
 
@@ -87,8 +91,9 @@ def synthetic_rows(
 class SyntheticFeatureSource:
     """Stands in for ``get_historical_features``: entity rows in, their feature rows out."""
 
-    def __init__(self, rows: pd.DataFrame) -> None:
+    def __init__(self, rows: pd.DataFrame, attributes=None) -> None:
         self.features = rows.drop(columns=["label", "split", "true_probability"], errors="ignore")
+        self.attributes = list(SYNTHETIC_ATTRIBUTES if attributes is None else attributes)
 
     def __call__(self, entity_df: pd.DataFrame) -> pd.DataFrame:
         return entity_df.merge(self.features, on=["user_id", "item_id", "event_timestamp"], how="left")

@@ -37,6 +37,7 @@ from llm_features.config import validate_config
 from llm_features.errors import UserError
 from llm_features.workspace import MissingInputError
 from ranker.config import EvaluateConfig, ModelConfig, TrainConfig
+from llm_features.attributes import Attribute, attributes_of_fields
 from ranker.features import (
     LABEL,
     EncodedRows,
@@ -45,6 +46,7 @@ from ranker.features import (
     RawRows,
     extract,
     feature_columns,
+    infer_frame_attributes,
 )
 from ranker.metrics import log_loss, per_user_auc, roc_auc
 from ranker.model import RankingModel, RankingTrain
@@ -90,16 +92,20 @@ def feast_source(store, service_name: str, columns: set[str] | None = None) -> F
     """``get_historical_features`` over the named feature service as a :data:`FeatureSource`
     (through :func:`llm_features.asof.historical_features`: the same frame, a bounded join).
 
-    With ``columns``, only the service's features of those names are joined: the same rows and
-    values, without paying for columns the model never reads (e.g. ``recent_behavior_ids``).
+    With ``columns``, only the service's features of those names (and its attributes) are joined:
+    the same rows and values, without paying for columns the model never reads (e.g.
+    ``recent_behavior_ids``). The source's ``attributes`` are the user and item attributes of the
+    service (:func:`service_attributes`), from which the ranker builds its features.
     """
     from llm_features.store import feature_service
 
     service = feature_service(store, service_name)
+    attributes = service_attributes(store, service)
     features: Any = service
     if columns is not None:
+        wanted = set(columns) | {a.name for a in attributes}
         features = [f"{p.name_to_use()}:{f.name}" for p in service.feature_view_projections
-                    for f in p.features if f.name in columns]
+                    for f in p.features if f.name in wanted]
 
     from llm_features.asof import historical_features
 
@@ -111,7 +117,29 @@ def feast_source(store, service_name: str, columns: set[str] | None = None) -> F
         frame = historical_features(store, entity_df, features, stamp_indexes)
         return _entity_timestamps_as_given(frame, entity_df)
 
+    fetch.attributes = attributes  # type: ignore[attr-defined]
     return fetch
+
+
+def service_attributes(store, service) -> list[Attribute]:
+    """The user and item attributes of a feature service: its fields tagged with an attribute kind
+    (``feast_repo`` tags the profile views' fields with what ingest recorded), in service order."""
+    from ranker.features import legacy_attributes
+
+    out: list[Attribute] = []
+    for proj in service.feature_view_projections:
+        keys = set(store.get_feature_view(proj.name).join_keys)
+        entity = "user" if keys == {"user_id"} else "item" if keys == {"item_id"} else ""
+        found = attributes_of_fields(proj.features, entity)
+        if not found and proj.name in ("user_profile", "item_profile") and proj.features:
+            # a registry applied by definitions that did not tag the attributes yet: their fixed set
+            names = [f.name for f in proj.features]
+            found = [a for a in legacy_attributes([*names, "zip_prefix"]) if a.name in names]
+            log.warning("ranker: %s has no attribute tags (applied by an older llmfeat): reading %s as before; "
+                        "run `llmfeat feast apply` to register the attributes ingest recorded",
+                        proj.name, ", ".join(a.name for a in found) or "nothing")
+        out += found
+    return out
 
 
 def _entity_timestamps_as_given(frame: pd.DataFrame, entity_df: pd.DataFrame) -> pd.DataFrame:
@@ -148,6 +176,7 @@ class PrefetchedSource:
         parts = [source(entities.iloc[s : s + chunk_rows][ENTITY_COLUMNS])
                  for s in range(0, len(entities), chunk_rows)]
         frame = pd.concat(parts, ignore_index=True).drop(columns=[LABEL], errors="ignore")
+        self.attributes = getattr(source, "attributes", None)
         if frame.duplicated(self.KEYS).any():
             raise ValueError("PrefetchedSource needs unique (user_id, item_id, event_timestamp) entity rows")
         self.frame = frame.set_index(self.KEYS)
@@ -163,8 +192,15 @@ class PrefetchedSource:
         return out
 
 
-def fetch_rows(entities: pd.DataFrame, source: FeatureSource, cfg: ModelConfig, chunk_rows: int) -> RawRows:
-    """Point-in-time features of ``entities`` in chunks, each reduced to :class:`RawRows` at once."""
+def fetch_rows(entities: pd.DataFrame, source: FeatureSource, cfg: ModelConfig, chunk_rows: int,
+               attributes: list[Attribute] | None = None) -> RawRows:
+    """Point-in-time features of ``entities`` in chunks, each reduced to :class:`RawRows` at once.
+
+    ``attributes``: the user and item attributes to read; default: the source's own (``source.attributes``,
+    e.g. a Feast service's tagged fields), else inferred from the first chunk's columns.
+    """
+    if attributes is None:
+        attributes = getattr(source, "attributes", None)
     parts = []
     for start in range(0, len(entities), chunk_rows):
         chunk = entities.iloc[start : start + chunk_rows]
@@ -178,7 +214,9 @@ def fetch_rows(entities: pd.DataFrame, source: FeatureSource, cfg: ModelConfig, 
         # shuffle (and with it the whole training run) is reproducible
         order = [c for c in PrefetchedSource.KEYS + [LABEL] if c in frame.columns]
         frame = frame.sort_values(order, kind="stable", ignore_index=True)
-        parts.append(extract(frame, cfg))
+        if attributes is None:
+            attributes = infer_frame_attributes(frame, cfg)
+        parts.append(extract(frame, cfg, attributes=attributes))
         del frame
     return RawRows.concat(parts)
 
@@ -344,6 +382,9 @@ def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSourc
     tower_state = None
     if tower is not None:
         encoder.tower, encoder.tower_hidden, tower_state = tower
+    if rank == 0:
+        desc = encoder.describe()
+        log.info("ranker features: sparse %s; dense %s", ", ".join(desc["sparse"]), ", ".join(desc["dense"]))
     train_missing = MissingFeatures()
     rows = encoder.index(raw, train_missing)
     del raw
@@ -356,7 +397,8 @@ def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSourc
         # fetch_rows sorts each chunk by these keys: sorted entities keep row i = entity i (for users)
         valid_entities = valid_entities.sort_values(PrefetchedSource.KEYS + [LABEL], kind="stable",
                                                     ignore_index=True)
-        valid_rows = encoder.index(fetch_rows(valid_entities, source, model_cfg, cfg.chunk_rows))
+        valid_rows = encoder.index(fetch_rows(valid_entities, source, model_cfg, cfg.chunk_rows,
+                                              encoder.attributes))
         valid_rows.users = valid_entities["user_id"].to_numpy()
 
     t0 = time.perf_counter()
@@ -383,6 +425,7 @@ def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSourc
         # mean loss per 50 steps: the training curve the demo plots
         "loss_curve": [round(float(np.mean(losses[i:i + 50])), 5) for i in range(0, len(losses), 50)],
         "train_missing": train_missing.as_dict(),
+        "features": encoder.describe(),
     }
     if rank == 0:
         fingerprint = None
@@ -632,7 +675,7 @@ def evaluate_rows(
     # fetch_rows sorts each chunk by these keys: sorting the entities first keeps row i = entity i
     entities = entities.sort_values(PrefetchedSource.KEYS + [LABEL], kind="stable", ignore_index=True)
     missing = MissingFeatures()
-    rows = encoder.index(fetch_rows(entities, source, encoder.model, chunk_rows), missing)
+    rows = encoder.index(fetch_rows(entities, source, encoder.model, chunk_rows, encoder.attributes), missing)
     missing.warn("ranker evaluate")
     probs = predict(model, rows, batch_size)
     metrics: dict[str, Any] = binary_metrics(rows.labels, probs)

@@ -16,7 +16,7 @@ from ranker.config import EvaluateConfig, ModelConfig, TrainConfig
 from ranker.features import FeatureEncoder, MissingFeatures, Vocabulary, extract
 from ranker.model import RankingModel, RankingTrain
 from ranker.serve import Ranker
-from ranker.synthetic import SyntheticFeatureSource, synthetic_rows
+from ranker.synthetic import SYNTHETIC_ATTRIBUTES, SyntheticFeatureSource, synthetic_rows
 from ranker.train import METRICS_FILE, evaluate, load_checkpoint, predict, train
 
 DIM = 8
@@ -29,7 +29,7 @@ def rows() -> pd.DataFrame:
 
 def _fit(rows: pd.DataFrame, llm: bool) -> FeatureEncoder:
     cfg = ModelConfig(llm_features=llm, llm_mode="interaction")
-    return FeatureEncoder.fit(extract(rows[rows.split == "train"], cfg), cfg)
+    return FeatureEncoder.fit(extract(rows[rows.split == "train"], cfg, attributes=SYNTHETIC_ATTRIBUTES), cfg)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_forward_backward_shapes(rows: pd.DataFrame, llm: bool) -> None:
 @pytest.mark.parametrize("mode", ["interaction", "dense"])
 def test_llm_modes_route_the_vectors(rows: pd.DataFrame, mode: str, interaction: str) -> None:
     cfg = ModelConfig(llm_mode=mode, interaction=interaction, llm_dropout=0.1)
-    encoder = FeatureEncoder.fit(extract(rows[rows.split == "train"], cfg), cfg)
+    encoder = FeatureEncoder.fit(extract(rows[rows.split == "train"], cfg, attributes=SYNTHETIC_ATTRIBUTES), cfg)
     model = RankingModel(encoder)
     batch = encoder.encode(rows.iloc[:32]).batch(np.arange(32))
     loss, _ = RankingTrain(model)(batch)
@@ -124,7 +124,7 @@ def test_early_stopping_keeps_the_best_valid_epoch(rows: pd.DataFrame, tmp_path:
 
 def test_dot_interaction_builds(rows: pd.DataFrame) -> None:
     cfg = ModelConfig(interaction="dot", llm_mode="interaction")
-    encoder = FeatureEncoder.fit(extract(rows.iloc[:200], cfg), cfg)
+    encoder = FeatureEncoder.fit(extract(rows.iloc[:200], cfg, attributes=SYNTHETIC_ATTRIBUTES), cfg)
     batch = encoder.encode(rows.iloc[:4]).batch(np.arange(4))
     assert RankingModel(encoder)(batch.dense_features, batch.sparse_features).shape == (4,)
 
@@ -201,7 +201,8 @@ def test_encoder_roundtrip(rows: pd.DataFrame) -> None:
 def test_llm_twin_refuses_rows_without_embeddings(rows: pd.DataFrame) -> None:
     cfg = ModelConfig(llm_features=True)
     with pytest.raises(ValueError, match="no-llm-features"):
-        FeatureEncoder.fit(extract(rows.drop(columns=["user_embedding"]).iloc[:100], cfg), cfg)
+        FeatureEncoder.fit(extract(rows.drop(columns=["user_embedding"]).iloc[:100], cfg,
+                                   attributes=SYNTHETIC_ATTRIBUTES), cfg)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,9 +16,13 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from llm_features.config import validate_config
 from llm_features.ids import stable_id
+from llm_features import attributes as attributes_mod
+from llm_features.attributes import Attribute
+from llm_features.ingest.attributes import check_declared
 from llm_features.ingest.errors import IngestError
 from llm_features.ingest.generic import load_generic, parse_mapping
 from llm_features.ingest.movielens import load_ml1m, load_ml100k
@@ -95,6 +99,31 @@ class IngestConfig:
         metadata={
             "help": "Generic: column(s) holding the item text "
             "(comma-separated columns are joined with ' | ')."
+        },
+    )
+    user_attribute: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Generic: a user attribute to keep, [NAME=]COLUMN[:TYPE], repeatable; TYPE: categorical[:N] "
+            "(N: keep the first N characters), multi[:SEP] (a list, '|'-separated by default), numeric, or "
+            "none (inferred). Read from --users, else from the log (one value per user). Declaring any "
+            "turns inference off for the user table."
+        },
+    )
+    item_attribute: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Generic: an item attribute (category, tags, price...) to keep, as --user-attribute; read "
+            "from --items, else from the log (one value per item)."
+        },
+    )
+    infer_attributes: bool = field(
+        default=True,
+        metadata={
+            "help": "Generic: keep every other column of --users / --items (for a table with no declared "
+            "attribute) as an attribute of the kind its values show: lists and '|'-separated text multi, other "
+            "text categorical, integers with few values categorical, other numbers numeric; identifiers "
+            "and free text are skipped. Ingest prints what it kept."
         },
     )
     behavior_text_column: str | None = field(
@@ -181,6 +210,8 @@ class IngestConfig:
     def __post_init__(self) -> None:  # config files give strings
         self.interactions = tuple(Path(p) for p in self.interactions)
         self.map = tuple(self.map)
+        self.user_attribute = tuple(self.user_attribute)
+        self.item_attribute = tuple(self.item_attribute)
         for name in ("source", "items", "users", "data_dir"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, Path):
@@ -269,6 +300,7 @@ def check_options(cfg: IngestConfig) -> TimeBounds:
     if cfg.label_column is None:
         parse_label_rule(cfg.label_rule)
     parse_mapping(cfg.map)
+    check_declared(cfg.user_attribute, cfg.item_attribute)
     if cfg.encoding is not None:
         _canonical_encoding(cfg.encoding)
     check_delimiter(cfg.delimiter)
@@ -280,6 +312,12 @@ def load(cfg: IngestConfig, fmt: str | None = None, time_bounds: TimeBounds | No
     fmt = fmt or detect_format(cfg)
     bounds = time_bounds or TimeBounds.make(cfg.min_timestamp, cfg.allow_future)
     src = Path(cfg.source) if cfg.source is not None else None
+    if (cfg.user_attribute or cfg.item_attribute) and fmt != "generic":
+        raise IngestError(
+            f"--user-attribute and --item-attribute are for generic data; {fmt} declares its own attributes",
+            option="--user-attribute" if cfg.user_attribute else "--item-attribute",
+            fix="Drop them, or ingest the files with --format generic.",
+        )
     if fmt == "ml-1m":
         return load_ml1m(
             src, interactions=cfg.interactions, items=cfg.items, users=cfg.users, encoding=cfg.encoding,
@@ -303,6 +341,9 @@ def load(cfg: IngestConfig, fmt: str | None = None, time_bounds: TimeBounds | No
         delimiter=cfg.delimiter,
         hash_ids=cfg.hash_ids,
         time_bounds=bounds,
+        user_attributes=cfg.user_attribute,
+        item_attributes=cfg.item_attribute,
+        infer_attributes=cfg.infer_attributes,
     )
 
 
@@ -540,19 +581,21 @@ def build_canonical(
     first_item = inter.groupby("item_id", sort=False)["ts_us"].min()
     items = items.sort_values("item_id").reset_index(drop=True)
     item_ts = first_item.reindex(items["item_id"].to_numpy()).fillna(t0).to_numpy(dtype=np.int64)
-    genres = items["genres"].tolist() if "genres" in items.columns else [[] for _ in range(len(items))]
+    attrs = loaded.attributes or {"user": [], "item": []}
     item_cols: dict[str, pa.Array] = {
         "item_id": pa.array(items["item_id"].to_numpy(np.int64)),
         "item_text": pa.array(items["item_text"].astype(str).tolist(), pa.string()),
     }
     if "title" in items.columns:
         item_cols["title"] = pa.array(items["title"].astype("string").tolist(), pa.string())
-    item_cols["genres"] = pa.array(["|".join(g) for g in genres], pa.string())
-    item_cols["item_genres"] = pa.array(genres, pa.list_(pa.string()))
+    if any(a.name == "item_genres" for a in attrs["item"]):  # also joined, as ingest always wrote it
+        item_cols["genres"] = pa.array(["|".join(g) for g in items["item_genres"]], pa.string())
+    for a in attrs["item"]:
+        item_cols[a.name] = _attribute_array(items[a.name], a)
     if "release_date" in items.columns:
         item_cols["release_date"] = pa.array(items["release_date"].astype("string").tolist(), pa.string())
     item_cols["event_timestamp"] = utc_us(pa.array(item_ts))
-    items_table = pa.table(item_cols)
+    items_table = pa.table(item_cols).replace_schema_metadata(attributes_mod.metadata(attrs["item"]))
 
     first_user = inter.groupby("user_id", sort=True)["ts_us"].min()
     if loaded.users is not None:
@@ -570,14 +613,9 @@ def build_canonical(
         "user_id": pa.array(all_ids, pa.int64()),
         "event_timestamp": utc_us(pa.array(first_user.reindex(all_ids).fillna(t0).to_numpy(dtype=np.int64))),
     }
-    for a in ("gender", "age", "occupation", "zip"):
-        if a in users.columns:
-            col = users[a]
-            if pd.api.types.is_numeric_dtype(col.dtype):
-                user_cols[a] = pa.array([None if pd.isna(v) else int(v) for v in col], pa.int64())
-            else:
-                user_cols[a] = pa.array([None if pd.isna(v) else str(v) for v in col], pa.string())
-    users_table = pa.table(user_cols)
+    for a in attrs["user"]:
+        user_cols[a.name] = _attribute_array(users[a.name], a)
+    users_table = pa.table(user_cols).replace_schema_metadata(attributes_mod.metadata(attrs["user"]))
 
     counts = {
         "rows_read": rows_read,
@@ -594,6 +632,35 @@ def build_canonical(
         "positives": int(inter["label"].sum()),
     }
     return Canonical(interactions, items_table, users_table, split, split_counts, counts, label_source)
+
+
+def _attribute_array(col: pd.Series, a: Attribute) -> pa.Array:
+    """An attribute column for the canonical table: list<string>, float64, int64 or string (null = missing)."""
+    if a.kind == "multi":
+        return pa.array([list(v) if isinstance(v, (list, tuple, np.ndarray)) else [] for v in col],
+                        pa.list_(pa.string()))
+    if a.kind == "numeric":
+        return pa.array([None if pd.isna(v) else float(v) for v in col], pa.float64())
+    if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
+        return pa.array([None if pd.isna(v) else int(v) for v in col], pa.int64())
+    return pa.array([None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else str(v)
+                     for v in col], pa.string())
+
+
+def _attribute_report(canon: "Canonical", loaded: Loaded) -> dict[str, Any]:
+    """What the report says of each entity's attributes: the kept ones (with how many rows have a
+    value) and the columns inference skipped."""
+    out: dict[str, Any] = {}
+    for entity, table in (("user", canon.users), ("item", canon.items)):
+        attrs = (loaded.attributes or {}).get(entity, [])
+        kept = []
+        for a in attrs:
+            col = table.column(a.name)
+            present = (pc.list_value_length(col).to_numpy(zero_copy_only=False) > 0).sum() \
+                if a.kind == "multi" else col.length() - col.null_count
+            kept.append({**a.to_dict(), "rows_with_value": int(present)})
+        out[entity] = {"kept": kept, "skipped": (loaded.skipped_columns or {}).get(entity, [])}
+    return out
 
 
 def read_report(ws: Workspace) -> dict[str, Any] | None:
@@ -684,6 +751,7 @@ def ingest(cfg: IngestConfig, workspace: Workspace | None = None) -> dict[str, A
             )
         ],
         "recent": recent,
+        "attributes": _attribute_report(canon, loaded),
         "outputs": {
             "interactions": str(ws.interactions),
             "items": str(ws.items),
@@ -712,14 +780,24 @@ def format_summary(report: dict[str, Any]) -> str:
         head,
         f"  interactions {c['interactions']:,}  items {c['items']:,}  users {c['users']:,}  "
         f"behaviours {c['distinct_behaviors']:,}",
-        f"  label {report['label']['source']}: positive rate {report['label']['positive_rate']:.3f}",
+        f"  label {report['label']['source']}: positive rate {report['label']['positive_rate']:.3f}"
+        + ("  (warning: one class only; the tower and the ranker learn nothing from it: a log of clicks "
+           "needs the rows shown but not clicked)" if report["label"]["positive_rate"] in (0.0, 1.0) else ""),
         f"  split {'(recorded earlier) ' if sp.get('reused') else ''}valid from {sp['valid_start']}, "
         f"test from {sp['test_start']}: " + ", ".join(f"{k} {v:,}" for k, v in sp["counts"].items()),
         f"  dropped: {c['exact_duplicates_dropped']:,} exact duplicates, "
         f"{c['unknown_item_rows_dropped']:,} rows "
         f"with unknown items; {c['blank_lines_skipped']:,} blank lines skipped",
     ]
-    if c.get("users_without_profile"):
+    for entity, att in (report.get("attributes") or {}).items():
+        kept = [Attribute.from_dict(a) for a in att["kept"]]
+        lines.append(f"  {entity} attributes: {attributes_mod.summary(kept)}")
+        for a in att["kept"]:
+            if not a.get("rows_with_value"):
+                lines.append(f"    warning: {entity} attribute {a['name']} has no value in any row")
+        if att.get("skipped"):
+            lines.append("    not kept: " + "; ".join(f"{s['column']} ({s['why']})" for s in att["skipped"]))
+    if c.get("users_without_profile") and (report.get("attributes") or {}).get("user", {}).get("kept", True):
         lines.append(f"  {c['users_without_profile']:,} users have no profile row (attributes left empty)")
     if report["recent"]["parts"]:
         lines.append(

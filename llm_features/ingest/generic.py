@@ -7,7 +7,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from llm_features.attributes import RESERVED, Attribute
 from llm_features.ids import normalize_text, stable_id
+from llm_features.ingest.attributes import (
+    AttributeSpec,
+    check_names,
+    infer_kind,
+    parse_specs,
+    parse_values,
+    sanitize,
+)
 from llm_features.ingest.errors import IngestError
 from llm_features.ingest.readers import (
     Loaded,
@@ -199,9 +208,21 @@ def load_generic(
     delimiter: str | None = None,
     hash_ids: bool = False,
     time_bounds: TimeBounds | None = None,
+    user_attributes: tuple[str, ...] | list[str] = (),
+    item_attributes: tuple[str, ...] | list[str] = (),
+    infer_attributes: bool = True,
 ) -> Loaded:
-    """Read interaction logs (and optional item / user tables) named by a column mapping."""
+    """Read interaction logs (and optional item / user tables) named by a column mapping.
+
+    User and item attributes: the declared ones (``user_attributes`` / ``item_attributes``, see
+    :mod:`llm_features.ingest.attributes`), the canonical ``--map`` names (gender, age, occupation,
+    zip; genres), and, when ``infer_attributes`` and nothing is declared for that table, every other
+    column of the ``users`` / ``items`` table whose kind can be inferred."""
     mapping = dict(mapping or {})
+    specs = {"user": parse_specs(user_attributes, "user"), "item": parse_specs(item_attributes, "item")}
+    declared = {sp.name for ss in specs.values() for sp in ss}
+    attrs: dict[str, list[Attribute]] = {"user": [], "item": []}
+    skipped: dict[str, list[dict[str, str]]] = {"user": [], "item": []}
     bounds = time_bounds or TimeBounds.make()
     hasher = IdHasher() if hash_ids else None
     enc = encoding or "utf-8"
@@ -217,6 +238,7 @@ def load_generic(
         text_cols = _split_cols(mapping["item_text"])
 
     frames, sources = [], []
+    log_kinds: dict[tuple[str, str], str] = {}
     for k, path in enumerate(interactions):
         src = SourceFile(
             require_file(Path(path), "interaction file", "Check the path given to --interactions.")
@@ -254,6 +276,13 @@ def load_generic(
             gcol = cols.find("genres", required=False)
             if gcol:
                 part["genres"] = _genres(raw[gcol])
+        for entity, table in (("user", users), ("item", items)):
+            if table is None:  # no table: the declared attributes come from the log
+                for spec in specs[entity]:
+                    kind, values = _declared_values(src, raw, spec, entity, "--interactions",
+                                                    log_kinds.get((entity, spec.name)))
+                    log_kinds[(entity, spec.name)] = kind  # the first file's kind holds for the others
+                    part[f"__{entity}__{spec.name}"] = values.to_numpy(dtype=object)
         part["_src"] = np.int32(k)
         part["_line"] = raw["_line"].to_numpy()
         part.attrs["blank_lines"] = raw.attrs.get("blank_lines", 0)
@@ -289,6 +318,9 @@ def load_generic(
         gcol = cols.find("genres", required=False)
         if gcol:
             items_df["genres"] = _genres(raw[gcol])
+        used = {cols.col("item_id"), *tcols, *(c for c in (tc, gcol) if c)}
+        _table_attributes(isrc, raw, items_df, "item", specs["item"], attrs, skipped, used, mapping,
+                          infer_attributes and not specs["item"], declared)
     else:
         isrc = sources[0]
         keep = ["item_id", "item_text", "_line", "_src"] + [
@@ -296,6 +328,7 @@ def load_generic(
         ]
         last = inter.sort_values(["ts_us", "_src", "_line"]).drop_duplicates("item_id", keep="last")
         items_df = last[keep].reset_index(drop=True)
+        _log_attributes(inter, sources, items_df, "item", specs["item"], log_kinds, attrs)
         if "behavior_text" not in inter.columns:
             inter["behavior_text"] = inter["item_text"]
         inter = inter.drop(columns=[c for c in ("item_text", "title", "genres") if c in inter.columns])
@@ -313,10 +346,14 @@ def load_generic(
                 "_line": raw["_line"].to_numpy(),
             }
         )
+        used = {cols.col("user_id")}
         for a in USER_ATTRS:
             acol = cols.find(a, required=False)
-            if acol is None:
+            if acol is None or a in {sp.name for sp in specs["user"]}:
                 continue
+            used.add(acol)
+            attrs["user"].append(Attribute(a, "categorical", "user", prefix=2 if a == "zip" else None, source=acol,
+                                           origin="declared" if a in mapping else "canonical name"))
             if a == "age":
                 v = to_float(usrc, raw, acol)
                 users_df[a] = pd.array(np.where(np.isnan(v), 0, v).astype(np.int64), dtype="Int64")
@@ -324,6 +361,20 @@ def load_generic(
             else:
                 s = raw[acol].astype("string").str.strip()
                 users_df[a] = s.mask(s == "")
+        _table_attributes(usrc, raw, users_df, "user", specs["user"], attrs, skipped, used, mapping,
+                          infer_attributes and not specs["user"], declared)
+    elif specs["user"]:
+        usrc = sources[0]
+        first = inter.sort_values(["user_id", "_src", "_line"], kind="stable").drop_duplicates("user_id")
+        users_df = pd.DataFrame({"user_id": first["user_id"].to_numpy(), "_line": first["_line"].to_numpy()})
+        _log_attributes(inter, sources, users_df, "user", specs["user"], log_kinds, attrs)
+    inter = inter.drop(columns=[c for c in inter.columns if c.startswith(("__user__", "__item__"))])
+    if items_df is not None and "genres" in items_df.columns:  # the canonical genres: a multi attribute
+        items_df["item_genres"] = items_df.pop("genres")
+        gsrc = mapping.get("genres", "genres")
+        attrs["item"].insert(0, Attribute("item_genres", "multi", "item", sep="|", source=gsrc,
+                                          origin="declared" if "genres" in mapping else "canonical name"))
+    check_names(attrs, specs)
     return Loaded(
         "generic",
         inter,
@@ -334,7 +385,122 @@ def load_generic(
         users_src=usrc,
         blank_lines=blank,
         column_names=mapping,
+        attributes=attrs,
+        skipped_columns=skipped,
     )
+
+
+def _declared_values(
+    src: SourceFile, raw: pd.DataFrame, spec: AttributeSpec, entity: str, where: str, kind: str | None = None
+) -> tuple[str, pd.Series]:
+    """A declared attribute's kind and values; a missing column is an error naming the file."""
+    if spec.column not in raw.columns:
+        cols = ", ".join(c for c in raw.columns if c != "_line")
+        whence = (f"the --{entity}s table" if where != "--interactions"
+                  else f"the interaction log when there is no --{entity}s table")
+        raise src.error(
+            f"no column '{spec.column}' (given by --{entity}-attribute {spec.spec}); the columns are: {cols}",
+            column=spec.column,
+            fix=f"Name a column of this file ({entity} attributes are read from {whence}).",
+        )
+    kind = kind or spec.kind or infer_kind(raw[spec.column])[0] or "categorical"
+    return kind, parse_values(src, raw, spec.column, kind, spec.sep)
+
+
+def _table_attributes(
+    src: SourceFile,
+    raw: pd.DataFrame,
+    out: pd.DataFrame,
+    entity: str,
+    specs: list[AttributeSpec],
+    attrs: dict[str, list[Attribute]],
+    skipped: dict[str, list[dict[str, str]]],
+    used: set[str],
+    mapping: dict[str, str],
+    infer: bool,
+    declared_names: set[str],
+) -> None:
+    """Declared attributes of a --users / --items table, then (``infer``) every other column (under a
+    name no declared or earlier attribute has)."""
+    for spec in specs:
+        kind, values = _declared_values(src, raw, spec, entity, f"--{entity}s")
+        out[spec.name] = values.set_axis(out.index)
+        attrs[entity].append(Attribute(spec.name, kind, entity, prefix=spec.prefix,
+                                       sep=spec.sep if kind == "multi" else None, source=spec.column))
+        used.add(spec.column)
+    if not infer:
+        return
+    taken = {a.name for es in attrs.values() for a in es} | declared_names
+    for col in raw.columns:
+        if col == "_line" or col in used or col in mapping.values():
+            continue
+        kind, why = infer_kind(raw[col])
+        name = sanitize(col)
+        if kind is not None and (name in RESERVED or name in taken):
+            kind, why = None, f"the name {name!r} is taken (declare it as NEW_NAME={col})"
+        if kind is None:
+            skipped[entity].append({"column": col, "why": why})
+            continue
+        out[name] = parse_values(src, raw, col, kind).set_axis(out.index)
+        attrs[entity].append(Attribute(name, kind, entity, sep="|" if kind == "multi" else None, source=col,
+                                       origin="inferred"))
+        taken.add(name)
+
+
+def _log_attributes(
+    inter: pd.DataFrame,
+    sources: list[SourceFile],
+    out: pd.DataFrame,
+    entity: str,
+    specs: list[AttributeSpec],
+    kinds: dict[tuple[str, str], str],
+    attrs: dict[str, list[Attribute]],
+) -> None:
+    """Declared attributes read from the interaction log: one value per user (item); a value that
+    changes between two rows of the same user (item) is an error naming both."""
+    key = f"{entity}_id"
+    for spec in specs:
+        col = f"__{entity}__{spec.name}"
+        kind = kinds[(entity, spec.name)]
+        cells = inter[col]
+        if kind == "multi":
+            norm = cells.map(lambda v: tuple(v) if len(v) else None)
+        else:
+            norm = cells.map(lambda v: None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v))
+                             else v)
+        frame = pd.DataFrame({"k": inter[key].to_numpy(), "v": norm.to_numpy(dtype=object),
+                              "_src": inter["_src"].to_numpy(), "_line": inter["_line"].to_numpy()})
+        frame = frame[frame["v"].notna()].sort_values(["k", "_src", "_line"], kind="stable")
+        first = frame.drop_duplicates("k")
+        firsts = first.set_index("k")["v"]
+        differs = frame["v"].to_numpy() != firsts.reindex(frame["k"].to_numpy()).to_numpy()
+        if differs.any():
+            row = frame.iloc[int(np.flatnonzero(differs)[0])]
+            ref = first[first["k"] == row["k"]].iloc[0]
+            s1, s2 = sources[int(ref["_src"])], sources[int(row["_src"])]
+            other = f"{s2.row_word} {int(row['_line'])}"
+            if s1 is not s2:
+                other = f"{s2.path}, {other}"
+            raise s1.error(
+                f"{entity} attribute '{spec.name}' changes for {entity} {row['k']}: {ref['v']!r} here, "
+                f"{row['v']!r} at {other}",
+                line=int(ref["_line"]),
+                column=spec.column,
+                fix=f"An attribute read from the log needs one value per {entity}: give a --{entity}s table, "
+                "or fix the rows.",
+            )
+        values = [None if v is None or (isinstance(v, float) and np.isnan(v)) else v
+                  for v in firsts.reindex(out[key].to_numpy())]
+        if kind == "multi":
+            out[spec.name] = [list(v) if v is not None else [] for v in values]
+        elif kind == "numeric":
+            out[spec.name] = np.array([np.nan if v is None else float(v) for v in values], np.float64)
+        elif all(isinstance(v, (int, np.integer)) for v in values if v is not None):
+            out[spec.name] = pd.array(values, dtype="Int64")
+        else:
+            out[spec.name] = pd.Series(values, dtype=object).to_numpy()
+        attrs[entity].append(Attribute(spec.name, kind, entity, prefix=spec.prefix,
+                                       sep=spec.sep if kind == "multi" else None, source=spec.column))
 
 
 def _genres(s: pd.Series) -> list[list[str]]:

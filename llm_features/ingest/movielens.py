@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from llm_features.attributes import LEGACY
 from llm_features.ids import normalize_text
 from llm_features.ingest.readers import (
     Loaded,
@@ -21,6 +22,10 @@ from llm_features.ingest.readers import (
     to_float,
     to_int64,
 )
+
+# MovieLens declares its own attributes: gender, age, occupation and the zip code's first 2 characters
+# (users), and the genres (items), as ingest always wrote them.
+ATTRIBUTES = {entity: list(attrs) for entity, attrs in LEGACY.items()}
 
 _FIX_LINE = "Fix or remove the line (MovieLens ids, ages, occupations and timestamps are integers)."
 
@@ -149,6 +154,7 @@ def load_ml1m(
     )
     _require_titles(msrc, movies, "Title")
     movies["item_text"] = _movie_texts(movies)
+    movies["item_genres"] = movies["genres"]
 
     upath = _files(source, users, "users.dat", "users")[0]
     usrc = SourceFile(upath)
@@ -174,6 +180,7 @@ def load_ml1m(
         items_src=msrc,
         users_src=usrc,
         blank_lines=blank,
+        attributes={entity: list(attrs) for entity, attrs in ATTRIBUTES.items()},
         column_names={
             "user_id": "UserID",
             "item_id": "MovieID",
@@ -230,6 +237,7 @@ def load_ml100k(
     )
     _require_titles(isrc, movies, "movie title")
     movies["item_text"] = _movie_texts(movies)
+    movies["item_genres"] = movies["genres"]
 
     upath = _files(source, users, "u.user", "users")[0]
     usrc = SourceFile(upath)
@@ -258,6 +266,7 @@ def load_ml100k(
         items_src=isrc,
         users_src=usrc,
         blank_lines=blank,
+        attributes={entity: list(attrs) for entity, attrs in ATTRIBUTES.items()},
         column_names={
             "user_id": "user id",
             "item_id": "item id",

@@ -626,8 +626,8 @@ class Loaded:
 
     interactions: user_id, item_id, ts_us (int64 µs UTC), rating (float64, NaN = unknown),
     optionally label (int8) and behavior_text; always _src (index into ``sources``) and _line.
-    items: item_id, item_text, optionally title and genres (list of str); _src, _line.
-    users: user_id and optional attributes (gender, age, occupation, zip).
+    items: item_id, item_text, optionally title; its attribute columns; _src, _line.
+    users: user_id and its attribute columns (``attributes["user"]``).
     """
 
     format: str
@@ -639,6 +639,9 @@ class Loaded:
     users_src: SourceFile | None = None
     blank_lines: dict[str, int] | None = None
     column_names: dict[str, str] | None = None  # canonical -> source column, for messages
+    # {"user": [...], "item": [...]}: llm_features.attributes.Attribute, each a column of users/items
+    attributes: dict[str, list] | None = None
+    skipped_columns: dict[str, list[dict[str, str]]] | None = None  # inference: columns not kept, and why
 
 
 def fast_numeric(
