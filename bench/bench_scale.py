@@ -315,6 +315,8 @@ def main() -> None:
     ap.add_argument("--stage-budget-s", type=float, default=900, help="time budget of embed-users")
     ap.add_argument("--stage-timeout-s", type=float, default=3 * 3600, help="any other stage: a failure past this")
     ap.add_argument("--rss-cap-gb", type=float, default=20.0)
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the report from the finished (size, stage) results in --work, run nothing")
     ap.add_argument("--online-child", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.online_child:
@@ -324,7 +326,15 @@ def main() -> None:
         a.sizes, a.finetune_steps, a.ranker_rows, a.lookups, a.stage_budget_s = [100_000], 5, 50_000, 20, 120
     per_size = {}
     for n in a.sizes:
-        per_size[str(n)] = run_size(n, a)
+        if a.report_only:
+            work = a.work / str(n)
+            if not (work / "results.json").exists():
+                continue
+            per_size[str(n)] = {"info": json.loads((work / "source" / "info.json").read_text()),
+                                "stages": json.loads((work / "results.json").read_text())}
+        else:
+            per_size[str(n)] = run_size(n, a)
+    a.sizes = [n for n in a.sizes if str(n) in per_size]
     write_report(a, a.sizes, per_size)
 
 
