@@ -10,7 +10,8 @@ reach (no PYTHONPATH), runs the console script:
   ``encode`` (the embedded MiniLM) -> ``feast materialize`` (which applies first) -> ``feast lookup``
   on the repository packaged in the wheel, with the data dir in ./feast_repo/data;
 - project B: ``llmfeat init`` writes the repository, whose ``feast apply`` then registers A's data dir;
-- ``llmfeat bench`` refuses clearly (it needs a source checkout).
+- ``llmfeat bench`` refuses clearly (it needs a source checkout), and so does ``llmfeat ranker``
+  without the ranker extra.
 
 No data may be written into the installed package. This takes minutes (a venv and ~100 packages
 from pip's cache; the first run on a machine downloads them) and is deliberately NOT marked slow:
@@ -151,9 +152,13 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_the_pipeline_outside_the_chec
     assert not (b / "feast_repo" / "data" / "registry.db").exists()  # the registry went to --data-dir
     assert package_files() == before, "the installed package was written to"
 
-    # -- llmfeat bench needs a source checkout
+    # -- llmfeat bench needs a source checkout; the ranker needs its extra, which is not installed here
     out = _run([llmfeat, "bench", "--summary-only"], b, timings, "bench", expect=1)
     assert "needs a source checkout" in out, out
+    out = _run([llmfeat, "ranker", "train", "--data-dir", data, "--out", b / "ranker"], b, timings, "ranker",
+               expect=1)
+    assert "the TorchRec ranker needs the module" in out and "llmfeat[ranker-cpu]" in out, out
+    assert "Traceback" not in out, out
 
     total = sum(s for _, s in timings)
     print("\nwheel test timings: " + ", ".join(f"{k} {s:.0f}s" for k, s in timings) + f"; total {total:.0f}s")

@@ -91,8 +91,8 @@ def run() -> None:
         if (e.name or "").split(".")[0] not in RANKER_MODULES:
             raise
         code = (f"Error: the TorchRec ranker needs the module '{e.name}', which is not installed. Install the "
-                "ranker extra: pip install 'llmfeat[ranker]' (CUDA), or for CPU see README.md, "
-                "\"Installation details\".")
+                "ranker extra: on CUDA pip install 'llmfeat[ranker]'; on CPU pip install 'llmfeat[ranker-cpu]', "
+                "then pip install --no-deps 'torchrec>=1.9.2,<1.10' (README, \"Installation details\").")
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
