@@ -34,6 +34,7 @@ from feast.data_source import DataSource
 from feast.types import Array, Bool, Float32, Float64, Int32, Int64, String
 
 from llm_features.attributes import read_attributes
+from llm_features.feature_repo import is_installed_repo
 from llm_features.offline_sources import configured_offline_store, parquet_source
 from llm_features.parquet_io import list_parts, write_table_atomic
 from llm_features.workspace import Workspace, default_data_dir
@@ -42,7 +43,8 @@ REPO_DIR = Path(__file__).resolve().parent
 WORKSPACE = Workspace.at(default_data_dir(REPO_DIR))
 DATA_DIR = WORKSPACE.root
 # The registry and the online store live next to the parquet tables (data/ in this repo by default).
-(REPO_DIR / "data").mkdir(parents=True, exist_ok=True)
+if not is_installed_repo(REPO_DIR):  # the copy inside an installed llmfeat is never written to
+    (REPO_DIR / "data").mkdir(parents=True, exist_ok=True)
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 # Long enough that MovieLens-era (2000) rows join, and that `feast materialize-incremental`

@@ -62,7 +62,8 @@ from llm_features.fingerprint import (
 )
 from llm_features.errors import UserError
 from llm_features.parquet_io import file_metadata
-from llm_features.workspace import DATA_DIR_ENV, DEFAULT_REPO, MissingInputError, Workspace
+from llm_features.feature_repo import find_repo
+from llm_features.workspace import DATA_DIR_ENV, DEFAULT_REPO, MissingInputError, Workspace, default_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,12 @@ _STORE_DATA_DIR_ATTR = "_llmfeat_data_dir"
 
 
 def resolve_data_dir(repo_path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Path:
-    """``data_dir``, else ``$LLMFEAT_DATA_DIR``, else ``<repo>/data``; absolute."""
+    """``data_dir``, else ``$LLMFEAT_DATA_DIR``, else ``<repo>/data``; absolute (the default repo
+    ``feast_repo`` gives ``./feast_repo/data`` even where it is the packaged one, see
+    :mod:`llm_features.feature_repo`)."""
     if data_dir is not None:
         return Path(data_dir).resolve()
-    env = os.environ.get(DATA_DIR_ENV)
-    return Path(env).resolve() if env else (Path(repo_path) / "data").resolve()
+    return default_data_dir(repo_path)
 
 
 def _relocate(path: str, repo: Path, data_dir: Path) -> str:
@@ -123,9 +125,9 @@ def load_config(
     """
     from feast.repo_config import load_repo_config
 
-    repo = Path(repo_path).resolve()
+    data = resolve_data_dir(repo_path, data_dir)
+    repo = find_repo(repo_path)
     yaml_file = _yaml_file(repo, fs_yaml_file)
-    data = resolve_data_dir(repo, data_dir)
     config = load_repo_config(repo, yaml_file)
 
     registry = config.registry
@@ -177,8 +179,8 @@ def open_store(
     """
     from feast import FeatureStore
 
-    repo = Path(repo_path).resolve()
-    data = resolve_data_dir(repo, data_dir)
+    data = resolve_data_dir(repo_path, data_dir)
+    repo = find_repo(repo_path)
     if must_exist and not data.is_dir():
         raise MissingInputError(
             "the data dir does not exist", file=data, option="--data-dir",
@@ -202,6 +204,7 @@ def open_store(
                 f"of {repo}/feature_store.yaml)", file=local, option="--data-dir", fix=apply_hint)
     if (
         local is not None
+        and repo == Path(repo_path).resolve()  # not the packaged repo a plain `feast_repo` fell back to
         and data != (repo / "data").resolve()
         and cli_registry.exists()
         and not local.exists()

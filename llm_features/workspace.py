@@ -42,11 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm_features.errors import UserError
+from llm_features.feature_repo import DEFAULT_REPO, is_installed_repo
 from llm_features.fingerprint import FingerprintMismatchError, ModelFingerprint
 from llm_features.parquet_io import write_table_atomic  # noqa: F401  (re-exported for callers)
 
 DATA_DIR_ENV = "LLMFEAT_DATA_DIR"
-DEFAULT_REPO = Path("feast_repo")
 LOCK_FILE = ".llmfeat.lock"
 TABLES = ("canonical", "atomic_behavior_embeddings", "item_embeddings", "user_embeddings", "user_recent_behaviors")
 
@@ -68,8 +68,12 @@ class DataDirLinkError(UserError):
 
 
 def default_data_dir(repo: str | os.PathLike = DEFAULT_REPO) -> Path:
+    """``$LLMFEAT_DATA_DIR``, else ``<repo>/data``; for the repository inside the installed package
+    (``llm_features.feature_repo``), ``./feast_repo/data``: nothing is written into a package."""
     env = os.environ.get(DATA_DIR_ENV)
-    return Path(env).resolve() if env else (Path(repo) / "data").resolve()
+    if env:
+        return Path(env).resolve()
+    return ((DEFAULT_REPO if is_installed_repo(repo) else Path(repo)) / "data").resolve()
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import click
 
 # name -> module that defines `command`
 COMMANDS: dict[str, str] = {
+    "init": "llm_features.cli.init",
     "ingest": "llm_features.cli.ingest",
     "encode": "llm_features.cli.encode",
     "feast": "llm_features.cli.feast",
@@ -69,6 +70,10 @@ def main(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+# the ranker's own dependencies (extra "ranker"): a command that needs one of them says how to install it
+RANKER_MODULES = {"torchrec", "fbgemm_gpu", "tensordict", "torchmetrics", "pyre_extensions", "iopath"}
+
+
 def run() -> None:
     """Console-script entry point.
 
@@ -82,6 +87,12 @@ def run() -> None:
         main(standalone_mode=True)
     except SystemExit as exit_:
         code = exit_.code
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in RANKER_MODULES:
+            raise
+        code = (f"Error: the TorchRec ranker needs the module '{e.name}', which is not installed. Install the "
+                "ranker extra: on CUDA pip install 'llmfeat[ranker]'; on CPU pip install 'llmfeat[ranker-cpu]', "
+                "then pip install --no-deps 'torchrec>=1.9.2,<1.10' (README, \"Installation details\").")
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -19,7 +19,8 @@ import numpy as np
 
 from llm_features.config import dataclass_options
 
-_REPO_HELP = "the Feast feature repository (the directory with feature_store.yaml)"
+_REPO_HELP = ("the Feast feature repository (the directory with feature_store.yaml); feast_repo is ./feast_repo "
+              "where there is one, else the repository packaged with llmfeat")
 _DATA_HELP = (
     "data directory with the parquet tables, registry and online store "
     "[default: $LLMFEAT_DATA_DIR or <repo>/data]"
@@ -63,7 +64,7 @@ def command() -> None:
 @command.command("apply")
 @dataclass_options(FeastApplyConfig)
 def apply_cmd(cfg: FeastApplyConfig) -> None:
-    """Register the definitions in feast_repo/ for the data dir (like `feast apply`)."""
+    """Register the repository's definitions for the data dir (like `feast apply`)."""
     from llm_features.store import apply_definitions, open_store, resolve_data_dir
     from llm_features.workspace import Workspace
 
