@@ -349,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():  # "On demand feature view is an experimental feature": we know
         warnings.simplefilter("ignore", RuntimeWarning)
         store.apply([odfv])
+    # read the registry again: a fetch answered from a registry cache taken before the apply would not
+    # know the new view (a request for an unknown view's features can come back without them)
+    store.refresh_registry()
     llm_names = llm_feature_names(k)
     llm_features = [f"{args.view_name}:{n}" for n in llm_names]
     print(f"[feast] applied on-demand feature view {args.view_name}: {', '.join(llm_names)}")
@@ -358,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     train = historical(store, train_df, features)
     valid = historical(store, valid_df, features)
     test = historical(store, test_df, features)
+    absent = [n for n in llm_names if n not in train.columns]
+    if absent:
+        raise RuntimeError(f"get_historical_features returned no {', '.join(absent)}: is {args.view_name} registered?")
     missing = int(train["user_item_cosine"].isna().sum())
     print(f"[historical] train rows={len(train)} valid rows={len(valid)} test rows={len(test)} "
           f"({time.perf_counter() - t0:.1f}s); train rows without a user or item embedding: {missing}")
