@@ -15,9 +15,14 @@ feast apply, finetune, embed-users, then ``ranker train`` / ``ranker evaluate`` 
   ``H(u, v_mean)`` and the rest), ``cross_fit_score`` / ``no_cross_fit_score`` (stacking leakage:
   two fold towers against one), ``frozen_mean_pool`` (no fine-tuning: the mean frozen item vector
   of the last 30 interactions, the plain alternative) and ``sliding_window_equal_time`` /
-  ``dti_equal_time`` (a sliding-window tower given the DTI tower's training time);
+  ``dti_equal_time`` (a sliding-window tower given the DTI tower's training time), and the two
+  blends of :mod:`quality_blend` (``blend_valid``: the id-only ranker's logit and the tower's
+  fresh scores, stacked by a logistic regression fitted on the valid rows; ``blend_valid_window_start``:
+  the same with the user's state frozen at the start of each split window): where the lift comes from;
 * simple baselines fitted on the same split (item / user+item positive rate, the user's last 30
-  interactions' positive rate, matrix factorisation) and the tower's own test AUC;
+  interactions' positive rate, matrix factorisation) and the tower's own test AUC, each also as a
+  per-user AUC, and the tower's scores alone (its logit, its user-level part ``H(u, v_mean)``, the
+  rest), fresh and frozen at the window start: which signal orders a user's own rows and which does not;
 * per variant: test AUC, LogLoss, per-user AUC; +LLM minus id-only with a 95% interval from a
   bootstrap over test users; slices (users unseen in train, users and items with < 20 train rows).
 
@@ -34,6 +39,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -88,7 +94,9 @@ def exact_states(data_dir: Path, towers: list[Path]) -> pd.DataFrame:
     """Every interaction's exact tower state ``u`` and logit; with several towers, cross-fitted by user fold.
 
     Also the tower's user-level score ``H(u, v_mean)`` (v_mean: the mean train item vector) and
-    the rest of the logit, for the decomposition ablation.
+    the rest of the logit, for the decomposition ablation; and the same two scores of the state at
+    the start of the row's split window (``*_window_start``: the state after the user's last
+    interaction before the window, frozen through it), for the freshness diagnosis.
     """
     from llm_features.embed_users import compute_user_states
     from llm_features.finetune.checkpoint import load_finetuned
@@ -116,11 +124,28 @@ def exact_states(data_dir: Path, towers: list[Path]) -> pd.DataFrame:
             logit[rows] = model.head(st, data.item_table[h.item_row[rows]]).numpy()
             ubias[rows] = model.head(st, vmean.expand(len(rows), -1)).numpy()
         u[rows] = states
+    # the state at the first row of each (user, split) block: history before the window only
+    split = np.asarray(h.split)
+    first = np.ones(len(h), bool)
+    first[1:] = (users[1:] != users[:-1]) | (split[1:] != split[:-1])
+    start = np.maximum.accumulate(np.where(first, np.arange(len(h)), 0))
+    w_logit, w_ubias = np.zeros(len(h), np.float32), np.zeros(len(h), np.float32)
+    with torch.no_grad():
+        for f, path in enumerate(towers):
+            if len(towers) > 1:
+                model, ft = load_finetuned(path, backbone=model.backbone)
+            rows = np.flatnonzero(fold == f)
+            st = torch.from_numpy(u[start[rows]])
+            w_logit[rows] = model.head(st, data.item_table[h.item_row[rows]]).numpy()
+            w_ubias[rows] = model.head(st, vmean.expand(len(rows), -1)).numpy()
     item_ids = pd.read_parquet(data_dir / "canonical" / "interactions.parquet", columns=["item_id"]).item_id
     frame = pd.DataFrame({"user_id": users, "item_id": np.unique(item_ids.to_numpy())[h.item_row],
                           "event_timestamp": pd.to_datetime(h.time, unit="us", utc=True)})
     frame["user_embedding"] = list(u)
     frame["tower_logit"], frame["tower_user_score"], frame["tower_item_score"] = logit, ubias, logit - ubias
+    frame["tower_user_score_window_start"], frame["tower_item_score_window_start"] = w_ubias, w_logit - w_ubias
+    user_first = np.repeat(np.asarray(h.offsets[:-1]), np.diff(h.offsets))
+    frame["user_history_window_start"] = (start > user_first).astype(np.float32)  # 0: no state before the window
     return frame
 
 
@@ -179,6 +204,7 @@ def rank(out: Path, entities: pd.DataFrame, source, seed: int, reuse: bool, inpu
                        sort_keys=True)
     if not (reuse and pred.exists() and (out / "bench_stamp.json").exists()
             and (out / "bench_stamp.json").read_text() == stamp):
+        shutil.rmtree(out / "eval-valid", ignore_errors=True)  # the blends' valid predictions of an older run
         m = train(TrainConfig(out=out, seed=seed, progress=False, threads=1, **options), entities=entities,
                   source=source)
         evaluate(EvaluateConfig(checkpoint=out, split="test"), entities=entities, source=source)
@@ -282,7 +308,27 @@ def run_dataset(name: str, source: Path, args: argparse.Namespace) -> dict:
         preds[vname] = [rank(root / "rankers" / f"{vname}-s{s}", inter, src, s, args.reuse, inputs, **opts)
                         for s in args.seeds]
         log.info("%s %s: test AUC %s", name, vname, [round(qm_auc(p), 4) for p in preds[vname]])
+    blend_seconds: dict[str, float] = {}
+    if "blend" in abl:  # the id-only ranker's logit blended with the tower's scores on the valid rows
+        from quality_blend import BLENDS, blend_predictions
+        from ranker.config import EvaluateConfig
+        from ranker.train import evaluate
+
+        valid_preds, test_preds = [], []
+        for s in args.seeds:
+            run = root / "rankers" / f"id_only-s{s}"
+            if not (run / "eval-valid" / "predictions.parquet").exists():
+                evaluate(EvaluateConfig(checkpoint=run, split="valid", out=run / "eval-valid"), entities=inter,
+                         source=joined["id_only"])
+            valid_preds.append(pd.read_parquet(run / "eval-valid" / "predictions.parquet"))
+            test_preds.append(pd.read_parquet(run / "eval-test" / "predictions.parquet"))
+        for bname, cols in BLENDS.items():
+            fitted = [blend_predictions(v, t, states, cols) for v, t in zip(valid_preds, test_preds)]
+            preds[bname] = [p for p, _ in fitted]
+            blend_seconds[bname] = float(np.mean([sec for _, sec in fitted]))
     result = summarize_dataset(inter, preds, metrics, states)
+    for bname, sec in blend_seconds.items():
+        result["variants"][bname].update(train_seconds=sec, best_epochs=[])
     for vname in variants:  # the ranker's own cost: training time, throughput and the epoch kept
         runs = [json.loads((root / "rankers" / f"{vname}-s{s}" / "bench_train.json").read_text()) for s in args.seeds]
         result["variants"][vname].update(
@@ -345,6 +391,13 @@ def summarize_dataset(inter: pd.DataFrame, preds: dict[str, list[pd.DataFrame]],
     order = test[KEYS].merge(inter[inter.split == "test"][KEYS].assign(_i=np.arange((inter.split == "test").sum())),
                              on=KEYS, how="left")["_i"].to_numpy()
     out["baselines"] = {k: roc_auc(labels, s[order]) for k, s in base.items()}
+    out["baselines_per_user"] = {k: per_user_auc(users, labels, s[order]) for k, s in base.items()}
+    # each score alone, pooled and within users: where the tower's signal is and where it is not
+    parts = [c for c in ("tower_logit", "tower_user_score", "tower_item_score", "tower_user_score_window_start",
+                         "tower_item_score_window_start") if c in states.columns]
+    joined_parts = test[KEYS].merge(states[KEYS + parts], on=KEYS, how="left")
+    out["diagnosis"] = {c: {"auc": roc_auc(labels, joined_parts[c].to_numpy()),
+                            "per_user_auc": per_user_auc(users, labels, joined_parts[c].to_numpy())} for c in parts}
     tower_logit = test[KEYS].merge(states[KEYS + ["tower_logit"]], on=KEYS, how="left")["tower_logit"].to_numpy()
     out["tower_test_auc_same_rows"] = roc_auc(labels, tower_logit)
     out["tower_test_per_user_auc"] = per_user_auc(users, labels, tower_logit)
@@ -404,8 +457,12 @@ def write_report(result: dict, out: Path, stem: str = "quality") -> None:
             opts = ", ".join(f"{k}={v}" for k, v in m["options"].items() if v is not None)
             lines.append(f"| {t} | {m['test_auc']:.4f} | {m['valid_auc']:.4f} | {m['train_seconds']:.0f} | "
                          f"{m['targets_per_s']:.0f} | {m['train_targets']:,} | {opts} |")
-        lines += ["", "| simple baseline | test AUC |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in d["baselines"].items()]
+        lines += ["", "| simple baseline | test AUC | per-user AUC |", "| --- | --- | --- |"]
+        lines += [f"| {k} | {v:.4f} | {d.get('baselines_per_user', {}).get(k, float('nan')):.4f} |"
+                  for k, v in d["baselines"].items()]
+        if d.get("diagnosis"):
+            lines += ["", "| tower score alone (exact states) | test AUC | per-user AUC |", "| --- | --- | --- |"]
+            lines += [f"| {k} | {v['auc']:.4f} | {v['per_user_auc']:.4f} |" for k, v in d["diagnosis"].items()]
         lines.append("")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(result, out / f"{stem}.png")
@@ -446,7 +503,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ablations", nargs="*", default=["exact", "residual", "vectors", "decomposed", "cross_fit",
-                                                        "frozen", "sliding_window"])
+                                                        "frozen", "sliding_window", "blend"])
     ap.add_argument("--every", type=int, default=2,
                     help="embed-users --every of the +LLM twin's Feast snapshots (llmfeat demo's default).")
     ap.add_argument("--reuse", action="store_true", help="Keep finished towers and ranker runs of the same options.")
