@@ -75,10 +75,11 @@ def available_cores() -> int:
     return max(1, n)
 
 
-def _cpu_times(cpus: set[int]) -> tuple[int, int] | None:
-    """(busy, total) jiffies of ``cpus`` from /proc/stat (steal counts as busy: another guest has it)."""
+def _cpu_times(cpus: set[int], stat: str | None = None) -> tuple[int, int] | None:
+    """(busy, total) jiffies of ``cpus`` from /proc/stat (or its text ``stat``); steal counts as busy
+    (another guest has the core), idle and iowait do not."""
     try:
-        lines = Path("/proc/stat").read_text().splitlines()
+        lines = (Path("/proc/stat").read_text() if stat is None else stat).splitlines()
     except OSError:
         return None
     busy = total = 0
