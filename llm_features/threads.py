@@ -2,8 +2,8 @@
 
 torch's own default is every core, and its OpenMP threads wait for one another at the end of each
 parallel region: when another process holds one of those cores, every region waits for the thread
-that shares it. On a shared 2-core machine with one core taken, ``llmfeat finetune`` ran about ten
-times slower on two threads than on one (``bench/bench_threads.py``, ``bench/results/threads.md``).
+that shares it. On a shared 2-core machine ``llmfeat finetune`` ran 5 to 20 times slower on two
+threads than on one (``bench/bench_threads.py``, ``bench/results/threads.md``).
 So every CPU-heavy command (encode, finetune, embed-users, ranker train and evaluate) starts with
 :func:`configure_threads`:
 
