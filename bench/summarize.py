@@ -184,6 +184,15 @@ def summary_rows(results: Path) -> list[tuple[str, str, str, str, str, str]]:
             rows.append(("cost", f"BAHE vs token level, n = {n}: training memory as the batch grows "
                          "(targets per step: ratio)", xs or NOT_RUN, "5x", "5x (BAHE)",
                          _met(None if mem_ratio is None else mem_ratio >= 5.0, _num(mem_ratio, "{:.1f}x"))))
+
+    threads = _get(_load(results / "threads.json"), "runs") or {}
+    busy = [r for r in threads.values() if r.get("condition") != "as is" and "error" not in r]
+    by = {r.get("variant", "").split(" ")[0]: r.get("steady_targets_per_s") for r in busy}
+    v = NOT_RUN
+    if by.get("default") and by.get("all") and by.get("1"):
+        v = f"{by['default'] / by['all']:.1f}x ({by['default'] / by['1']:.2f} of 1 thread)"
+    rows.append(("threads", "finetune with a busy-loop competitor: default threads vs every core, targets/s", v,
+                 "-", "-", "-"))
     return rows
 
 
@@ -191,7 +200,7 @@ def build_summary(results: Path | str) -> Path:
     """Write ``<results>/SUMMARY.md`` from the JSON files there; returns its path."""
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
-    present = [n for n in ("encode", "feast", "ranker", "finetune", "cost") if (results / f"{n}.json").exists()]
+    present = [n for n in ("encode", "feast", "ranker", "finetune", "cost", "threads") if (results / f"{n}.json").exists()]
     lines = [
         "# Benchmark summary",
         "",

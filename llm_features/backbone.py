@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -431,8 +430,7 @@ class Backbone(nn.Module):
 
 
 def configure_threads(num_threads: int | None = None) -> int:
-    """Use the CPU cores this process may run on (``sched_getaffinity``), or ``num_threads`` if given."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = max(1, min(num_threads or available, available))
-    torch.set_num_threads(n)
-    return n
+    """``num_threads`` if given, else the cores other work leaves free (:mod:`llm_features.threads`)."""
+    from llm_features.threads import configure_threads as _configure
+
+    return _configure(num_threads)

@@ -65,7 +65,8 @@ class EncodeConfig(BackboneConfig):
         "help": "Texts per part file (the unit a killed run resumes from).", "min": 1})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N, or auto (cuda when available)."})
     num_threads: int | None = field(default=None, metadata={
-        "help": "CPU threads for torch (default: the cores this process may use).", "min": 1})
+        "help": "CPU threads for torch (default: the cores this process may use that other processes are "
+                "not keeping busy, at least 1; logged).", "min": 1})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
 

@@ -75,8 +75,9 @@ Format = Literal["auto", "full", "adapter", "both"]
 class ExportConfig:
     """Write a fine-tuned checkpoint as a Hugging Face model directory (and a peft adapter for LoRA)."""
 
-    checkpoint: Path = field(default=Path("runs/finetune"), metadata={
-        "help": "Checkpoint directory written by `llmfeat finetune --out`."})
+    checkpoint: Path | None = field(default=None, metadata={
+        "help": "Checkpoint directory written by `llmfeat finetune --out` (default: <data_dir>/runs/finetune "
+                "with the data dir of $LLMFEAT_DATA_DIR or feast_repo/data, finetune's default)."})
     out: Path | None = field(default=None, metadata={
         "help": "Directory to write (required; must be empty or absent unless --overwrite)."})
     format: Format = field(default="auto", metadata={
@@ -85,6 +86,12 @@ class ExportConfig:
                 "adapter in --out/adapter; auto: both for --lora checkpoints, else full."})
     overwrite: bool = field(default=False, metadata={
         "help": "Replace a non-empty --out (its old contents are deleted)."})
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is None:
+            from llm_features.workspace import runs_dir
+
+            self.checkpoint = runs_dir() / "finetune"
 
 
 @dataclass

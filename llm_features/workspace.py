@@ -18,6 +18,8 @@ Layout::
       user_recent_behaviors/           part files: user_id, recent_behavior_ids, event_timestamp
       manifest.json                    the model fingerprint of the embeddings here
       registry.db, online_store.db     Feast's registry and SQLite online store
+      runs/finetune/                   `llmfeat finetune`'s checkpoint (the --out default)
+      runs/ranker_llm/, ranker_id_only/  `llmfeat ranker train`'s checkpoints of the two twins
       .llmfeat.lock                    while a stage writes: its pid, command and start time
 
 One data dir, one owner:
@@ -74,6 +76,12 @@ def default_data_dir(repo: str | os.PathLike = DEFAULT_REPO) -> Path:
     if env:
         return Path(env).resolve()
     return ((DEFAULT_REPO if is_installed_repo(repo) else Path(repo)) / "data").resolve()
+
+
+def runs_dir(data_dir: str | os.PathLike | None = None, repo: str | os.PathLike = DEFAULT_REPO) -> Path:
+    """``<data_dir>/runs`` (``data_dir``, else :func:`default_data_dir`): where the stages write their
+    checkpoints unless told otherwise, the layout ``llmfeat demo`` uses."""
+    return (Path(data_dir) if data_dir is not None else default_data_dir(repo)) / "runs"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,16 @@ from llm_features.errors import UserError
 
 FEATURE_SERVICE_LLM = "ranker_llm"
 FEATURE_SERVICE_ID_ONLY = "ranker_id_only"
+THREADS_HELP = ("torch intra-op threads (default: the cores this process may use that other processes are "
+                "not keeping busy, at least 1; logged).")
+
+
+def default_checkpoint(repo: Path, data_dir: Path | None, llm_features: bool = True) -> Path:
+    """``<data_dir>/runs/ranker_llm`` (or ``ranker_id_only``): where ``ranker train`` writes by default
+    and ``llmfeat demo`` writes its twins."""
+    from llm_features.workspace import runs_dir
+
+    return runs_dir(data_dir, repo) / (FEATURE_SERVICE_LLM if llm_features else FEATURE_SERVICE_ID_ONLY)
 
 
 @dataclass
@@ -128,7 +138,9 @@ class TrainConfig(ModelConfig):
     data_dir: Path | None = field(
         default=None, metadata={"help": "Workspace data directory; default $LLMFEAT_DATA_DIR or <repo>/data."}
     )
-    out: Path = field(default=Path("runs/ranker"), metadata={"help": "Checkpoint directory to write."})
+    out: Path | None = field(default=None, metadata={
+        "help": "Checkpoint directory to write (default: <data_dir>/runs/ranker_llm, with --no-llm-features "
+                "<data_dir>/runs/ranker_id_only, as in llmfeat demo)."})
     tower: Path | None = field(
         default=None,
         metadata={"help": "llm_mode=score: the fine-tuned checkpoint (llmfeat finetune --out) whose CTR head scores "
@@ -177,8 +189,7 @@ class TrainConfig(ModelConfig):
     sharding: Literal["auto", "table_wise", "column_wise", "data_parallel"] = field(
         default="auto", metadata={"help": "Table sharding under torchrun (ignored in a single process)."}
     )
-    threads: int | None = field(default=None, metadata={"min": 1,
-        "help": "torch intra-op threads (default: torch's)."})
+    threads: int | None = field(default=None, metadata={"min": 1, "help": THREADS_HELP})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self) -> None:
@@ -187,6 +198,8 @@ class TrainConfig(ModelConfig):
             raise UserError(f"must be at least 1, got {self.epochs}", option="--epochs")
         if self.patience < 1:
             raise UserError(f"must be at least 1, got {self.patience}", option="--patience")
+        if self.out is None:
+            self.out = default_checkpoint(self.repo, self.data_dir, self.llm_features)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
@@ -196,7 +209,8 @@ class TrainConfig(ModelConfig):
 class EvaluateConfig:
     """``llmfeat ranker evaluate``: AUC and LogLoss of a checkpoint on one split."""
 
-    checkpoint: Path = field(default=Path("runs/ranker"), metadata={"help": "Directory written by ranker train."})
+    checkpoint: Path | None = field(default=None, metadata={
+        "help": "Directory written by ranker train (default: <data_dir>/runs/ranker_llm)."})
     split: Literal["train", "valid", "test"] = field(default="test", metadata={"help": "Split to evaluate."})
     repo: Path = field(default=Path("feast_repo"), metadata={"help": "Feast repository (feature_store.yaml)."})
     data_dir: Path | None = field(default=None, metadata={"help": "Workspace data directory."})
@@ -208,13 +222,19 @@ class EvaluateConfig:
         "help": "Entity rows per get_historical_features call."})
     max_rows: int | None = field(default=None, metadata={"min": 1,
         "help": "Evaluate only the first N rows of the split."})
+    threads: int | None = field(default=None, metadata={"min": 1, "help": THREADS_HELP})
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is None:
+            self.checkpoint = default_checkpoint(self.repo, self.data_dir)
 
 
 @dataclass
 class ScoreConfig:
     """``llmfeat ranker score``: rank candidate items for one user from the online store."""
 
-    checkpoint: Path = field(default=Path("runs/ranker"), metadata={"help": "Directory written by ranker train."})
+    checkpoint: Path | None = field(default=None, metadata={
+        "help": "Directory written by ranker train (default: <data_dir>/runs/ranker_llm)."})
     user_id: int = field(default=1, metadata={"help": "The user to score for."})
     items: tuple[str, ...] = field(
         default=(), metadata={"help": "Candidate item ids: repeat the option or give a comma-separated list."}
@@ -225,6 +245,10 @@ class ScoreConfig:
     out: Path | None = field(
         default=None, metadata={"help": "Where metrics.json goes; default <checkpoint>/score."}
     )
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is None:
+            self.checkpoint = default_checkpoint(self.repo, self.data_dir)
 
     def item_ids(self) -> list[int]:
         ids: list[int] = []

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from llm_features.config import validate_config
 from llm_features.errors import UserError
 from llm_features.workspace import MissingInputError
+from llm_features.threads import configure_threads
 from ranker.config import EvaluateConfig, ModelConfig, TrainConfig
 from llm_features.attributes import Attribute, attributes_of_fields
 from ranker.features import (
@@ -338,8 +339,7 @@ def train(
 def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSource | None) -> dict[str, Any]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    configure_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.model_config()
     started = time.perf_counter()
@@ -697,6 +697,7 @@ def evaluate(cfg: EvaluateConfig, entities: pd.DataFrame | None = None,
     """Evaluate a checkpoint on ``cfg.split`` and write ``metrics.json`` (``cfg.out``)."""
     validate_config(cfg)
     t0 = time.perf_counter()
+    configure_threads(cfg.threads)
     model, encoder, payload = load_checkpoint(cfg.checkpoint)
     if entities is None or source is None:
         ws = workspace_for(cfg.repo, cfg.data_dir)

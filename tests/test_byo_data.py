@@ -87,13 +87,15 @@ def test_readme_bring_your_own_data_runs_as_written(tmp_path: Path, monkeypatch:
     assert "category (categorical, inferred)" in ingest_out and "price (numeric, inferred)" in ingest_out
     # the ranker's features come from them (and so do the Feast views: no user_profile without users)
     for name in ("ranker_id_only", "ranker_llm"):
-        metrics = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())
+        # the stages' outputs default under the data dir, as in llmfeat demo
+        metrics = json.loads((data / "runs" / name / "metrics.json").read_text())
         assert metrics["features"]["sparse"] == ["user_id", "item_id", "category", "recent_item_ids"], metrics
         assert "price" in metrics["features"]["dense"]
         assert np.isfinite(metrics["valid"]["auc"])
     assert "features (ranker_llm): sparse user_id, item_id, category, recent_item_ids" in outputs["ranker train"]
     from llm_features.store import open_store
 
+    assert (data / "runs/finetune/model.safetensors").exists() and not (tmp_path / "runs").exists()
     views = {v.name for v in open_store(tmp_path / "feast_repo", data).list_feature_views()}
     assert "item_profile" in views and "user_profile" not in views
     # the ranked list: the four candidates, each once, with probabilities

@@ -125,6 +125,7 @@ def fresh_ws(setup, dest: Path, rows=None) -> Path:
 
 
 def cfg(setup, ws: Path, **kw) -> EmbedUsersConfig:
+    kw.setdefault("every", 1)  # every event time: what these tests compare row by row (the default is 2)
     return EmbedUsersConfig(checkpoint=kw.pop("checkpoint", setup["ckpt"]), data_dir=ws, device="cpu",
                             num_threads=1, **kw)
 

@@ -90,37 +90,73 @@ def _mark(out: Path, stamp: str) -> None:
     (out / "demo_stamp.json").write_text(json.dumps({"stamp": stamp}))
 
 
+# Where the demo departs from a stage's own defaults, and why: every other option of every stage is
+# the stage's default (tests/test_step_by_step.py checks both, and runs the README's step-by-step
+# commands against the demo). The README's step-by-step block passes these options explicitly.
+DEMO_ONLY = {
+    "finetune": {"epochs": "one epoch keeps the demo short (llmfeat finetune defaults to 2, the better tower)"},
+}
+# what --size small changes on top (a first look; the README's step-by-step block reproduces the default size)
+SMALL_ONLY = {"finetune": {"limit_users"}, "ranker": {"epochs", "max_train_rows"}}
+
+
+def stage_configs(cfg: DemoConfig, data_dir: Path) -> dict[str, Any]:
+    """The configuration of every stage the demo runs (its ranker twins under ``ranker_id_only`` and
+    ``ranker_llm``, their test evaluations under ``evaluate_id_only`` / ``evaluate_llm``)."""
+    from llm_features.embed_users import EmbedUsersConfig
+    from llm_features.encode import EncodeConfig
+    from llm_features.finetune import FinetuneConfig
+    from llm_features.ingest import IngestConfig
+    from ranker.config import EvaluateConfig, TrainConfig
+
+    small = cfg.size == "small"
+    ft = FinetuneConfig(data_dir=data_dir, limit_users=cfg.finetune_users or (300 if small else None),
+                        epochs=cfg.finetune_epochs)
+    configs: dict[str, Any] = {
+        "ingest": IngestConfig(source=cfg.source, data_dir=data_dir),
+        "encode": EncodeConfig(data_dir=data_dir, progress=cfg.progress),
+        "finetune": ft,
+        "embed_users": EmbedUsersConfig(checkpoint=ft.out, data_dir=data_dir, every=cfg.embed_every),
+    }
+    for name, llm in (("id_only", False), ("llm", True)):
+        tr = TrainConfig(repo=cfg.repo, data_dir=data_dir, llm_features=llm,
+                         epochs=min(cfg.ranker_epochs, 3) if small else cfg.ranker_epochs,
+                         max_train_rows=100_000 if small else None, progress=cfg.progress)
+        configs[f"ranker_{name}"] = tr
+        configs[f"evaluate_{name}"] = EvaluateConfig(checkpoint=tr.out, split="test", repo=cfg.repo,
+                                                     data_dir=data_dir)
+    return configs
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the pipeline; returns the report printed and written to ``<data_dir>/demo_report.json``."""
     import numpy as np
     import pandas as pd
 
     from llm_features.backbone import Backbone
-    from llm_features.embed_users import CheckpointMismatchError, EmbedUsersConfig, embed_users
-    from llm_features.encode import EncodeConfig, encode
-    from llm_features.finetune import FinetuneConfig, finetune
-    from llm_features.ingest import IngestConfig, format_summary, ingest
+    from llm_features.embed_users import CheckpointMismatchError, embed_users
+    from llm_features.encode import encode
+    from llm_features.finetune import finetune
+    from llm_features.ingest import format_summary, ingest
     from llm_features.store import apply_definitions, materialize_all, open_store, resolve_data_dir
     from llm_features.workspace import Workspace
-    from ranker.config import EvaluateConfig, TrainConfig
     from ranker.serve import Ranker
     from ranker.train import evaluate as evaluate_ranker
     from ranker.train import train as train_ranker
 
-    small = cfg.size == "small"
     data_dir = resolve_data_dir(cfg.repo, cfg.data_dir)
     ws = Workspace.at(data_dir)
-    runs = data_dir / "runs"
+    configs = stage_configs(cfg, data_dir)
     steps = _Steps()
     report: dict = {"source": str(cfg.source), "data_dir": str(data_dir), "options": asdict(cfg)}
 
     with steps.step("ingest"):
-        ing = ingest(IngestConfig(source=cfg.source, data_dir=data_dir), ws)
+        ing = ingest(configs["ingest"], ws)
         click.echo(format_summary(ing))
         report["ingest"] = {"counts": ing["counts"], "split": ing.get("split"), "skipped": bool(ing.get("skipped"))}
 
     with steps.step("encode (shallow layers, each distinct text once)"):
-        enc_cfg = EncodeConfig(data_dir=data_dir, progress=cfg.progress)
+        enc_cfg = configs["encode"]
         backbone = Backbone.load(enc_cfg.backbone_config())
         stats = encode(enc_cfg, backbone=backbone)
         click.echo(stats.summary())
@@ -135,11 +171,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                    f"{len(store.list_feature_services())} feature services")
 
     inputs = [_file_state(ws.interactions), backbone.fingerprint.digest]
-    ft_out = runs / "finetune"
-    # leakage=isolated: DTI-packed training states equal the sliding-window ones, so embed-users can
-    # pack every event of a user into a few sequences and export one row per interaction time fast.
-    ft_cfg = FinetuneConfig(data_dir=data_dir, out=ft_out, packing="dti", leakage="isolated",
-                            limit_users=cfg.finetune_users or (300 if small else None), epochs=cfg.finetune_epochs)
+    # finetune's defaults: DTI packing with leakage=isolated, so DTI-packed training states equal the
+    # sliding-window ones and embed-users packs every event of a user into a few sequences
+    ft_cfg = configs["finetune"]
+    ft_out = ft_cfg.out
     with steps.step("finetune (BAHE + DTI)"):
         stamp = _stamp(inputs, asdict(ft_cfg))
         ft = _done(ft_out, stamp)
@@ -155,7 +190,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                               "train_seconds": ft["train_seconds"], "peak_rss_mb": ft.get("peak_rss_mb")}
 
     with steps.step("embed users (deep layers over recent behaviours)"):
-        eu_cfg = EmbedUsersConfig(checkpoint=ft_out, data_dir=data_dir, cadence="event", every=cfg.embed_every)
+        eu_cfg = configs["embed_users"]
         try:
             eu = embed_users(eu_cfg)
         except CheckpointMismatchError:
@@ -177,19 +212,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     ranker_inputs = [inputs, sorted(p.name for p in ws.user_embeddings.glob("part-*.parquet"))]
     report["ranker"] = {}
     for name, llm in (("id_only", False), ("llm", True)):
-        out = runs / f"ranker_{name}"
-        tr_cfg = TrainConfig(repo=cfg.repo, data_dir=data_dir, out=out, llm_features=llm,
-                             epochs=min(cfg.ranker_epochs, 3) if small else cfg.ranker_epochs,
-                             max_train_rows=100_000 if small else None,
-                             progress=cfg.progress)
+        tr_cfg = configs[f"ranker_{name}"]
+        out = tr_cfg.out
         with steps.step(f"ranker train + test ({'+LLM features' if llm else 'id-only twin'})"):
             stamp = _stamp(ranker_inputs, asdict(tr_cfg))
             done = _done(out, stamp)
             report["ranker"][name] = {"skipped": done is not None}
             if done is None:
                 metrics = train_ranker(tr_cfg)
-                test = evaluate_ranker(EvaluateConfig(checkpoint=out, split="test", repo=cfg.repo,
-                                                      data_dir=data_dir, out=out / "eval-test"))
+                test = evaluate_ranker(configs[f"evaluate_{name}"])  # writes <out>/eval-test
                 metrics["test"] = {k: test[k] for k in ("auc", "logloss", "per_user_auc") if k in test}
                 (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
                 _mark(out, stamp)
@@ -209,7 +240,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         items = pd.read_parquet(ws.items, columns=["item_id", "title"])
         rng = np.random.default_rng(0)
         cand = rng.choice(items.item_id.to_numpy(), size=min(cfg.num_candidates, len(items)), replace=False)
-        ranker = Ranker.load(runs / "ranker_llm", store=store)
+        ranker = Ranker.load(configs["ranker_llm"].out, store=store)
         ranker.rank(user, cand[:5])  # warm-up: registry and model caches
         t0 = time.perf_counter()
         ranked = ranker.rank(user, cand, top_k=10)

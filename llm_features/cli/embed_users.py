@@ -21,7 +21,7 @@ def command(cfg: EmbedUsersConfig) -> None:
     killed run resumes from its last finished part. Rows of another checkpoint are refused
     (--overwrite replaces them).
 
-    Example: llmfeat embed-users --checkpoint runs/finetune --cadence event
+    Example: llmfeat embed-users --cadence event --every 2   (reads <data_dir>/runs/finetune)
     """
     from llm_features.embed_users import embed_users
 

@@ -22,7 +22,8 @@ class FinetuneConfig(BackboneConfig):
     data_dir: Path | None = field(
         default=None, metadata={"help": "Workspace data directory (default: $LLMFEAT_DATA_DIR or feast_repo/data)."}
     )
-    out: Path = field(default=Path("runs/finetune"), metadata={"help": "Checkpoint directory to write."})
+    out: Path | None = field(default=None, metadata={
+        "help": "Checkpoint directory to write (default: <data_dir>/runs/finetune, as in llmfeat demo)."})
     granularity: Literal["behavior", "token"] = field(
         default="behavior",
         metadata={"help": "behavior: deep layers over cached behaviour vectors (BAHE); token: all layers over text."},
@@ -36,9 +37,10 @@ class FinetuneConfig(BackboneConfig):
     targets_per_sequence: int = field(default=128, metadata={"help": "k: targets packed per sequence (DTI).",
         "min": 1})
     leakage: Literal["windowed", "block", "isolated"] = field(
-        default="windowed",
+        default="isolated",
         metadata={"help": "How far back a context token may look: its own n-window, the whole packed block, "
-                          "or only itself (exact DTI = sliding window for any k)."},
+                          "or only itself (isolated: exact DTI = sliding window for any k, so embed-users packs "
+                          "k snapshots per sequence and serves the states the tower trained on)."},
     )
     eval_targets_per_sequence: int | None = field(
         default=None, metadata={"help": "k used for valid/test (default: the training k; 1 = sliding window).",
@@ -139,7 +141,8 @@ class FinetuneConfig(BackboneConfig):
         default="auto", metadata={"help": "cpu, cuda, cuda:1, ... (auto: cuda if available)."}
     )
     num_threads: int | None = field(
-        default=None, metadata={"help": "CPU threads (default: the allowed cores).", "min": 1}
+        default=None, metadata={"help": "CPU threads for torch (default: the cores this process may use that "
+                                        "other processes are not keeping busy, at least 1; logged).", "min": 1}
     )
     log_every: int = field(default=50, metadata={"help": "Log the training loss every this many steps.",
         "min": 0})
@@ -152,6 +155,10 @@ class FinetuneConfig(BackboneConfig):
     )
 
     def __post_init__(self) -> None:
+        if self.out is None:
+            from llm_features.workspace import runs_dir
+
+            self.out = runs_dir(self.data_dir) / "finetune"
         if self.folds < 1:
             raise UserError(f"--folds must be >= 1, got {self.folds}")
         if self.fold is not None and not 0 <= self.fold < self.folds:
