@@ -263,3 +263,26 @@ def test_every_object_has_owner_description_and_tags(tmp_path):
     assert len(registered) == len(objects)
     for obj in registered:
         assert obj.owner and obj.description and obj.tags, f"{type(obj).__name__} {obj.name} after apply"
+
+
+def test_ingest_leaves_every_source_readable_for_the_plain_cli(tmp_path):
+    """The definitions write nothing, so `llmfeat ingest` leaves a schema-only placeholder in each
+    part-file directory no stage has filled yet (DuckDB cannot read an empty one); encode's first
+    part replaces it."""
+    from llm_features import parquet_io
+    from llm_features.feast_sources import PART_DIR_SCHEMAS, prepare_sources
+    from tests.test_ingest import run, write_ml1m
+
+    _, ws = run(tmp_path, source=write_ml1m(tmp_path / "ml"))
+    assert prepare_sources(ws) == [], "ingest left a source for the plain feast CLI to prepare"
+    for name in PART_DIR_SCHEMAS:
+        directory = getattr(ws, name)
+        files = sorted(p.name for p in directory.glob("*.parquet"))
+        if name == "user_recent_behaviors":
+            assert files and parquet_io.PLACEHOLDER_PART not in files, files  # ingest wrote real parts
+        else:
+            assert files == [parquet_io.PLACEHOLDER_PART], (name, files)
+    table = PART_DIR_SCHEMAS["item_embeddings"].empty_table()
+    parquet_io.write_part(ws.item_embeddings, table)
+    assert [p.name for p in ws.item_embeddings.glob("*.parquet")] == [p.name for p in
+                                                                      parquet_io.list_parts(ws.item_embeddings)]
