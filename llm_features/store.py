@@ -1,11 +1,12 @@
 """Feast glue: open the feature repository from anywhere, apply it, materialise it, read it back.
 
-``feast_repo/feature_store.yaml`` is written for the feast CLI run from inside ``feast_repo/``; its
-paths are relative. :func:`open_store` makes the same configuration work from any CWD:
+``feast_repo/feature_store.yaml``'s paths are relative to the repository (the feast CLI resolves
+them there). :func:`open_store` makes them absolute and moves the registry and online store into the
+data directory:
 
-- ``data/...`` paths (the sqlite SQL-registry URL, the SQLite online store) are placed in the data
-  directory (``data_dir`` argument, else ``$LLMFEAT_DATA_DIR``, else ``<repo>/data``); other relative
-  paths resolve against the repo directory, never the CWD.
+- ``data/...`` paths (the file registry or a sqlite URL of an SQL registry, the SQLite online
+  store) are placed in the data directory (``data_dir`` argument, else ``$LLMFEAT_DATA_DIR``, else
+  ``<repo>/data``); other relative paths resolve against the repo directory, never the CWD.
 - the definitions read ``$LLMFEAT_DATA_DIR`` too, so :func:`apply_definitions` imports them with
   that variable set to the store's data directory.
 
@@ -152,7 +153,7 @@ def load_config(
 
 
 def _local_registry(config, data: Path) -> Path | None:
-    """The sqlite file of a registry kept in the data dir, else None (e.g. a PostgreSQL registry)."""
+    """The local file of a registry kept in the data dir (file registry or SQLite), else None (e.g. PostgreSQL)."""
     path = str(config.registry.path)
     path = path[len("sqlite:///"):] if path.startswith("sqlite:///") else path
     db = data / "registry.db"
