@@ -92,7 +92,7 @@ def open_bench_store(repo: Path, data_dir: Path, state_dir: Path):
     from feast import FeatureStore
 
     config = load_config(repo, data_dir)
-    config.registry.path = f"sqlite:///{state_dir / 'registry.db'}"
+    config.registry.path = str(state_dir / "registry.db")
     config.online_store.path = str(state_dir / "online_store.db")
     return FeatureStore(repo_path=str(repo), config=config)
 

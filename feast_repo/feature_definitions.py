@@ -8,17 +8,20 @@ and schemas (``llm_features.offline_sources``), so switching the yaml needs no e
 Embedding views read part-file DIRECTORIES (``parquet_io.write_part`` appends parts there), so a new
 encode run needs no new `feast apply`.
 
-A source that does not exist yet (``user_embeddings/`` before the finetune stage, or everything
-before ingest) gets an empty, schema-only parquet file so that `feast apply` and `feast materialize`
-still work (neither DuckDB nor Spark can read an empty directory). In a part-file directory it is named
-``empty-schema.parquet`` (not ``_``- or ``.``-prefixed, which pyarrow's schema inference skips):
-DuckDB reads every ``*.parquet`` there, while the stages' readers (``parquet_io.list_parts``:
-``part-*.parquet``) never see it. It is removed as soon as real part
-files appear, since DuckDB refuses files whose schemas differ.
+The module only declares: importing it reads the data dir (table schemas, the model fingerprint)
+and never creates a directory or writes a file. A table a stage has not written yet (``user_embeddings/``
+before the finetune stage, everything before ingest) is read through a schema-only placeholder that
+the llmfeat writers put there (``llm_features.feast_sources.prepare_sources``: ``llmfeat ingest``,
+``llmfeat feast apply``/``materialize``), since neither DuckDB nor Spark can read an empty directory.
 
 The embedding views carry the model fingerprint of the workspace (``manifest.json``) as tags and
 their width as ``vector_length``; ``llm_features.store.check_fingerprints`` compares both with the
 part-file metadata before materialisation, so two models' embeddings are never mixed silently.
+The embedding fields are not vector-indexed (``vector_index``): none of the online stores this
+repository ships with serves feast's vector search (README, "Vector search").
+
+Every entity, feature view and feature service carries an owner (``OWNER``: set it to your team's
+address), a description and tags (``llmfeat_kind``, plus the fingerprint on the embedding views).
 """
 
 from __future__ import annotations
@@ -28,34 +31,25 @@ from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from feast import Entity, FeatureService, FeatureView, Field, ValueType
 from feast.data_source import DataSource
 from feast.types import Array, Bool, Float32, Float64, Int32, Int64, String
 
 from llm_features.attributes import read_attributes
-from llm_features.feature_repo import is_installed_repo
+from llm_features.feast_sources import table_path, table_schema
 from llm_features.offline_sources import configured_offline_store, parquet_source
-from llm_features.parquet_io import list_parts, write_table_atomic
 from llm_features.workspace import Workspace, default_data_dir
 
 REPO_DIR = Path(__file__).resolve().parent
 WORKSPACE = Workspace.at(default_data_dir(REPO_DIR))
 DATA_DIR = WORKSPACE.root
-# The registry and the online store live next to the parquet tables (data/ in this repo by default).
-if not is_installed_repo(REPO_DIR):  # the copy inside an installed llmfeat is never written to
-    (REPO_DIR / "data").mkdir(parents=True, exist_ok=True)
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+# Who answers for these objects (feast's `owner`): put your team's address here.
+OWNER = "llmfeat"
 
 # Long enough that MovieLens-era (2000) rows join, and that `feast materialize-incremental`
 # (whose first run starts at now - ttl) picks them up.
 TTL = timedelta(days=36525)
 DEFAULT_EMBEDDING_DIM = 384
-PLACEHOLDER_PART = "empty-schema.parquet"
-PLACEHOLDER_METADATA_KEY = "llmfeat.placeholder"
-
-TS = pa.timestamp("us", tz="UTC")
-
 # FileSource for DuckDB (the default), SparkSource for the Spark offline store: the class the
 # configured offline store reads (llm_features/offline_sources.py says how the type is found).
 OFFLINE_STORE = configured_offline_store(REPO_DIR)
@@ -76,28 +70,14 @@ _FINGERPRINT = WORKSPACE.read_fingerprint()
 EMBEDDING_TAGS = _FINGERPRINT.as_tags() if _FINGERPRINT is not None else {"llmfeat_fingerprint": "none"}
 
 
-def _write_placeholder(path: Path, schema: pa.Schema) -> None:
-    write_table_atomic(schema.empty_table(), path, metadata={PLACEHOLDER_METADATA_KEY: "true"})
-
-
-def _part_dir_source(name: str, directory: Path, schema: pa.Schema) -> DataSource:
-    """A source over a directory of part files, made readable even while it has none."""
-    directory.mkdir(parents=True, exist_ok=True)
-    placeholder = directory / PLACEHOLDER_PART
-    if list_parts(directory):
-        placeholder.unlink(missing_ok=True)
-    elif not placeholder.exists():
-        _write_placeholder(placeholder, schema)
+def _part_dir_source(name: str, directory: Path) -> DataSource:
+    """A source over a directory of part files (``llm_features.feast_sources`` keeps it readable)."""
     return parquet_source(name, directory, OFFLINE_STORE)
 
 
-def _table_source(name: str, path: Path, schema: pa.Schema) -> tuple[DataSource, pa.Schema]:
-    """A source over one canonical table; a placeholder (outside canonical/) until ingest ran."""
-    if not path.exists():
-        path = DATA_DIR / ".feast_placeholders" / path.name
-        if not path.exists():
-            _write_placeholder(path, schema)
-    return parquet_source(name, path, OFFLINE_STORE), pq.read_schema(path)
+def _table_source(name: str, table: str) -> tuple[DataSource, pa.Schema]:
+    """A source over one canonical table (its placeholder until ingest ran), and the table's schema."""
+    return parquet_source(name, table_path(WORKSPACE, table), OFFLINE_STORE), table_schema(WORKSPACE, table)
 
 
 def _feast_type(arrow_type: pa.DataType):
@@ -129,71 +109,47 @@ def _profile_fields(schema: pa.Schema, entity: str, extra: tuple[str, ...] = ())
 
 
 def _embedding_field(name: str) -> Field:
-    return Field(name=name, dtype=Array(Float32), vector_index=True, vector_length=EMBEDDING_DIM)
+    # vector_length records the width (check_fingerprints compares it with the manifest); no
+    # vector_index: no online store shipped here serves feast's vector search (README).
+    return Field(name=name, dtype=Array(Float32), vector_length=EMBEDDING_DIM,
+                 description=f"{EMBEDDING_DIM}-d float32 embedding of the workspace's model")
 
 
 # ---------------------------------------------------------------------------------------------
 # Entities
 
-user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="A user.")
-item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="An item.")
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, owner=OWNER,
+              description="A user.", tags={"llmfeat_kind": "entity"})
+item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, owner=OWNER,
+              description="An item.", tags={"llmfeat_kind": "entity"})
 behavior = Entity(
     name="behavior",
     join_keys=["behavior_id"],
     value_type=ValueType.INT64,
+    owner=OWNER,
     description="An atomic behaviour: one distinct normalised behaviour text (ids.stable_id).",
+    tags={"llmfeat_kind": "entity"},
 )
 
 # ---------------------------------------------------------------------------------------------
-# Sources
-
-_EMB = pa.list_(pa.float32())
+# Sources (part-file schemas: llm_features.feast_sources.PART_DIR_SCHEMAS)
 
 atomic_behavior_embeddings_source = _part_dir_source(
-    "atomic_behavior_embeddings_source",
-    WORKSPACE.atomic_behavior_embeddings,
-    pa.schema([("behavior_id", pa.int64()), ("behavior_embedding", _EMB), ("event_timestamp", TS)]),
-)
-item_embeddings_source = _part_dir_source(
-    "item_embeddings_source",
-    WORKSPACE.item_embeddings,
-    pa.schema([("item_id", pa.int64()), ("item_embedding", _EMB), ("event_timestamp", TS)]),
-)
-user_embeddings_source = _part_dir_source(
-    "user_embeddings_source",
-    WORKSPACE.user_embeddings,
-    pa.schema([("user_id", pa.int64()), ("user_embedding", _EMB), ("event_timestamp", TS)]),
-)
-user_recent_behaviors_source = _part_dir_source(
-    "user_recent_behaviors_source",
-    WORKSPACE.user_recent_behaviors,
-    pa.schema(
-        [
-            ("user_id", pa.int64()),
-            ("recent_behavior_ids", pa.list_(pa.int64())),
-            ("recent_item_ids", pa.list_(pa.int64())),
-            ("recent_labels", pa.list_(pa.int8())),
-            ("event_timestamp", TS),
-        ]
-    ),
-)
-users_source, _users_schema = _table_source(
-    "users_source",
-    WORKSPACE.users,
-    # (until ingest ran: no attributes, so no user_profile view)
-    pa.schema([("user_id", pa.int64()), ("event_timestamp", TS)], metadata={"llmfeat.attributes": "[]"}),
-)
-items_source, _items_schema = _table_source(
-    "items_source",
-    WORKSPACE.items,
-    pa.schema(
-        [("item_id", pa.int64()), ("item_text", pa.string()), ("title", pa.string()), ("event_timestamp", TS)],
-        metadata={"llmfeat.attributes": "[]"},
-    ),
-)
+    "atomic_behavior_embeddings_source", WORKSPACE.atomic_behavior_embeddings)
+item_embeddings_source = _part_dir_source("item_embeddings_source", WORKSPACE.item_embeddings)
+user_embeddings_source = _part_dir_source("user_embeddings_source", WORKSPACE.user_embeddings)
+user_recent_behaviors_source = _part_dir_source("user_recent_behaviors_source", WORKSPACE.user_recent_behaviors)
+# (until ingest ran: a placeholder without attributes, so no user_profile / item_profile view)
+users_source, _users_schema = _table_source("users_source", "users")
+items_source, _items_schema = _table_source("items_source", "items")
 
 # ---------------------------------------------------------------------------------------------
 # Feature views (feature names are globally unique across views)
+
+
+def _embedding_tags(level: str) -> dict[str, str]:
+    return {"llmfeat_kind": "embedding", "llmfeat_level": level, **EMBEDDING_TAGS}
+
 
 atomic_behavior_embeddings = FeatureView(
     name="atomic_behavior_embeddings",
@@ -202,7 +158,8 @@ atomic_behavior_embeddings = FeatureView(
     schema=[_embedding_field("behavior_embedding")],
     source=atomic_behavior_embeddings_source,
     online=True,
-    tags=dict(EMBEDDING_TAGS),
+    owner=OWNER,
+    tags=_embedding_tags("behavior"),
     description="Frozen shallow-layer embedding of each distinct behaviour text (BAHE).",
 )
 item_embeddings = FeatureView(
@@ -212,7 +169,8 @@ item_embeddings = FeatureView(
     schema=[_embedding_field("item_embedding")],
     source=item_embeddings_source,
     online=True,
-    tags=dict(EMBEDDING_TAGS),
+    owner=OWNER,
+    tags=_embedding_tags("item"),
     description="Shallow-layer embedding of each item's text.",
 )
 user_embeddings = FeatureView(
@@ -222,7 +180,8 @@ user_embeddings = FeatureView(
     schema=[_embedding_field("user_embedding")],
     source=user_embeddings_source,
     online=True,
-    tags=dict(EMBEDDING_TAGS),
+    owner=OWNER,
+    tags=_embedding_tags("user"),
     description="Aggregated user embedding (deep layers over the recent behaviours); a row stamped T "
     "uses only interactions strictly before T.",
 )
@@ -231,12 +190,14 @@ user_recent_behaviors = FeatureView(
     entities=[user],
     ttl=TTL,
     schema=[
-        Field(name="recent_behavior_ids", dtype=Array(Int64)),
-        Field(name="recent_item_ids", dtype=Array(Int64)),
-        Field(name="recent_labels", dtype=Array(Int32)),
+        Field(name="recent_behavior_ids", dtype=Array(Int64), description="behavior_id of each, oldest first"),
+        Field(name="recent_item_ids", dtype=Array(Int64), description="item_id of each, oldest first"),
+        Field(name="recent_labels", dtype=Array(Int32), description="label (0/1) of each, oldest first"),
     ],
     source=user_recent_behaviors_source,
     online=True,
+    owner=OWNER,
+    tags={"llmfeat_kind": "sequence"},
     description="The user's last n interactions strictly before the row's timestamp, oldest first.",
 )
 user_profile = FeatureView(
@@ -246,6 +207,8 @@ user_profile = FeatureView(
     schema=_profile_fields(_users_schema, "user"),
     source=users_source,
     online=True,
+    owner=OWNER,
+    tags={"llmfeat_kind": "profile"},
     description="Static user attributes from canonical/users.parquet (the ones ingest kept: declared, "
     "given by the input format, or inferred).",
 )
@@ -256,6 +219,8 @@ item_profile = FeatureView(
     schema=_profile_fields(_items_schema, "item", extra=("title",)),
     source=items_source,
     online=True,
+    owner=OWNER,
+    tags={"llmfeat_kind": "profile"},
     description="Static item attributes from canonical/items.parquet (the ones ingest kept), and the title.",
 )
 
@@ -279,6 +244,7 @@ def _asof_twin(view: FeatureView) -> FeatureView:
         schema=[Field(name=f.name, dtype=f.dtype) for f in view.features],
         source=view.batch_source,
         online=False,
+        owner=OWNER,
         tags={**view.tags, ASOF_TAG: view.name},
         description=f"Offline twin of {view.name} for the as-of fetch (llm_features.asof); never materialized.",
     )
@@ -301,10 +267,14 @@ if not item_profile.features:
 ranker_llm = FeatureService(
     name="ranker_llm",
     features=[*_PROFILES, user_recent_behaviors, item_embeddings, user_embeddings],
+    owner=OWNER,
+    tags={"llmfeat_kind": "ranker", "llmfeat_model": "llm"},
     description="Ranker features including the LLM-derived user and item embeddings.",
 )
 ranker_id_only = FeatureService(
     name="ranker_id_only",
     features=[*_PROFILES, user_recent_behaviors],
+    owner=OWNER,
+    tags={"llmfeat_kind": "ranker", "llmfeat_model": "id_only"},
     description="The id-only baseline: the same features without LLM embeddings.",
 )

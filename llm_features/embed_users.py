@@ -63,7 +63,15 @@ from llm_features.finetune.checkpoint import CONFIG, WEIGHTS, check_weights, loa
 from llm_features.finetune.data import FinetuneData, load_finetune_data
 from llm_features.finetune.model import FinetuneModel
 from llm_features.finetune.packing import UserHistories, batch_indices, make_blocks
-from llm_features.parquet_io import embedding_array, file_metadata, list_parts, utc_us, write_part
+from llm_features.parquet_io import (
+    PLACEHOLDER_PART,  # noqa: F401  (re-exported: the placeholder write_part removes)
+    drop_placeholder,
+    embedding_array,
+    file_metadata,
+    list_parts,
+    utc_us,
+    write_part,
+)
 from llm_features.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -71,8 +79,6 @@ log = logging.getLogger(__name__)
 Cadence = Literal["event", "day", "last"]
 CHECKPOINT_METADATA_KEY = "llmfeat.checkpoint"
 STATE_METADATA_KEY = "llmfeat.embed_users"
-PLACEHOLDER_PART = "empty-schema.parquet"  # feast_repo/feature_definitions.py
-PLACEHOLDER_METADATA_KEY = "llmfeat.placeholder"
 PART_PREFIX = "users"
 US_PER_S = 1_000_000
 US_PER_DAY = 86_400 * US_PER_S
@@ -427,14 +433,6 @@ def check_no_late_interactions(hist: UserHistories, state: dict[int, tuple[int, 
             f"when exported, {now} now). Those rows would be stale: rerun with --overwrite to recompute "
             "user_embeddings/."
         )
-
-
-def drop_placeholder(directory: Path) -> None:
-    """Remove Feast's schema-only placeholder once real parts exist (DuckDB refuses mixed schemas)."""
-    placeholder = directory / PLACEHOLDER_PART
-    if placeholder.exists() and list_parts(directory):
-        if file_metadata(placeholder).get(PLACEHOLDER_METADATA_KEY) == "true":
-            placeholder.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------- computing states

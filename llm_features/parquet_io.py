@@ -24,6 +24,10 @@ import pyarrow.parquet as pq
 from llm_features.errors import UserError
 
 PART_GLOB = "part-*.parquet"
+# A schema-only file that keeps an empty part-file directory readable for Feast's offline store
+# (llm_features.feast_sources); removed as soon as the directory has a real part.
+PLACEHOLDER_PART = "empty-schema.parquet"
+PLACEHOLDER_METADATA_KEY = "llmfeat.placeholder"
 
 
 def _staging_dir(dest_dir: Path) -> Path:
@@ -78,7 +82,18 @@ def write_part(
     _refuse_links(dest_dir)
     if name is None:
         name = f"{len(list_parts(dest_dir)):05d}-{uuid.uuid4().hex[:8]}"
-    return write_table_atomic(table, dest_dir / f"part-{name}.parquet", metadata)
+    path = write_table_atomic(table, dest_dir / f"part-{name}.parquet", metadata)
+    drop_placeholder(dest_dir)
+    return path
+
+
+def drop_placeholder(directory: str | os.PathLike) -> None:
+    """Remove the directory's schema-only placeholder once it has real parts (DuckDB refuses files
+    whose schemas differ)."""
+    placeholder = Path(directory) / PLACEHOLDER_PART
+    if placeholder.exists() and list_parts(directory):
+        if file_metadata(placeholder).get(PLACEHOLDER_METADATA_KEY) == "true":
+            placeholder.unlink(missing_ok=True)
 
 
 def list_parts(dest_dir: str | os.PathLike) -> list[Path]:

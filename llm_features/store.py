@@ -1,11 +1,12 @@
 """Feast glue: open the feature repository from anywhere, apply it, materialise it, read it back.
 
-``feast_repo/feature_store.yaml`` is written for the feast CLI run from inside ``feast_repo/``; its
-paths are relative. :func:`open_store` makes the same configuration work from any CWD:
+``feast_repo/feature_store.yaml``'s paths are relative to the repository (the feast CLI resolves
+them there). :func:`open_store` makes them absolute and moves the registry and online store into the
+data directory:
 
-- ``data/...`` paths (the sqlite SQL-registry URL, the SQLite online store) are placed in the data
-  directory (``data_dir`` argument, else ``$LLMFEAT_DATA_DIR``, else ``<repo>/data``); other relative
-  paths resolve against the repo directory, never the CWD.
+- ``data/...`` paths (the file registry or a sqlite URL of an SQL registry, the SQLite online
+  store) are placed in the data directory (``data_dir`` argument, else ``$LLMFEAT_DATA_DIR``, else
+  ``<repo>/data``); other relative paths resolve against the repo directory, never the CWD.
 - the definitions read ``$LLMFEAT_DATA_DIR`` too, so :func:`apply_definitions` imports them with
   that variable set to the store's data directory.
 
@@ -61,14 +62,13 @@ from llm_features.fingerprint import (
     ModelFingerprint,
 )
 from llm_features.errors import UserError
-from llm_features.parquet_io import file_metadata
+from llm_features.parquet_io import PLACEHOLDER_METADATA_KEY, file_metadata
 from llm_features.feature_repo import find_repo
 from llm_features.workspace import DATA_DIR_ENV, DEFAULT_REPO, MissingInputError, Workspace, default_data_dir
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_VIEWS = ("atomic_behavior_embeddings", "item_embeddings", "user_embeddings")
-PLACEHOLDER_METADATA_KEY = "llmfeat.placeholder"  # same key as feast_repo/feature_definitions.py
 TIMESTAMP_FIELD = "event_timestamp"
 _STORE_DATA_DIR_ATTR = "_llmfeat_data_dir"
 
@@ -153,7 +153,7 @@ def load_config(
 
 
 def _local_registry(config, data: Path) -> Path | None:
-    """The sqlite file of a registry kept in the data dir, else None (e.g. a PostgreSQL registry)."""
+    """The local file of a registry kept in the data dir (file registry or SQLite), else None (e.g. PostgreSQL)."""
     path = str(config.registry.path)
     path = path[len("sqlite:///"):] if path.startswith("sqlite:///") else path
     db = data / "registry.db"
@@ -192,9 +192,14 @@ def open_store(
     apply_hint = f"Run `llmfeat feast apply --data-dir {data}` and `llmfeat feast materialize --data-dir {data}`."
     if must_exist and local is not None and not local.exists():
         raise MissingInputError("the data dir has no Feast registry", file=data, option="--data-dir", fix=apply_hint)
+    from llm_features.feast_registry import is_sql_registry_file, old_sql_registry_error
+
+    reg_type = getattr(config.registry, "registry_type", "file")
+    if local is not None and reg_type == "file" and is_sql_registry_file(local):
+        raise old_sql_registry_error(local)
     if must_exist and local is not None:
         # feast's SQL registry records a project it does not hold when it opens: refuse before that
-        projects = _registered_projects(local, getattr(config.registry, "registry_type", "file"))
+        projects = _registered_projects(local, reg_type)
         if projects is not None and config.project not in projects:
             if not projects:
                 raise MissingInputError("the data dir's Feast registry is empty", file=local, option="--data-dir",
@@ -272,7 +277,13 @@ def _infra_rows(db: Path, registry_type: str, project: str):
 
 
 def _registered_projects(db: Path, registry_type: str) -> list[str] | None:
-    """The projects a local SQL registry file holds (read-only), or None where unknown."""
+    """The projects a local registry file holds (read-only), or None where unknown."""
+    if registry_type == "file":
+        from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
+
+        proto = RegistryProto.FromString(db.read_bytes())
+        return sorted({p.spec.name for p in proto.projects}
+                      | {fv.spec.project for fv in proto.feature_views})
     if registry_type != "sql":
         return None
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
@@ -390,10 +401,13 @@ def apply_definitions(store, data_dir: str | os.PathLike | None = None) -> None:
     the definitions no longer have, as the CLI does."""
     from feast.repo_operations import apply_total_with_repo_instance
 
+    from llm_features.feast_sources import prepare_sources
+    from llm_features.offline_sources import offline_store_type_of
+
     repo_path = Path(store.config.repo_path)
     data = Path(data_dir).resolve() if data_dir is not None else store_data_dir(store)
     project = store.config.project
-    from llm_features.offline_sources import offline_store_type_of
+    prepare_sources(Workspace.at(data))  # the definitions only declare: make every source readable
 
     repo = load_definitions(repo_path, data, project, offline_store=offline_store_type_of(store.config))
     if not repo.feature_views:
@@ -523,7 +537,7 @@ def check_fingerprints(store, workspace: Workspace | None = None) -> ModelFinger
             )
         if manifest_fp is not None:
             width = _embedding_width(workspace, manifest_fp)
-            lengths = {f.name: f.vector_length for f in fv.features if f.vector_index and f.vector_length}
+            lengths = {f.name: f.vector_length for f in fv.features if f.vector_length}
             for feat, length in lengths.items():
                 if length != width:
                     raise FingerprintMismatchError(
@@ -661,6 +675,11 @@ def materialize_all(
                 option="--views", fix="Name registered views, or run `llmfeat feast apply` first.")
     report = MaterializeReport(start=datetime.now(timezone.utc), end=datetime.now(timezone.utc), seconds=0.0)
     lo, hi = None, None
+    if views:
+        from llm_features.feast_sources import prepare_sources
+
+        # a table deleted since apply, or a data dir written by a stage that does not prepare them
+        prepare_sources(workspace or registered_workspace(store))
     for fv in views:
         if Path(fv.batch_source.path).is_dir():
             _drop_stale_placeholders(Path(fv.batch_source.path))

@@ -45,7 +45,7 @@ def test_definitions_match_spec(tmp_path):
                   ("user_embeddings", "user_embedding")]
     for name, feature in embeddings:
         (f,) = views[name].features
-        assert (f.name, f.dtype, f.vector_index, f.vector_length) == (feature, Array(Float32), True, 8)
+        assert (f.name, f.dtype, f.vector_index, f.vector_length) == (feature, Array(Float32), False, 8)
         assert views[name].tags[FINGERPRINT_TAG] == syn.fingerprint.digest
     types = {f.name: f.dtype for fv in views.values() for f in fv.features}
     assert types["recent_behavior_ids"] == Array(Int64) and types["item_genres"] == Array(String)

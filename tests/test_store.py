@@ -157,7 +157,7 @@ def test_open_store_from_any_cwd_makes_paths_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(elsewhere)
     monkeypatch.setenv("LLMFEAT_DATA_DIR", str(tmp_path / "env_data"))
     store = open_store(repo)
-    assert store.config.registry.path == f"sqlite:///{tmp_path / 'env_data' / 'registry.db'}"
+    assert store.config.registry.path == str(tmp_path / "env_data" / "registry.db")
     assert store.config.online_store.path == str(tmp_path / "env_data" / "online_store.db")
     # an explicit data_dir wins over the environment
     store = open_store(repo, tmp_path / "explicit")
@@ -165,7 +165,7 @@ def test_open_store_from_any_cwd_makes_paths_absolute(tmp_path, monkeypatch):
     # without either: <repo>/data, like the feast CLI run inside the repo
     monkeypatch.delenv("LLMFEAT_DATA_DIR")
     store = open_store(repo)
-    assert store.config.registry.path == f"sqlite:///{repo / 'data' / 'registry.db'}"
+    assert store.config.registry.path == str(repo / "data" / "registry.db")
     assert not list(elsewhere.iterdir()), "nothing may be created relative to the CWD"
 
 
@@ -292,16 +292,17 @@ def test_empty_sources_apply_and_materialize(tmp_path):
     # DuckDB cannot read an empty directory: a schema-only file that the stages' readers never see
     assert sorted(p.name for p in ws.user_embeddings.iterdir()) == ["empty-schema.parquet"]
     assert parquet_io.list_parts(ws.user_embeddings) == []
-    # the finetune stage fills user_embeddings later: the placeholder goes away, no re-apply needed
+    # the finetune stage fills user_embeddings later: the placeholder goes away with its first
+    # part (parquet_io.write_part), no re-apply needed
     fp = make_fingerprint(dim=384)
     ws.claim_fingerprint(fp)
     apply_definitions(store)  # re-tag with the new manifest
     vec = np.arange(384, dtype=np.float32)[None]
     parquet_io.write_part(ws.user_embeddings, _emb_table("user_id", "user_embedding", [7], vec, [T1]),
                           metadata={FINGERPRINT_METADATA_KEY: fp.to_json()})
+    assert not (ws.user_embeddings / "empty-schema.parquet").exists()
     report = materialize_all(store)
     assert report.entities["user_embeddings"] == 1
-    assert not (ws.user_embeddings / "empty-schema.parquet").exists()
     got = online_features(store, 7, [1]).values["user_embedding"]
     np.testing.assert_array_equal(got[0], vec[0])
 

@@ -763,6 +763,9 @@ def ingest(cfg: IngestConfig, workspace: Workspace | None = None) -> dict[str, A
         "skipped": False,
     }
     write_json_atomic(ws.canonical / REPORT_NAME, report)
+    from llm_features.feast_sources import prepare_sources
+
+    prepare_sources(ws)  # schema-only stand-ins, so `feast apply` / `materialize` can read every view
     return report
 
 
