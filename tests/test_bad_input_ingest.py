@@ -3,7 +3,7 @@ a one- or two-line message naming the file, line, column or option and what to d
 and the data directory (and the sources) exactly as they were: every option and every row is
 checked before anything is written, so a rerun after a refused run is a fresh run.
 
-Classes (47):
+Classes (48):
 
 Found in issue 16 (each test fails on commit d7dd912):
 1. timestamps mixing epoch seconds and milliseconds (named by the first offending line; nothing
@@ -56,6 +56,7 @@ Classes handled before (one test each):
 45. an unknown --format
 46. an empty id under --hash-ids
 47. a non-numeric user age in the user table
+48. a log with one label only (positives only, or a --label-rule no row passes)
 """
 
 from __future__ import annotations
@@ -469,3 +470,22 @@ def test_good_inputs_pass_and_the_options_that_widen_the_range_work(tmp_path):
         ok(generic(tmp_path, log, "--force", "--resplit", *extra))
         df = pd.read_parquet(data / "canonical/interactions.parquet")
         assert len(df) == len(lines)
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--label-rule", "rating>0"], r"every interaction is labelled 1 \(positive\) by the rule rating>0"),
+    (["--label-rule", "rating>5"], r"every interaction is labelled 0 \(negative\) by the rule rating>5"),
+])
+def test_one_label_only(tmp_path: Path, extra: list, expect: str) -> None:
+    """48: nothing to train a click-through model on; refused before anything is written."""
+    log = write(dirs(tmp_path)[0] / "log.csv", rows(12))
+    msg = refused(tmp_path, generic(tmp_path, log, *extra), expect)
+    assert "--label-rule" in msg and "positives only are not supported" in msg
+
+
+def test_one_label_only_column(tmp_path: Path) -> None:
+    """48: a click log that holds only its clicks (every 0/1 label is 1)."""
+    lines = [f"{1 + k % 3},{1 + k % 4},{T0 + 100 * k},Item {1 + k % 4},1" for k in range(12)]
+    log = write(dirs(tmp_path)[0] / "clicks.csv", lines, header="user_id,item_id,ts,title,clicked")
+    msg = refused(tmp_path, generic(tmp_path, log, "--label-column", "clicked"), r"labelled 1 \(positive\) by the column clicked")
+    assert "--label-column" in msg

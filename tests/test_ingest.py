@@ -269,7 +269,7 @@ def test_wrong_encoding_utf16_and_invalid_bytes(tmp_path):
     msg = error_of(tmp_path, source=src)
     assert "ratings.dat" in msg and "byte offset 0" in msg and "--encoding utf-16" in msg
     log = tmp_path / "log.csv"
-    log.write_bytes(b"user_id,item_id,ts,title,rating\n1,2,5,ok,4\n1,3,6,caf\xe9,4\n")
+    log.write_bytes(b"user_id,item_id,ts,title,rating\n1,2,5,ok,4\n1,3,6,caf\xe9,2\n")
     msg = error_of(tmp_path, interactions=(log,), item_text_column="title")
     assert "log.csv" in msg and "byte offset 52 (line 3)" in msg and "not valid utf-8" in msg
     assert "--encoding latin-1" in msg
@@ -294,7 +294,7 @@ def test_bad_lines_name_the_line_after_blank_lines(tmp_path):
     src = write_ml1m(tmp_path / "ml2", ratings=["1::1::5::100", "1::2::4"])
     msg = error_of(tmp_path, source=src)
     assert "ratings.dat, line 2" in msg and "expected 4 fields" in msg
-    src = write_ml1m(tmp_path / "ml3", ratings=["1::1::5::100", "", "1::2::4::200"])
+    src = write_ml1m(tmp_path / "ml3", ratings=["1::1::5::100", "", "1::2::2::200"])
     report, _ = run(tmp_path, source=src)
     assert report["counts"]["blank_lines_skipped"] == 1
 
@@ -339,7 +339,7 @@ def test_cli_shows_clean_error_and_summary(tmp_path):
 
 
 def test_split_equal_timestamps_never_straddle(tmp_path):
-    ratings = [(u, 1, 4, 100 + i) for i, u in enumerate(range(1, 8))] + [(u, 2, 4, 500) for u in range(1, 4)]
+    ratings = [(u, 1, 4 - i % 2 * 2, 100 + i) for i, u in enumerate(range(1, 8))] + [(u, 2, 4, 500) for u in range(1, 4)]
     src = write_ml1m(tmp_path / "ml", ratings=ratings)  # 10 rows: the 80% boundary falls inside ts 500
     report, ws = run(tmp_path, source=src)
     df = pq.read_table(ws.interactions).to_pandas()

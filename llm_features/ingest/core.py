@@ -411,6 +411,20 @@ def _apply_label(loaded: Loaded, inter: pd.DataFrame, cfg: IngestConfig) -> str:
     return f"rule {col}{op}{thr:g}"
 
 
+def _check_both_labels(inter: pd.DataFrame, label_source: str, cfg: IngestConfig) -> None:
+    """Every model llmfeat trains is a click-through model: a log with one label only cannot train it."""
+    labels = inter["label"].to_numpy()
+    if len(labels) and labels.min() == labels.max():
+        which = "1 (positive)" if labels[0] == 1 else "0 (negative)"
+        raise IngestError(
+            f"every interaction is labelled {which} by the {label_source}; llmfeat trains click-through "
+            "models, which need both labels",
+            option="--label-column" if cfg.label_column else "--label-rule",
+            fix="Ingest the impressions that were not clicked too (a 0/1 --label-column), or ratings with a "
+                "--label-rule that splits them; logs of positives only are not supported.",
+        )
+
+
 def _check_unique(src: SourceFile | None, frame: pd.DataFrame, key: str, what: str) -> None:
     dup = frame.duplicated(key, keep=False).to_numpy()
     if dup.any():
@@ -535,6 +549,7 @@ def build_canonical(
         text_of = pd.Series(items["item_text"].to_numpy(), index=items["item_id"].to_numpy())
         inter["behavior_text"] = text_of.reindex(inter["item_id"].to_numpy()).to_numpy()
     label_source = _apply_label(loaded, inter, cfg)
+    _check_both_labels(inter, label_source, cfg)
     inter, n_dups = _dedupe(loaded, inter)
 
     order = np.lexsort((inter["item_id"].to_numpy(), inter["user_id"].to_numpy(), inter["ts_us"].to_numpy()))
