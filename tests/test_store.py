@@ -320,3 +320,57 @@ def test_llmfeat_feast_cli(materialized, tmp_path):
                         catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "item_embedding" in res.output and "present 1/2" in res.output
+
+
+def test_time_windows_cover_the_range_in_bounded_windows():
+    from llm_features.store import time_windows
+
+    start, end = T1 - timedelta(seconds=1), T2 + timedelta(days=1)
+    stamps = [T1 + timedelta(hours=int(h)) for h in np.random.default_rng(0).integers(0, 700, 1000)]
+    ts = pa.chunked_array([parquet_io.utc_us(stamps)])
+    assert time_windows(ts, start, end, chunk_rows=1000) == [(start, end)]
+    windows = time_windows(ts, start, end, chunk_rows=100)
+    assert windows[0][0] == start and windows[-1][1] == end
+    assert all(a[1] == b[0] for a, b in zip(windows, windows[1:])), "contiguous"
+    assert all(lo < hi for lo, hi in windows)
+    assert 9 <= len(windows) <= 10
+    # bounds are inclusive: a window holds about chunk_rows (plus rows that share the cut's timestamp)
+    for lo, hi in windows:
+        assert sum(lo <= t <= hi for t in stamps) <= 100 + max(stamps.count(lo), 1) + stamps.count(hi)
+
+
+def test_materialize_in_time_windows_keeps_each_users_latest_row(tmp_path):
+    """A source over chunk_rows is materialised window by window; the online store ends with the same
+    latest row per entity as one window gives, also for users whose last row is in an early window."""
+    repo = copy_repo(tmp_path / "feast_repo")
+    data = tmp_path / "data"
+    syn = write_synthetic_workspace(data)
+    rng = np.random.default_rng(1)
+    latest: dict[int, np.ndarray] = {1: syn.users_v2[1], 2: syn.users_v1[2], 3: syn.users_v1[3]}
+    rows = []
+    for user in range(10, 40):  # user u's last row is at day u: early and late users
+        for day in sorted(rng.choice(np.arange(1, user + 1), size=min(user, 4), replace=False)):
+            rows.append((user, T1 + timedelta(days=int(day)), rng.standard_normal(DIM).astype(np.float32)))
+        latest[user] = rows[-1][2]
+    rng.shuffle(rows)  # several parts, not in time order
+    ws = Workspace.at(data)
+    meta = {FINGERPRINT_METADATA_KEY: syn.fingerprint.to_json()}
+    for part in np.array_split(np.arange(len(rows)), 3):
+        sel = [rows[i] for i in part]
+        table = _emb_table("user_id", "user_embedding", [r[0] for r in sel], np.stack([r[2] for r in sel]),
+                           [r[1] for r in sel])
+        parquet_io.write_part(ws.user_embeddings, table, metadata=meta)
+    store = open_store(repo, data)
+    apply_definitions(store)
+    report = materialize_all(store, chunk_rows=15)
+    assert report.windows["user_embeddings"] >= 5
+    assert report.windows["item_embeddings"] == 2  # 20 rows
+    assert report.windows["user_profile"] == 1
+    users = sorted(latest)
+    got = store.get_online_features(features=["user_embeddings:user_embedding"],
+                                    entity_rows=[{"user_id": u} for u in users]).to_dict()["user_embedding"]
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.stack([latest[u] for u in users]))
+    items = store.get_online_features(features=["item_embeddings:item_embedding"],
+                                      entity_rows=[{"item_id": i} for i in range(1, 21)]).to_dict()
+    np.testing.assert_array_equal(np.asarray(items["item_embedding"], np.float32),
+                                  np.stack([syn.items[i] for i in range(1, 21)]))

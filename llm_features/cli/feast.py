@@ -43,6 +43,11 @@ class FeastMaterializeConfig:
     apply: bool = field(
         default=True, metadata={"help": "run apply first (re-tags the views with the current model)"}
     )
+    chunk_rows: int = field(
+        default=1_000_000,  # llm_features.store.MATERIALIZE_CHUNK_ROWS (not imported: the CLI loads lazily)
+        metadata={"help": "a view with more source rows is materialised in time windows of about this many rows, "
+                          "which bounds memory"},
+    )
 
 
 @dataclass
@@ -95,11 +100,18 @@ def materialize_cmd(cfg: FeastMaterializeConfig) -> None:
             _check_views(store, cfg.views, ws.root)
         if cfg.apply:
             apply_definitions(store)
-        report = materialize_all(store, feature_views=list(cfg.views) or None)
+        if cfg.chunk_rows < 1:
+            from llm_features.errors import UserError
+
+            raise UserError(f"--chunk-rows must be at least 1, got {cfg.chunk_rows}", option="--chunk-rows",
+                            fix="Pass a positive row count (the default is 1,000,000).")
+        report = materialize_all(store, feature_views=list(cfg.views) or None, chunk_rows=cfg.chunk_rows)
     span = f"{report.start.isoformat()} .. {report.end.isoformat()}"
     click.echo(f"materialized {span} in {report.seconds:.1f} s")
     for name, n in sorted(report.entities.items()):
-        click.echo(f"  {name:28s} {report.source_rows[name]:>9,d} source rows  {n:>9,d} entities")
+        windows = report.windows.get(name, 1)
+        extra = f"  ({windows} time windows)" if windows > 1 else ""
+        click.echo(f"  {name:28s} {report.source_rows[name]:>9,d} source rows  {n:>9,d} entities{extra}")
 
 
 def _check_views(store, views: tuple[str, ...], data_dir: Path) -> None:
