@@ -66,6 +66,39 @@ def write_table_atomic(table: pa.Table, path: str | os.PathLike, metadata: Mappi
     return path
 
 
+def write_tables_atomic(
+    tables: Iterable[pa.Table],
+    path: str | os.PathLike,
+    schema: pa.Schema,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Stream ``tables`` (each of ``schema``) into one parquet file at ``path``, atomically.
+
+    The memory of a large table built block by block stays bounded by one block; a reader sees
+    the whole file or none of it, as with :func:`write_table_atomic`.
+    """
+    path = Path(path)
+    staging = _staging_dir(path.parent)
+    _refuse_links(path.parent, path, staging)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if metadata:
+        merged = dict(schema.metadata or {})
+        merged.update({k.encode(): v.encode() for k, v in metadata.items()})
+        schema = schema.with_metadata(merged)
+    staging.mkdir(parents=True, exist_ok=True)
+    tmp = staging / f"{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for table in tables:
+                writer.write_table(table.replace_schema_metadata(schema.metadata))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def write_part(
     dest_dir: str | os.PathLike,
     table: pa.Table,
@@ -83,6 +116,22 @@ def write_part(
     if name is None:
         name = f"{len(list_parts(dest_dir)):05d}-{uuid.uuid4().hex[:8]}"
     path = write_table_atomic(table, dest_dir / f"part-{name}.parquet", metadata)
+    drop_placeholder(dest_dir)
+    return path
+
+
+def write_part_streamed(
+    dest_dir: str | os.PathLike,
+    tables: Iterable[pa.Table],
+    schema: pa.Schema,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    name: str,
+) -> Path:
+    """:func:`write_part` for a table produced block by block (:func:`write_tables_atomic`)."""
+    dest_dir = Path(dest_dir)
+    _refuse_links(dest_dir)
+    path = write_tables_atomic(tables, dest_dir / f"part-{name}.parquet", schema, metadata)
     drop_placeholder(dest_dir)
     return path
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from llm_features.parquet_io import list_parts, utc_us, write_part
+from llm_features.parquet_io import list_parts, utc_us, write_part_streamed
 from llm_features.workspace import Workspace
 
 Cadence = Literal["event", "day"]
@@ -27,6 +27,15 @@ METADATA_KEY = "llmfeat.recent"
 US_PER_S = 1_000_000
 US_PER_DAY = 86_400 * US_PER_S
 _MAX_LIST_VALUES = 2**31 - 1
+BLOCK_ROWS = 1_000_000
+"""Interactions per block of users when the table is built block by block (bounded memory)."""
+SCHEMA = pa.schema([
+    ("user_id", pa.int64()),
+    ("recent_behavior_ids", pa.list_(pa.int64())),
+    ("recent_item_ids", pa.list_(pa.int64())),
+    ("recent_labels", pa.list_(pa.int8())),
+    ("event_timestamp", pa.timestamp("us", tz="UTC")),
+])
 
 
 def _columns(interactions: pd.DataFrame | pa.Table) -> dict[str, np.ndarray]:
@@ -79,13 +88,39 @@ def build_recent_behaviors(
     label. Output columns: user_id, recent_behavior_ids list<int64>, recent_item_ids list<int64>,
     recent_labels list<int8>, event_timestamp timestamp[us, UTC]; sorted by (user_id, event_timestamp).
     """
+    return pa.concat_tables(iter_recent_behaviors(interactions, n, cadence)).combine_chunks()
+
+
+def iter_recent_behaviors(
+    interactions: pd.DataFrame | pa.Table, n: int = 30, cadence: Cadence = "event", block_rows: int = BLOCK_ROWS
+):
+    """:func:`build_recent_behaviors` as consecutive tables over blocks of whole users of about
+    ``block_rows`` interactions each, in (user_id, event_timestamp) order: memory stays bounded by
+    one block (the lists of a block hold up to ``n`` values per row, so the whole table at once
+    needs about ``3 n`` times the log's size)."""
     if n < 1:
         raise ValueError(f"recent n must be >= 1, got {n}")
     if cadence not in ("event", "day"):
         raise ValueError(f"cadence must be 'event' or 'day', got {cadence!r}")
     c = _columns(interactions)
     order = np.lexsort((c["item_id"], c["ts"], c["user_id"]))
-    u, ts = c["user_id"][order], c["ts"][order]
+    u = c["user_id"][order]
+    m = len(u)
+    if m == 0:
+        yield _build_block({k: v[order] for k, v in c.items()}, n, cadence)
+        return
+    user_first = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
+    start = 0
+    while start < m:  # cut at the first user boundary at or after start + block_rows
+        i = int(np.searchsorted(user_first, start + block_rows, side="left"))
+        end = int(user_first[i]) if i < len(user_first) else m
+        yield _build_block({k: v[order[start:end]] for k, v in c.items()}, n, cadence)
+        start = end
+
+
+def _build_block(c: dict[str, np.ndarray], n: int, cadence: Cadence) -> pa.Table:
+    """The rows of the users in ``c`` (whole users, sorted by user, ts, item)."""
+    u, ts = c["user_id"], c["ts"]
     key = ts if cadence == "event" else np.floor_divide(ts, US_PER_DAY) * US_PER_DAY
     step = US_PER_S if cadence == "event" else US_PER_DAY
     m = len(u)
@@ -108,8 +143,7 @@ def build_recent_behaviors(
     lengths = (ends - starts).astype(np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    flat = np.arange(offsets[-1], dtype=np.int64) + np.repeat(starts - offsets[:-1], lengths)
-    src = order[flat] if m else flat
+    src = np.arange(offsets[-1], dtype=np.int64) + np.repeat(starts - offsets[:-1], lengths)
     return pa.table(
         {
             "user_id": pa.array(users, pa.int64()),
@@ -117,7 +151,8 @@ def build_recent_behaviors(
             "recent_item_ids": _list_array(c["item_id"][src].astype(np.int64), offsets, pa.int64()),
             "recent_labels": _list_array(np.asarray(c["label"])[src].astype(np.int8), offsets, pa.int8()),
             "event_timestamp": utc_us(pa.array(stamps, pa.int64())),
-        }
+        },
+        schema=SCHEMA,
     )
 
 
@@ -136,8 +171,10 @@ def write_recent_behaviors(
     *,
     n: int = 30,
     cadence: Cadence = "event",
+    block_rows: int = BLOCK_ROWS,
 ) -> list[Path]:
-    """Build and write ``user_recent_behaviors/`` as one deterministic part file.
+    """Build and write ``user_recent_behaviors/`` as one deterministic part file, block by block of
+    users (:func:`iter_recent_behaviors`), so memory stays bounded as the log grows.
 
     The part name holds cadence, n and a digest of the interactions, so a rerun on the same data
     writes nothing. Parts from earlier ingests (other data or settings) are removed after the new
@@ -155,9 +192,9 @@ def write_recent_behaviors(
     dest = workspace.user_recent_behaviors
     target = dest / f"part-{name}.parquet"
     if not target.exists():
-        table = build_recent_behaviors(interactions, n=n, cadence=cadence)
+        blocks = iter_recent_behaviors(interactions, n=n, cadence=cadence, block_rows=block_rows)
         meta = {METADATA_KEY: json.dumps({"n": n, "cadence": cadence, "interactions_digest": digest})}
-        write_part(dest, table, metadata=meta, name=name)
+        write_part_streamed(dest, blocks, SCHEMA, metadata=meta, name=name)
     for old in list_parts(dest):
         if old != target and old.name.startswith(f"part-{PART_PREFIX}-"):
             old.unlink()

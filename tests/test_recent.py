@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llm_features.recent import build_recent_behaviors, write_recent_behaviors
+from llm_features.recent import build_recent_behaviors, iter_recent_behaviors, write_recent_behaviors
 from llm_features.workspace import Workspace
 
 S = 1_000_000  # µs per second
@@ -91,6 +92,28 @@ def test_matches_brute_force(n):
     df = frame(rows).drop_duplicates(["user_id", "item_id", "event_timestamp"])
     got = [(u, ts, items) for u, ts, items, _, _ in rows_of(build_recent_behaviors(df, n=n))]
     assert got == brute_force(df, n)
+
+
+@pytest.mark.parametrize("cadence", ["event", "day"])
+@pytest.mark.parametrize("block_rows", [1, 7, 100])
+def test_blocks_of_users_equal_one_block(cadence, block_rows, tmp_path):
+    """Built (and written) block by block of whole users, the table equals the one-block build."""
+    rng = np.random.default_rng(block_rows)
+    m = 300
+    rows = list(zip(rng.integers(0, 20, m).tolist(), rng.integers(0, 40, m).tolist(),
+                    (rng.integers(0, 30, m) * (DAY // S // 3)).tolist(), rng.integers(0, 2, m).tolist()))
+    df = frame(rows).drop_duplicates(["user_id", "item_id", "event_timestamp"])
+    whole = list(iter_recent_behaviors(df, n=4, cadence=cadence, block_rows=10**9))
+    assert len(whole) == 1
+    blocks = list(iter_recent_behaviors(df, n=4, cadence=cadence, block_rows=block_rows))
+    assert len(blocks) == (20 if block_rows == 1 else len(blocks)) and (block_rows == 100 or len(blocks) > 1)
+    for b in blocks:  # whole users only: no user in two blocks
+        assert b.num_rows
+    users = [set(b.column("user_id").to_pylist()) for b in blocks]
+    assert all(not (a & b) for i, a in enumerate(users) for b in users[i + 1:])
+    assert rows_of(pa.concat_tables(blocks)) == rows_of(whole[0])
+    part = write_recent_behaviors(Workspace.at(tmp_path), df, n=4, cadence=cadence, block_rows=block_rows)[0]
+    assert rows_of(pq.read_table(part)) == rows_of(whole[0])
 
 
 def test_write_parts_deterministic(tmp_path):
