@@ -430,7 +430,7 @@ def store_data_dir(store) -> Path:
 
 
 def _yaml_option(store) -> str:
-    """`` --feature-store-yaml FILE`` for a store opened with another yaml of the repo, else ``""`` (for hints)."""
+    """`` --feature-store-yaml FILE`` for a store opened with another yaml of the repo, else ``""`` (hints)."""
     yaml_file = getattr(store, _STORE_YAML_ATTR, None)
     return f" --feature-store-yaml {yaml_file}" if yaml_file is not None else ""
 
@@ -491,7 +491,8 @@ def check_materialized(store, service: str) -> None:
         where = getattr(online, "path", None) if getattr(online, "type", None) == "sqlite" else data
         raise UserError(
             f"the online store has no rows for feature view(s) {', '.join(empty)} of {service}: never "
-            "materialized", file=where, fix=f"Run `llmfeat feast materialize --data-dir {data}{_yaml_option(store)}` first.")
+            "materialized", file=where,
+            fix=f"Run `llmfeat feast materialize --data-dir {data}{_yaml_option(store)}` first.")
 
 
 # ---------------------------------------------------------------------------------------------
