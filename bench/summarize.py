@@ -114,6 +114,17 @@ def summary_rows(results: Path) -> list[tuple[str, str, str, str, str, str]]:
     rows.append(("ranker", "serving, 1 user + 100 candidates: p99", _num(v, "{:.1f} ms"), "50 ms", "-",
                  "-" if not isinstance(v, (int, float)) else ("met" if v <= 50 else "**not met**")))
 
+    serving = _load(results / "serving.json")  # bench_serving.py: `llmfeat serve` under closed-loop load
+    for store, label in (("sqlite", "SQLite"), ("redis", "Redis")):
+        levels = _get(serving, "stores", store, "levels") or {}
+        p99, ratio = _get(levels, "1", "p99_ms"), _get(levels, "1", "p99_ratio_to_feast")
+        v = _num(p99, "{:.1f} ms")
+        if v != NOT_RUN:
+            v += f" ({_num(ratio, '{:.1f}x')} bare Feast's)" if ratio is not None else ""
+            v += "; " + ", ".join(f"{c}: {_num(_get(lv, 'rps'), '{:.0f}')}" for c, lv in levels.items())
+        rows.append(("serving", f"`llmfeat serve` on {label}, 1 user + 100 candidates: p99 at 1 client; rps by "
+                     "clients", v, "-", "-", "-"))
+
     ft = _load(results / "finetune.json")
     rt, fl, mt = _get(ft, "ratios") or {}, {**FINETUNE_FLOORS, **(_get(ft, "floors") or {})}, _get(ft, "meets_floor") or {}
     k = rt.get("default_k", 32)
@@ -200,7 +211,8 @@ def build_summary(results: Path | str) -> Path:
     """Write ``<results>/SUMMARY.md`` from the JSON files there; returns its path."""
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
-    present = [n for n in ("encode", "feast", "ranker", "finetune", "cost", "threads") if (results / f"{n}.json").exists()]
+    present = [n for n in ("encode", "feast", "ranker", "serving", "finetune", "cost", "threads")
+               if (results / f"{n}.json").exists()]
     lines = [
         "# Benchmark summary",
         "",

@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 EMBEDDING_VIEWS = ("atomic_behavior_embeddings", "item_embeddings", "user_embeddings")
 TIMESTAMP_FIELD = "event_timestamp"
 _STORE_DATA_DIR_ATTR = "_llmfeat_data_dir"
+_STORE_YAML_ATTR = "_llmfeat_fs_yaml_file"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,11 +154,12 @@ def load_config(
 
 
 def _local_registry(config, data: Path) -> Path | None:
-    """The local file of a registry kept in the data dir (file registry or SQLite), else None (e.g. PostgreSQL)."""
+    """The local file of a registry kept in the data dir (file registry or SQLite): ``registry.db``, or
+    another file there (``registry_redis.db`` of ``production/feature_store.redis_local.yaml``); else
+    None (e.g. PostgreSQL)."""
     path = str(config.registry.path)
     path = path[len("sqlite:///"):] if path.startswith("sqlite:///") else path
-    db = data / "registry.db"
-    return db if "://" not in path and Path(path) == db else None
+    return Path(path) if "://" not in path and Path(path).parent == data else None
 
 
 def open_store(
@@ -189,7 +191,9 @@ def open_store(
     config = load_config(repo, data, fs_yaml_file)
     cli_registry = repo / "data" / "registry.db"
     local = _local_registry(config, data)
-    apply_hint = f"Run `llmfeat feast apply --data-dir {data}` and `llmfeat feast materialize --data-dir {data}`."
+    yaml_opt = f" --feature-store-yaml {fs_yaml_file}" if fs_yaml_file is not None else ""
+    apply_hint = (f"Run `llmfeat feast apply --data-dir {data}{yaml_opt}` and "
+                  f"`llmfeat feast materialize --data-dir {data}{yaml_opt}`.")
     if must_exist and local is not None and not local.exists():
         raise MissingInputError("the data dir has no Feast registry", file=data, option="--data-dir", fix=apply_hint)
     from llm_features.feast_registry import is_sql_registry_file, old_sql_registry_error
@@ -209,6 +213,7 @@ def open_store(
                 f"of {repo}/feature_store.yaml)", file=local, option="--data-dir", fix=apply_hint)
     if (
         local is not None
+        and fs_yaml_file is None
         and repo == Path(repo_path).resolve()  # not the packaged repo a plain `feast_repo` fell back to
         and data != (repo / "data").resolve()
         and cli_registry.exists()
@@ -223,6 +228,7 @@ def open_store(
     if not others:
         store = FeatureStore(repo_path=str(repo), config=config)
         setattr(store, _STORE_DATA_DIR_ATTR, data)
+        setattr(store, _STORE_YAML_ATTR, fs_yaml_file)
         return store
     # a copied or moved data dir: re-register it for its own files before feast reads the registry
     log.warning(
@@ -233,6 +239,7 @@ def open_store(
         _forget_other_online_stores(config, local)
         store = FeatureStore(repo_path=str(repo), config=config)
         setattr(store, _STORE_DATA_DIR_ATTR, data)
+        setattr(store, _STORE_YAML_ATTR, fs_yaml_file)
         with contextlib.redirect_stdout(io.StringIO()):  # feast prints every object's diff
             apply_definitions(store)
     return store
@@ -422,6 +429,12 @@ def store_data_dir(store) -> Path:
     return getattr(store, _STORE_DATA_DIR_ATTR, None) or resolve_data_dir(store.config.repo_path)
 
 
+def _yaml_option(store) -> str:
+    """`` --feature-store-yaml FILE`` for a store opened with another yaml of the repo, else ``""`` (hints)."""
+    yaml_file = getattr(store, _STORE_YAML_ATTR, None)
+    return f" --feature-store-yaml {yaml_file}" if yaml_file is not None else ""
+
+
 def registered_workspace(store) -> Workspace:
     """The workspace whose tables the registered views read (from the registry's source paths)."""
     fv = feature_view(store, "item_embeddings")
@@ -433,7 +446,7 @@ def not_registered(store, what: str) -> UserError:
     project = store.config.project
     data = store_data_dir(store)
     repo = store.config.repo_path
-    fix = f"Run `llmfeat feast apply --repo {repo} --data-dir {data}`."
+    fix = f"Run `llmfeat feast apply --repo {repo} --data-dir {data}{_yaml_option(store)}`."
     try:
         projects = sorted(p.name for p in store.registry.list_projects(allow_cache=False))
     except Exception:  # noqa: BLE001 - only for the hint
@@ -478,7 +491,8 @@ def check_materialized(store, service: str) -> None:
         where = getattr(online, "path", None) if getattr(online, "type", None) == "sqlite" else data
         raise UserError(
             f"the online store has no rows for feature view(s) {', '.join(empty)} of {service}: never "
-            "materialized", file=where, fix=f"Run `llmfeat feast materialize --data-dir {data}` first.")
+            "materialized", file=where,
+            fix=f"Run `llmfeat feast materialize --data-dir {data}{_yaml_option(store)}` first.")
 
 
 # ---------------------------------------------------------------------------------------------

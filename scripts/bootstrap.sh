@@ -33,7 +33,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # examples: scikit-learn and LightGBM for examples/ (tests/test_examples.py)
 "${PIP[@]}" install -c constraints.txt -e '.[ranker-cpu,dev,spark,examples]'
 "${PIP[@]}" install -c constraints.txt --no-deps torchrec==1.9.2
-"$VENV/bin/python" -c 'import torch, fbgemm_gpu, torchrec, feast, grpc, transformers, pyspark, sklearn, lightgbm' \
+"$VENV/bin/python" -c 'import torch, fbgemm_gpu, torchrec, feast, grpc, redis, transformers, pyspark, sklearn, lightgbm' \
   || { echo "error: the installed stack does not import; see above" >&2; exit 1; }
 echo "$want" > "$STAMP"
 echo "[bootstrap] ready: $VENV"

@@ -188,16 +188,19 @@ _PROD_ENV = {
 @pytest.mark.parametrize("variant", ["postgres", "redis", "spark"])
 def test_production_yaml_variants_validate(variant, monkeypatch):
     """Every documented production yaml passes feast 0.67's own config validation (unknown keys are
-    errors there), with its ${VAR}s expanded. Needs no server; redis/spark need their feast extras."""
+    errors there), with its ${VAR}s expanded. Needs no server; redis needs redis-py (feast[redis], a
+    llmfeat dependency), spark the spark extra."""
     import importlib.util
 
     from llm_features.store import load_config
 
-    extra = {"redis": "redis", "spark": "pyspark"}.get(variant)
-    if extra and importlib.util.find_spec(extra) is None:
-        if variant == "spark" and _in_ci():  # scripts/bootstrap.sh installs the spark extra
-            pytest.fail("CI is set but pyspark is not installed: pip install -e '.[spark]'")
-        pytest.skip(f"feast[{variant}] is not installed ({extra} missing); llmfeat installs feast[postgres]")
+    install = {"redis": "pip install -c constraints.txt -e .  (feast[redis]: redis-py, hiredis)",
+               "spark": "pip install -c constraints.txt -e '.[spark]'"}
+    module = {"redis": "redis", "spark": "pyspark"}.get(variant)
+    if module and importlib.util.find_spec(module) is None:
+        if _in_ci():  # scripts/bootstrap.sh installs both
+            pytest.fail(f"CI is set but {module} is not installed: {install[variant]}")
+        pytest.skip(f"{module} is not installed; to run this variant: {install[variant]}")
     monkeypatch.delenv("PYSPARK_PYTHON", raising=False)  # load_config sets it for a local[...] master
     for var, value in _PROD_ENV.items():
         monkeypatch.setenv(var, value)

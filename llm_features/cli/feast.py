@@ -25,18 +25,22 @@ _DATA_HELP = (
     "data directory with the parquet tables, registry and online store "
     "[default: $LLMFEAT_DATA_DIR or <repo>/data]"
 )
+_YAML_HELP = ("another configuration of the repository, relative to it, e.g. "
+              "production/feature_store.redis_local.yaml [default: feature_store.yaml]")
 
 
 @dataclass
 class FeastApplyConfig:
     repo: Path = field(default=Path("feast_repo"), metadata={"help": _REPO_HELP})
     data_dir: Optional[Path] = field(default=None, metadata={"help": _DATA_HELP})
+    feature_store_yaml: Optional[Path] = field(default=None, metadata={"help": _YAML_HELP})
 
 
 @dataclass
 class FeastMaterializeConfig:
     repo: Path = field(default=Path("feast_repo"), metadata={"help": _REPO_HELP})
     data_dir: Optional[Path] = field(default=None, metadata={"help": _DATA_HELP})
+    feature_store_yaml: Optional[Path] = field(default=None, metadata={"help": _YAML_HELP})
     views: tuple[str, ...] = field(
         default=(), metadata={"help": "feature views to materialise (repeat the option) [default: all]"}
     )
@@ -59,6 +63,7 @@ class FeastLookupConfig:
     )
     repo: Path = field(default=Path("feast_repo"), metadata={"help": _REPO_HELP})
     data_dir: Optional[Path] = field(default=None, metadata={"help": _DATA_HELP})
+    feature_store_yaml: Optional[Path] = field(default=None, metadata={"help": _YAML_HELP})
 
 
 @click.group(name="feast")
@@ -74,7 +79,7 @@ def apply_cmd(cfg: FeastApplyConfig) -> None:
     from llm_features.workspace import Workspace
 
     with Workspace.at(resolve_data_dir(cfg.repo, cfg.data_dir)).lock("llmfeat feast apply"):
-        store = open_store(cfg.repo, cfg.data_dir)
+        store = open_store(cfg.repo, cfg.data_dir, cfg.feature_store_yaml)
         apply_definitions(store)
 
 
@@ -95,7 +100,7 @@ def materialize_cmd(cfg: FeastMaterializeConfig) -> None:
     with ws.lock("llmfeat feast materialize"):
         # checked before apply rewrites the registry: a refused run changes nothing
         check_part_fingerprints(ws)
-        store = open_store(cfg.repo, cfg.data_dir, must_exist=not cfg.apply)
+        store = open_store(cfg.repo, cfg.data_dir, cfg.feature_store_yaml, must_exist=not cfg.apply)
         if cfg.views and cfg.apply:
             _check_views(store, cfg.views, ws.root)
         if cfg.apply:
@@ -135,7 +140,7 @@ def lookup_cmd(cfg: FeastLookupConfig) -> None:
 
     if cfg.user_id is None:
         raise click.UsageError("--user-id is required")
-    store = open_store(cfg.repo, cfg.data_dir, must_exist=True)
+    store = open_store(cfg.repo, cfg.data_dir, cfg.feature_store_yaml, must_exist=True)
     check_materialized(store, cfg.service)
     feats = online_features(store, cfg.user_id, list(cfg.item_ids) or [0], cfg.service)
     click.echo(f"user {feats.user_id}, items {feats.item_ids.tolist()} ({cfg.service})")
