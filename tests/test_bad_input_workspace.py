@@ -403,6 +403,11 @@ def test_materialize_unknown_view(repo, applied):
             unchanged=[applied])
 
 
+def test_materialize_chunk_rows_below_one(repo, applied):
+    run_bad(["feast", "materialize", "--repo", repo, "--data-dir", applied, "--chunk-rows", "0"],
+            expect=r"--chunk-rows", unchanged=[applied])
+
+
 def test_materialize_without_apply_before_any_apply(repo, tmp_path):
     data = tmp_path / "data"
     write_synthetic_workspace(data)

@@ -50,7 +50,7 @@ class FeastMaterializeConfig:
     chunk_rows: int = field(
         default=1_000_000,  # llm_features.store.MATERIALIZE_CHUNK_ROWS (not imported: the CLI loads lazily)
         metadata={"help": "a view with more source rows is materialised in time windows of about this many rows, "
-                          "which bounds memory"},
+                          "which bounds memory", "min": 1},
     )
 
 
@@ -105,11 +105,6 @@ def materialize_cmd(cfg: FeastMaterializeConfig) -> None:
             _check_views(store, cfg.views, ws.root)
         if cfg.apply:
             apply_definitions(store)
-        if cfg.chunk_rows < 1:
-            from llm_features.errors import UserError
-
-            raise UserError(f"--chunk-rows must be at least 1, got {cfg.chunk_rows}", option="--chunk-rows",
-                            fix="Pass a positive row count (the default is 1,000,000).")
         report = materialize_all(store, feature_views=list(cfg.views) or None, chunk_rows=cfg.chunk_rows)
     span = f"{report.start.isoformat()} .. {report.end.isoformat()}"
     click.echo(f"materialized {span} in {report.seconds:.1f} s")
