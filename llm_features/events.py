@@ -49,6 +49,7 @@ import math
 import os
 import threading
 import time
+from collections import ChainMap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -358,11 +359,6 @@ class _Rows:
 
     FIELDS = ("time", "item", "behavior", "label", "rating")
 
-    @classmethod
-    def empty(cls) -> "_Rows":
-        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int8),
-                   np.zeros(0, np.float32))
-
     def take(self, idx) -> "_Rows":
         return _Rows(*(getattr(self, f)[idx] for f in self.FIELDS))
 
@@ -559,7 +555,6 @@ class EventProcessor:
         ident = checkpoint_identity(self.checkpoint)
         self.identity = self._exported_identity(ident)
         self.context_size = int(self.identity["context_size"])
-        self.recent_n = self._recent_n()
 
         self.device = resolve_device(device)
         if num_threads is not None:
@@ -632,7 +627,8 @@ class EventProcessor:
         """The n of ``user_recent_behaviors/`` (ingest's ``--recent-n``), None when ingest wrote none."""
         from llm_features.recent import METADATA_KEY
 
-        for p in list_parts(self.paths.user_recent_behaviors):
+        parts = list_parts(self.paths.user_recent_behaviors)  # ingest's first: they set n
+        for p in sorted(parts, key=lambda p: p.name.startswith(f"part-{PUSH_PREFIX}-")):
             raw = file_metadata(p).get(METADATA_KEY)
             if raw:
                 meta = json.loads(raw)
@@ -679,7 +675,8 @@ class EventProcessor:
     def _load_tables(self) -> None:
         """Histories, item texts and the encoded ids, read from the data dir (again after a re-ingest)."""
         ws = self.paths
-        self._canonical_key = (_stat_key(ws.interactions), _stat_key(ws.items), _stat_key(ws.manifest))
+        self._canonical_key = tuple(_stat_key(p) for p in (ws.interactions, ws.items, ws.manifest))
+        self.recent_n = self._recent_n()
         self.histories = _Histories(ws.interactions)
         self.item_text: dict[int, str] = {}
         self.item_ts: dict[int, int] = {}
@@ -824,10 +821,9 @@ class EventProcessor:
                            f"{_iso(latest + US_PER_S)}) already holds", "timestamp",
                         "Send events in time order, newer than every interaction already pushed or ingested.")
         # behaviour texts; the ones to encode
-        text_of = {**self.item_text, **new_text}
         behavior: list[tuple[int, str]] = []
         for e in events:
-            text = e.behavior_text if e.behavior_text is not None else text_of[e.item_id]
+            text = e.behavior_text if e.behavior_text is not None else self._item_text(e.item_id, new_text)
             behavior.append((stable_id(text), normalize_text(text)))
         for uid in by_user:  # the history the deep layers will read must be encoded (token level: its texts)
             rows = self.histories.last(uid, self.context_size)
@@ -857,11 +853,11 @@ class EventProcessor:
             item_first[e.item_id] = min(item_first.get(e.item_id, e.time_us), e.time_us)
         new_behaviors = sorted({bid for bid, _ in plan["behavior"] if bid not in self.vectors})
         new_items = sorted(i for i in item_first if i not in self.encoded_items)
-        item_key = {i: stable_id({**self.item_text, **new_text}[i]) for i in new_items}
+        item_key = {i: stable_id(self._item_text(i, new_text)) for i in new_items}
         texts = {bid: text for bid, text in plan["behavior"] if bid in new_behaviors}
         for i in new_items:
             if item_key[i] not in self.vectors:
-                texts.setdefault(item_key[i], normalize_text({**self.item_text, **new_text}[i]))
+                texts.setdefault(item_key[i], normalize_text(self._item_text(i, new_text)))
         keys = sorted(texts)
         encoded = {}
         if keys:
@@ -870,7 +866,7 @@ class EventProcessor:
 
         # 2. the users' new rows: deep layers over the last n behaviours (embed-users' code path)
         rows_of = {uid: self._rows_with(uid, evs, plan) for uid, evs in plan["by_user"].items()}
-        uids, stamps, states = self._user_states(rows_of, {**self.vectors, **encoded})
+        uids, stamps, states = self._user_states(rows_of, ChainMap(encoded, self.vectors))
         recent = self._recent_rows(rows_of) if self.recent_n is not None else None
         compute = time.perf_counter() - t0
 
@@ -970,6 +966,9 @@ class EventProcessor:
         h = hashlib.sha256(sink.getvalue())
         return f"{PUSH_PREFIX}-{kind}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{h.hexdigest()[:16]}"
 
+    def _item_text(self, item: int, new_text: dict[int, str]) -> str:
+        return new_text[item] if item in new_text else self.item_text[item]
+
     def _rows_with(self, uid: int, evs: list[Event], plan: dict[str, Any]) -> _Rows:
         """The user's last interactions (enough for the deep layers and the recent list) plus the new ones."""
         bid = plan["behavior_of"]
@@ -981,7 +980,7 @@ class EventProcessor:
         both = _Rows.concat([self.histories.last(uid, k), new]).sorted()
         return both.take(slice(max(0, len(both) - k), None))
 
-    def _user_states(self, rows_of: dict[int, _Rows], vectors: dict[int, np.ndarray]):
+    def _user_states(self, rows_of: dict[int, _Rows], vectors: Mapping[int, np.ndarray]):
         from llm_features.embed_users import final_user_states
         from llm_features.finetune.data import FinetuneData
         from llm_features.finetune.packing import UserHistories, feedback_index
