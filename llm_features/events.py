@@ -731,8 +731,9 @@ class EventProcessor:
         for item, text in zip(items.tolist(), t["item_text"].to_pylist()):
             if text is not None and item not in self.item_text:
                 self.item_text[item] = text
-        if self.ft.granularity == "token":
-            self.behavior_text.update(zip(t["behavior_id"].to_pylist(), t["behavior_text"].to_pylist()))
+        if self.ft.granularity == "token":  # the first spelling of a behaviour is its text, as in embed-users
+            for bid, text in zip(t["behavior_id"].to_pylist(), t["behavior_text"].to_pylist()):
+                self.behavior_text.setdefault(bid, text)
         users = t["user_id"].to_numpy()
         rows = _Rows(utc_us(t["event_timestamp"]).cast(pa.int64()).to_numpy(), items,
                      t["behavior_id"].to_numpy(), t["label"].to_numpy().astype(np.int8),
@@ -824,7 +825,7 @@ class EventProcessor:
         behavior: list[tuple[int, str]] = []
         for e in events:
             text = e.behavior_text if e.behavior_text is not None else self._item_text(e.item_id, new_text)
-            behavior.append((stable_id(text), normalize_text(text)))
+            behavior.append((stable_id(text), text))  # as ingest keeps it: the id of the normalised text
         for uid in by_user:  # the history the deep layers will read must be encoded (token level: its texts)
             rows = self.histories.last(uid, self.context_size)
             known = self.vectors if self.ft.granularity == "behavior" else self.behavior_text
@@ -854,7 +855,7 @@ class EventProcessor:
         new_behaviors = sorted({bid for bid, _ in plan["behavior"] if bid not in self.vectors})
         new_items = sorted(i for i in item_first if i not in self.encoded_items)
         item_key = {i: stable_id(self._item_text(i, new_text)) for i in new_items}
-        texts = {bid: text for bid, text in plan["behavior"] if bid in new_behaviors}
+        texts = {bid: normalize_text(text) for bid, text in plan["behavior"] if bid in new_behaviors}
         for i in new_items:
             if item_key[i] not in self.vectors:
                 texts.setdefault(item_key[i], normalize_text(self._item_text(i, new_text)))
@@ -866,7 +867,9 @@ class EventProcessor:
 
         # 2. the users' new rows: deep layers over the last n behaviours (embed-users' code path)
         rows_of = {uid: self._rows_with(uid, evs, plan) for uid, evs in plan["by_user"].items()}
-        uids, stamps, states = self._user_states(rows_of, ChainMap(encoded, self.vectors))
+        request_texts = dict(plan["behavior"])  # token level: the texts the deep layers read
+        uids, stamps, states = self._user_states(rows_of, ChainMap(encoded, self.vectors),
+                                                 ChainMap(self.behavior_text, request_texts))
         recent = self._recent_rows(rows_of) if self.recent_n is not None else None
         compute = time.perf_counter() - t0
 
@@ -980,7 +983,8 @@ class EventProcessor:
         both = _Rows.concat([self.histories.last(uid, k), new]).sorted()
         return both.take(slice(max(0, len(both) - k), None))
 
-    def _user_states(self, rows_of: dict[int, _Rows], vectors: Mapping[int, np.ndarray]):
+    def _user_states(self, rows_of: dict[int, _Rows], vectors: Mapping[int, np.ndarray],
+                     texts_of: Mapping[int, str]):
         from llm_features.embed_users import final_user_states
         from llm_features.finetune.data import FinetuneData
         from llm_features.finetune.packing import UserHistories, feedback_index
@@ -999,7 +1003,7 @@ class EventProcessor:
             table = torch.from_numpy(np.stack([vectors[b] for b in bids.tolist()]).astype(np.float32))
         texts = []
         if self.ft.granularity == "token":
-            texts = [self.behavior_text.get(b, "") for b in bids.tolist()]
+            texts = [texts_of[b] for b in bids.tolist()]
         data = FinetuneData(hist, table, torch.zeros(1, dim), texts)
         return final_user_states(self.model, self.ft, data, context_size=n, device=self.device)
 

@@ -74,9 +74,9 @@ def write_canonical(root: Path, rows, extra_items: dict[int, str] | None = None)
     }), ws.users)
 
 
-def embed(ckpt: Path, ws: Path) -> None:
-    embed_users(EmbedUsersConfig(checkpoint=ckpt, data_dir=ws, cadence="event", every=1, device="cpu",
-                                 num_threads=1))
+def embed(ckpt: Path, ws: Path, cadence: str = "event", overwrite: bool = False) -> None:
+    embed_users(EmbedUsersConfig(checkpoint=ckpt, data_dir=ws, cadence=cadence, every=1, device="cpu",
+                                 num_threads=1, overwrite=overwrite))
 
 
 def run_encode(ws: Path, bert) -> None:
@@ -123,7 +123,8 @@ def iso(us: int) -> str:
     return pd.Timestamp(us, unit="us", tz="UTC").isoformat().replace("+00:00", "Z")
 
 
-def batch_reference(base, tmp: Path, events: list[dict], extra_items: dict[int, str] | None = None):
+def batch_reference(base, tmp: Path, events: list[dict], extra_items: dict[int, str] | None = None,
+                    ckpt: Path | None = None):
     """`embed-users` (and ingest's recent table) over the base interactions plus ``events``."""
     ws = Path(shutil.copytree(base["ws"], tmp))
     new = [(e["user_id"], e["item_id"], int(pd.Timestamp(e["timestamp"]).timestamp()), e["rating"])
@@ -131,7 +132,10 @@ def batch_reference(base, tmp: Path, events: list[dict], extra_items: dict[int, 
     write_canonical(ws, list(base["rows"]) + new, extra_items)
     if extra_items:  # embed-users needs every behaviour encoded: the new item's text too
         run_encode(ws, base["bert"])
-    embed(base["ckpt"], ws)
+    if ckpt is None:
+        embed(base["ckpt"], ws)
+    else:
+        embed(ckpt, ws, "last", overwrite=True)
     inter = pq.read_table(Workspace.at(ws).interactions)
     return read_user_embeddings(ws), build_recent_behaviors(inter, n=RECENT_N).to_pandas()
 
@@ -278,6 +282,35 @@ def test_a_second_processor_continues_from_the_first(base, served, tmp_path):
     want, _ = batch_reference(base, tmp_path / "batch", [e1, e2, e3])
     np.testing.assert_allclose(online_features(served["store"], 1, [0]).values["user_embedding"][0],
                                user_vector(want, 1, (t + 31) * US), atol=1e-5)
+
+
+def test_token_level_checkpoint_pushes_what_embed_users_exports(base, tmp_path, tiny_bert_dir):
+    """Token granularity: the deep layers read the behaviour texts themselves (a new item's too)."""
+    from llm_features.finetune import FinetuneConfig
+    from llm_features.finetune.checkpoint import build_model, save_checkpoint
+
+    cfg = FinetuneConfig(model=tiny_bert_dir, split_layer=2, context_size=3, granularity="token",
+                         head_hidden=8, out=tmp_path / "token")
+    torch.manual_seed(1)
+    model = build_model(cfg, base["bert"], 32)
+    with torch.no_grad():
+        model.query.normal_(0, 1.0)
+        model.distance_bias.table.normal_(0, 1.0)
+    save_checkpoint(cfg.out, model, cfg, item_dim=32)
+    ws = Path(shutil.copytree(base["ws"], tmp_path / "ws"))
+    embed(cfg.out, ws, "last", overwrite=True)
+    repo = copy_repo(tmp_path / "feast_repo")
+    store = open_store(repo, ws)
+    apply_definitions(store)
+    proc = EventProcessor(data_dir=ws, checkpoint=cfg.out, repo=repo, store=store)
+    assert proc.ft.granularity == "token"
+    t, text = last_time(base["rows"], 2), "A Token Movie (2002) | Comedy"
+    events = [event(2, 3, t + 100, 5.0), event(2, 100, t + 200, 2.0, item_text=text)]
+    proc.process(events)
+    want, _ = batch_reference(base, tmp_path / "batch", events, {100: text}, ckpt=cfg.out)
+    stamp = (t + 201) * US
+    np.testing.assert_allclose(user_vector(read_user_embeddings(ws), 2, stamp), user_vector(want, 2, stamp),
+                               atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------- bad input
