@@ -324,9 +324,9 @@ class _DirWatch:
         except FileNotFoundError:
             return None
 
-    def new_parts(self) -> list[Path]:
+    def new_parts(self, force: bool = False) -> list[Path]:
         mtime = self._mtime()
-        if mtime is not None and mtime == self.mtime:
+        if not force and mtime is not None and mtime == self.mtime:
             return []
         self.mtime = mtime
         parts = [p for p in list_parts(self.directory) if p.name not in self.seen]
@@ -574,6 +574,8 @@ class EventProcessor:
         if sqlite_wal:
             self._sqlite_wal()
         self._mutex = threading.Lock()
+        self._head_file = self.paths.events / ".llmfeat-head"
+        self._seen_head = -1
         self._watch = {name: _DirWatch(getattr(self.paths, name)) for name in (
             "events", "atomic_behavior_embeddings", "item_embeddings", "user_embeddings")}
         self._load_tables()
@@ -700,20 +702,38 @@ class EventProcessor:
             watch.mtime = None
         self._sync_parts()
 
+    def _head(self) -> int:
+        """How many pushes every processor of this data dir has made (``events/.llmfeat-head``)."""
+        try:
+            return int(json.loads(self._head_file.read_text())["pushes"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return 0
+
+    def _bump_head(self) -> None:
+        """One push more (under the data dir's lock). A directory's mtime may not change between two
+        writes a few ms apart (coarse file times), so processors tell each other through this file."""
+        self._seen_head = self._head() + 1
+        tmp = self._head_file.with_name(f".llmfeat-head.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"pushes": self._seen_head, "pid": os.getpid()}))
+        os.replace(tmp, self._head_file)
+
     def _sync_parts(self) -> None:
         """Apply the part files other writers (or earlier processes) added since the last look."""
         from llm_features.finetune.data import _check_parts
 
-        new = self._watch["atomic_behavior_embeddings"].new_parts()
+        head = self._head()
+        force = head != self._seen_head  # another processor pushed: look at every directory
+        self._seen_head = head
+        new = self._watch["atomic_behavior_embeddings"].new_parts(force)
         if new:
             _check_parts(self.paths.atomic_behavior_embeddings, self.fingerprint)  # every part of this model
             for p in new:
                 t = pq.read_table(p, columns=["behavior_id", "behavior_embedding"])
                 for bid, vec in zip(t["behavior_id"].to_pylist(), embedding_matrix(t["behavior_embedding"])):
                     self.vectors[bid] = vec
-        for p in self._watch["item_embeddings"].new_parts():
+        for p in self._watch["item_embeddings"].new_parts(force):
             self.encoded_items.update(pq.read_table(p, columns=["item_id"])["item_id"].to_pylist())
-        for p in self._watch["user_embeddings"].new_parts():
+        for p in self._watch["user_embeddings"].new_parts(force):
             got = _identity_of(p)
             if got is not None and any(got.get(k) != self.identity.get(k) for k in _IDENTITY_KEYS):
                 raise UserError(
@@ -722,7 +742,7 @@ class EventProcessor:
                     f"this processor serves {self.identity['id']} (cadence {self.identity['cadence']}, "
                     f"n={self.context_size})", file=self.paths.user_embeddings,
                     fix="Restart the event processor with the checkpoint embed-users used.")
-        for p in self._watch["events"].new_parts():
+        for p in self._watch["events"].new_parts(force):
             self._apply_log(pq.read_table(p))
 
     def _apply_log(self, t: pa.Table) -> None:
@@ -890,6 +910,7 @@ class EventProcessor:
                           metadata={EVENTS_METADATA_KEY: json.dumps(pushed)})
         written.append(part)
         self._watch["events"].mark(part)
+        self._bump_head()
         self._apply_log(log_table)
 
         from llm_features.encode import _write_rows
