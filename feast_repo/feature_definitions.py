@@ -20,6 +20,12 @@ part-file metadata before materialisation, so two models' embeddings are never m
 The embedding fields are not vector-indexed (``vector_index``): none of the online stores this
 repository ships with serves feast's vector search (README, "Vector search").
 
+The views that events update between batch runs (``user_embeddings``, ``user_recent_behaviors``, and
+the item and atomic embedding views for items first seen in an event) take their rows from a
+``PushSource`` (``<view>_push``) whose batch source is the view's part-file source: materialisation
+and offline reads go through the batch source as before, and ``llm_features.events`` writes a fresh
+row online through the push source and offline as a part file in the same directory.
+
 Every entity, feature view and feature service carries an owner (``OWNER``: set it to your team's
 address), a description and tags (``llmfeat_kind``, plus the fingerprint on the embedding views).
 """
@@ -31,7 +37,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
-from feast import Entity, FeatureService, FeatureView, Field, ValueType
+from feast import Entity, FeatureService, FeatureView, Field, PushSource, ValueType
 from feast.data_source import DataSource
 from feast.types import Array, Bool, Float32, Float64, Int32, Int64, String
 
@@ -143,6 +149,25 @@ user_recent_behaviors_source = _part_dir_source("user_recent_behaviors_source", 
 users_source, _users_schema = _table_source("users_source", "users")
 items_source, _items_schema = _table_source("items_source", "items")
 
+
+def _push_source(view: str, batch_source: DataSource) -> PushSource:
+    """Where fresh rows of ``view`` are pushed (``llm_features.events``): straight into the online
+    store; the same row goes to ``batch_source``'s part-file directory (written by llmfeat, not by
+    feast's offline write, which would rewrite the whole directory)."""
+    return PushSource(name=f"{view}_push", batch_source=batch_source, owner=OWNER,
+                      description=f"Fresh {view} rows pushed by `llmfeat push-events` / llm_features.events.",
+                      tags={"llmfeat_kind": "push"})
+
+
+# Fresh rows between batch runs (llm_features.events): a user's new embedding and recent list after
+# an event, and the embeddings of an item first seen in an event. Materialisation and offline reads
+# still go through each push source's batch source.
+atomic_behavior_embeddings_push = _push_source("atomic_behavior_embeddings",
+                                               atomic_behavior_embeddings_source)
+item_embeddings_push = _push_source("item_embeddings", item_embeddings_source)
+user_embeddings_push = _push_source("user_embeddings", user_embeddings_source)
+user_recent_behaviors_push = _push_source("user_recent_behaviors", user_recent_behaviors_source)
+
 # ---------------------------------------------------------------------------------------------
 # Feature views (feature names are globally unique across views)
 
@@ -156,7 +181,7 @@ atomic_behavior_embeddings = FeatureView(
     entities=[behavior],
     ttl=TTL,
     schema=[_embedding_field("behavior_embedding")],
-    source=atomic_behavior_embeddings_source,
+    source=atomic_behavior_embeddings_push,
     online=True,
     owner=OWNER,
     tags=_embedding_tags("behavior"),
@@ -167,7 +192,7 @@ item_embeddings = FeatureView(
     entities=[item],
     ttl=TTL,
     schema=[_embedding_field("item_embedding")],
-    source=item_embeddings_source,
+    source=item_embeddings_push,
     online=True,
     owner=OWNER,
     tags=_embedding_tags("item"),
@@ -178,7 +203,7 @@ user_embeddings = FeatureView(
     entities=[user],
     ttl=TTL,
     schema=[_embedding_field("user_embedding")],
-    source=user_embeddings_source,
+    source=user_embeddings_push,
     online=True,
     owner=OWNER,
     tags=_embedding_tags("user"),
@@ -194,7 +219,7 @@ user_recent_behaviors = FeatureView(
         Field(name="recent_item_ids", dtype=Array(Int64), description="item_id of each, oldest first"),
         Field(name="recent_labels", dtype=Array(Int32), description="label (0/1) of each, oldest first"),
     ],
-    source=user_recent_behaviors_source,
+    source=user_recent_behaviors_push,
     online=True,
     owner=OWNER,
     tags={"llmfeat_kind": "sequence"},

@@ -493,6 +493,33 @@ def compute_user_states(
     return np.ascontiguousarray(states[order[pos]]), len(got_rows)
 
 
+def final_user_states(
+    model: FinetuneModel,
+    ft,
+    data: FinetuneData,
+    *,
+    context_size: int,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every user's current row, the one embed-users writes at (last interaction + 1 s).
+
+    The same code path as :func:`embed_users`: :func:`with_final_queries`, the checkpoint's packer
+    (``make_packer``) and :func:`compute_user_states` with ``k = 1`` (the sliding window; for
+    ``leakage="isolated"`` the DTI-packed export is the same state). ``data.hist`` only needs the
+    rows a final query reads: a user's last ``context_size`` interactions (``llm_features.events``
+    passes just those). Returns ``(user_ids, stamps in µs, [U, D] states)``.
+    """
+    from llm_features.finetune.train import make_packer
+
+    ext, final_rows = with_final_queries(data.hist)
+    packer = make_packer(ft, FinetuneData(ext, data.behavior_table, data.item_table, data.behavior_texts),
+                         model.backbone)
+    states, _ = compute_user_states(model, packer, ext, final_rows, context_size=context_size,
+                                    targets_per_sequence=1, batch_size=batch_size, device=device)
+    return ext.user_ids.copy(), ext.time[final_rows].copy(), states
+
+
 def _part_table(user_ids: np.ndarray, states: np.ndarray, stamps: np.ndarray) -> pa.Table:
     return pa.Table.from_arrays(
         [pa.array(user_ids, pa.int64()), embedding_array(states),
@@ -693,7 +720,7 @@ def read_user_embeddings(data_dir: str | os.PathLike | None) -> pd.DataFrame:
 __all__ = [
     "CHECKPOINT_METADATA_KEY", "CheckpointMismatchError", "EmbedUsersConfig", "EmbedUsersReport",
     "LateInteractionsError", "Snapshots", "checkpoint_identity", "compute_user_states", "embed_users",
-    "read_user_embeddings", "snapshots", "with_final_queries",
+    "final_user_states", "read_user_embeddings", "snapshots", "with_final_queries",
 ]
 
 

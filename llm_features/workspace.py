@@ -16,6 +16,7 @@ Layout::
       item_embeddings/                 part files: item_id, item_embedding, event_timestamp
       user_embeddings/                 part files: user_id, user_embedding, event_timestamp
       user_recent_behaviors/           part files: user_id, recent_behavior_ids, event_timestamp
+      events/                          part files: the interactions pushed since ingest (llm_features.events)
       manifest.json                    the model fingerprint of the embeddings here
       registry.db, online_store.db     Feast's registry and SQLite online store
       runs/finetune/                   `llmfeat finetune`'s checkpoint (the --out default)
@@ -50,7 +51,8 @@ from llm_features.parquet_io import write_table_atomic  # noqa: F401  (re-export
 
 DATA_DIR_ENV = "LLMFEAT_DATA_DIR"
 LOCK_FILE = ".llmfeat.lock"
-TABLES = ("canonical", "atomic_behavior_embeddings", "item_embeddings", "user_embeddings", "user_recent_behaviors")
+TABLES = ("canonical", "atomic_behavior_embeddings", "item_embeddings", "user_embeddings", "user_recent_behaviors",
+          "events")
 
 # data dirs whose lock this process holds -> nesting depth (a stage inside the demo, a registry
 # rebuild inside `feast apply`: the outer holder already owns the dir)
@@ -194,6 +196,11 @@ class Workspace:
     @property
     def user_recent_behaviors(self) -> Path:
         return self._table("user_recent_behaviors")
+
+    @property
+    def events(self) -> Path:
+        """Interactions pushed by ``llm_features.events`` since ingest (not a feature view's source)."""
+        return self._table("events")
 
     @property
     def manifest(self) -> Path:

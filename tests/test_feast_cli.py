@@ -245,9 +245,12 @@ def test_every_object_has_owner_description_and_tags(tmp_path):
     data = tmp_path / "data"
     write_synthetic_workspace(data)
     contents = load_definitions(repo, data)
+    from feast import PushSource
+
+    pushes = [s for s in contents.data_sources if isinstance(s, PushSource)]
     objects = [*[e for e in contents.entities if e.name != "__dummy"], *contents.feature_views,
-               *contents.on_demand_feature_views, *contents.feature_services]
-    assert len(contents.feature_views) == 8 and len(contents.feature_services) == 2
+               *contents.on_demand_feature_views, *contents.feature_services, *pushes]
+    assert len(contents.feature_views) == 8 and len(contents.feature_services) == 2 and len(pushes) == 4
     for obj in objects:
         kind = type(obj).__name__
         assert obj.owner, f"{kind} {obj.name} has no owner"
@@ -259,7 +262,8 @@ def test_every_object_has_owner_description_and_tags(tmp_path):
     store = open_store(repo, data)
     apply_definitions(store)
     assert isinstance(store, FeatureStore)
-    registered = [*store.list_entities(), *store.list_feature_views(), *store.list_feature_services()]
+    registered = [*store.list_entities(), *store.list_feature_views(), *store.list_feature_services(),
+                  *[s for s in store.list_data_sources() if isinstance(s, PushSource)]]
     assert len(registered) == len(objects)
     for obj in registered:
         assert obj.owner and obj.description and obj.tags, f"{type(obj).__name__} {obj.name} after apply"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from feast import ValueType
+from feast import PushSource, ValueType
 from feast.types import Array, Float32, Int64, String
 
 from llm_features.fingerprint import FINGERPRINT_TAG
@@ -47,6 +47,15 @@ def test_definitions_match_spec(tmp_path):
         (f,) = views[name].features
         assert (f.name, f.dtype, f.vector_index, f.vector_length) == (feature, Array(Float32), False, 8)
         assert views[name].tags[FINGERPRINT_TAG] == syn.fingerprint.digest
+    # fresh rows (llm_features.events) are pushed to the online store through a push source per view,
+    # backed by the view's own part-file source
+    pushed = {"atomic_behavior_embeddings", "item_embeddings", "user_embeddings", "user_recent_behaviors"}
+    for name, fv in views.items():
+        if name in pushed:
+            assert isinstance(fv.stream_source, PushSource) and fv.stream_source.name == f"{name}_push", name
+            assert fv.stream_source.batch_source == fv.batch_source
+        else:
+            assert fv.stream_source is None, name
     types = {f.name: f.dtype for fv in views.values() for f in fv.features}
     assert types["recent_behavior_ids"] == Array(Int64) and types["item_genres"] == Array(String)
     assert types["occupation"] == String and types["age"] == Int64  # typed from the table itself

@@ -109,7 +109,7 @@ def stop_spark() -> None:
 
 
 def test_definitions_declare_the_source_class_of_the_offline_store(tmp_path, monkeypatch):
-    from feast import FileSource
+    from feast import FileSource, PushSource
     from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
 
     from llm_features.store import load_definitions
@@ -120,15 +120,23 @@ def test_definitions_declare_the_source_class_of_the_offline_store(tmp_path, mon
     monkeypatch.delenv(OFFLINE_STORE_ENV, raising=False)
     duck = load_definitions(repo, data, offline_store="duckdb")
     spark = load_definitions(repo, data, offline_store="spark")
-    assert duck.data_sources and all(type(s) is FileSource for s in duck.data_sources)
-    assert all(type(s) is SparkSource for s in spark.data_sources)
+    # the push sources (llm_features.events) are backed by the same class as every other source
+    for r, cls in ((duck, FileSource), (spark, SparkSource)):
+        pushes = [s for s in r.data_sources if isinstance(s, PushSource)]
+        assert len(pushes) == 4 and all(type(s.batch_source) is cls for s in pushes)
+
+    def batch(r):
+        return [s for s in r.data_sources if not isinstance(s, PushSource)]
+
+    assert batch(duck) and all(type(s) is FileSource for s in batch(duck))
+    assert all(type(s) is SparkSource for s in batch(spark))
 
     def sources(r):
-        return {s.name: (s.path, s.timestamp_field, s.created_timestamp_column) for s in r.data_sources}
+        return {s.name: (s.path, s.timestamp_field, s.created_timestamp_column) for s in batch(r)}
 
     assert sources(duck) == sources(spark) and len(sources(duck)) == 6
     assert all(Path(p).is_absolute() and Path(p).is_relative_to(data) for p, _, _ in sources(spark).values())
-    assert {s.file_format for s in spark.data_sources} == {"parquet"}
+    assert {s.file_format for s in batch(spark)} == {"parquet"}
 
     def views(r):
         return {fv.name: ([(f.name, f.dtype, f.vector_length) for f in fv.schema], fv.entities, fv.ttl,
@@ -292,7 +300,7 @@ def _assert_cells_equal(col: str, a: pd.Series, b: pd.Series) -> None:
 
 
 def test_spark_applies_spark_sources(ml100k_both):
-    from feast import FileSource
+    from feast import FileSource, PushSource
     from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
 
     duck, spark = ml100k_both["duckdb"]["store"], ml100k_both["spark"]["store"]

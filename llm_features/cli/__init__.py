@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "feast": "llm_features.cli.feast",
     "finetune": "llm_features.cli.finetune",
     "embed-users": "llm_features.cli.embed_users",
+    "push-events": "llm_features.cli.push_events",
     "export": "llm_features.cli.export",
     "ranker": "ranker.cli",
     "demo": "llm_features.cli.demo",
