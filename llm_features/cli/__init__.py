@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "embed-users": "llm_features.cli.embed_users",
     "export": "llm_features.cli.export",
     "ranker": "ranker.cli",
+    "serve": "llm_features.cli.serve",
     "demo": "llm_features.cli.demo",
     "bench": "llm_features.cli.bench",
 }
