@@ -87,10 +87,10 @@ def _stage_profile(ranker, reqs: list[tuple[int, list[int]]]) -> dict[str, dict[
         b = time.perf_counter()
         ranker.encoder.encode({USER_ID: [user], **values}, with_labels=False, row_masks=True)
         c = time.perf_counter()
-        dense, kjt, _ = scorer.inputs(user, items)
+        dense, pooled, _ = scorer.inputs(user, items)
         d = time.perf_counter()
         with torch.inference_mode():
-            probs = torch.sigmoid(scorer.model(dense, kjt)).numpy()
+            probs = torch.sigmoid(scorer.model.forward_one_user(dense, pooled)).numpy()
         e = time.perf_counter()
         scorer.score(user, items)
         f = time.perf_counter()

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ranker.features import ITEM_ID, RECENT_ITEM_IDS, USER_ID, EncodedRows, FeatureEncoder, MissingFeatures
+from ranker.features import ITEM_ID, USER_ID, EncodedRows, FeatureEncoder, MissingFeatures
 
 log = logging.getLogger(__name__)
 

@@ -90,8 +90,11 @@ class BadRequest(Exception):
 def load_ranker(cfg: ServeConfig) -> Ranker:
     """The ranker of ``cfg``, its store opened and checked (:meth:`Ranker.check_store`: never
     materialised, or embeddings of another model -> :class:`UserError`)."""
-    if not Path(cfg.ranker).exists():
-        raise UserError("does not exist", file=cfg.ranker, option="--ranker",
+    from ranker.train import CONFIG_FILE
+
+    if not (Path(cfg.ranker) / CONFIG_FILE).is_file():
+        what = f"is not a ranker checkpoint (no {CONFIG_FILE})" if Path(cfg.ranker).exists() else "does not exist"
+        raise UserError(what, file=cfg.ranker, option="--ranker",
                         fix="Pass the --out directory of `llmfeat ranker train` (or run it first).")
     ranker = Ranker.load(cfg.ranker, repo=cfg.repo, data_dir=cfg.data_dir, fs_yaml_file=cfg.feature_store_yaml)
     ranker.feature_refs()

@@ -24,7 +24,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -421,6 +420,16 @@ def test_serve_refuses_an_unmaterialized_store(served, tmp_path, no_uvicorn):
     apply_definitions(open_store(served.repo, data))
     run_bad(["serve", "--ranker", served.ckpt, "--repo", served.repo, "--data-dir", data],
             expect=r"online store has no rows for feature view\(s\) .* never materialized", unchanged=[data])
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_serve_refuses_a_directory_without_a_ranker(served, tmp_path, no_uvicorn, make):
+    ckpt = tmp_path / "runs"
+    if make == "empty":
+        ckpt.mkdir()
+    what = "does not exist" if make == "missing" else r"is not a ranker checkpoint \(no ranker.json\)"
+    run_bad(["serve", "--ranker", ckpt, "--repo", served.repo, "--data-dir", served.data],
+            expect=rf"runs, --ranker: {what}\. Pass the --out directory of `llmfeat ranker train`")
 
 
 def test_serve_refuses_events_without_a_token(served, no_uvicorn):
