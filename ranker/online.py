@@ -6,9 +6,9 @@ for 100 candidates on ML-1M that is ~12 ms in Feast and ~7 ms of encoding. :clas
 gives the same scores (``tests/test_serve_http.py`` compares them) with less work per request:
 
 * **Item inputs are cached, encoded.** An item's features change only when a materialisation
-  writes new item rows (or the model changes), so the item-side model inputs (its dense columns,
-  its sparse rows, which defaults it took) are encoded once per item and kept in
-  :class:`ItemInputs`. The items of the ranker's ``item_id`` vocabulary are read at start-up;
+  writes new item rows (or the model changes), so the item side of the model inputs (its dense
+  columns, the pooled embeddings of its sparse features, which defaults it took) is computed once
+  per item and kept in :class:`ItemInputs`. The items of the ranker's ``item_id`` vocabulary are read at start-up;
   any other id is read on its first request (an id the store does not have maps to one shared
   "absent item" row). :meth:`OnlineScorer.refresh` rebuilds the table when the registry says
   the item views were materialised again or their model fingerprint changed (checked at most every
@@ -18,7 +18,12 @@ gives the same scores (``tests/test_serve_http.py`` compares them) with less wor
   converts them (:class:`OnlineRows`), without feast's per-call request planning. The user is never
   cached: a fresh user embedding pushed to the store is served by the next request.
 * Per request: one user read (one ``online_read`` per user view), the user's one-row encoding, the
-  ``[N, F_dense]`` block and the KJT gathered from both sides, one forward pass.
+  ``[N, F_dense]`` block and the pooled embeddings ``[N, F, D]`` gathered from both sides, one
+  forward pass (:meth:`ranker.model.RankingModel.forward_one_user`).
+* **A store that changes model is not served.** When the registry says an embedding view of the
+  service now holds another model's embeddings than the checkpoint was trained on (a re-encode and
+  materialisation while serving), :meth:`OnlineScorer.score` raises :class:`StoreChanged` until
+  it holds the checkpoint's model again.
 
 Example::
 
@@ -46,6 +51,27 @@ READ_BATCH = 1000
 """Entity keys per ``online_read`` when the item table is filled (SQLite binds each key)."""
 MAX_ABSENT_IDS = 100_000
 """Ids the store does not have that the item table remembers (beyond: read again on each request)."""
+
+
+class StoreChanged(RuntimeError):
+    """The online store no longer holds the embedding model the ranker was trained on."""
+
+
+def embedding_model_mismatch(views: Sequence[Any], fingerprint: str | None) -> str | None:
+    """Why feature ``views`` (registry objects) cannot feed a ranker trained on embeddings of model
+    ``fingerprint``: an embedding view tagged with another model; None when they can (or when the
+    ranker records no model: the id-only twin)."""
+    from llm_features.fingerprint import FINGERPRINT_TAG
+
+    if fingerprint is None:
+        return None
+    for fv in views:
+        tag = fv.tags.get(FINGERPRINT_TAG)
+        if tag is not None and tag != fingerprint:
+            held = "no model's embeddings" if tag == "none" else f"embeddings of model {tag}"
+            return (f"the ranker was trained on embeddings of model {fingerprint}, but feature view {fv.name} "
+                    f"holds {held}")
+    return None
 
 
 def split_feature_refs(store: Any, feature_service: str, columns: set[str]) -> tuple[list[str], list[str]]:
@@ -287,19 +313,22 @@ class OnlineScorer:
     """
 
     def __init__(self, model: torch.nn.Module, encoder: FeatureEncoder, store: Any, feature_service: str,
-                 refresh_seconds: float = 5.0, prefetch: bool = True) -> None:
+                 refresh_seconds: float = 5.0, prefetch: bool = True, fingerprint: str | None = None) -> None:
         self.model = model.eval()
         self.encoder = encoder
         self.store = store
         self.feature_service = feature_service
         self.refresh_seconds = refresh_seconds
+        self.fingerprint = fingerprint
+        self.fault: str | None = None  # why the store cannot be served now (StoreChanged)
         user_refs, item_refs = split_feature_refs(store, feature_service, set(encoder.source_columns))
+        self.service_views = sorted({ref.split(":", 1)[0] for ref in (*user_refs, *item_refs)})
         self.users = OnlineRows(store, user_refs, USER_ID)
         self.items = OnlineRows(store, item_refs, ITEM_ID)
         self.item_views = sorted({ref.split(":", 1)[0] for ref in item_refs})
         self.layout = _Layout.of(encoder, set(self.users.columns), set(self.items.columns))
-        self._item_vocab = {encoder.sparse_names[s]: encoder.vocabs[encoder.features[encoder.sparse_names[s]].vocab]
-                            for s in self.layout.item_id_slots}
+        item_id_names = [encoder.sparse_names[s] for s in self.layout.item_id_slots]
+        self._item_vocab = {n: encoder.vocabs[encoder.features[n].vocab] for n in item_id_names}
         self._user_names = [encoder.sparse_names[s] for s in self.layout.user_slots]
         self.tables = Tables(self.model, encoder)
         self._user_runs = _runs(self.layout.user_dense)
@@ -354,10 +383,18 @@ class OnlineScorer:
 
     def refresh(self) -> bool:
         """Re-read the item table if the registry says the item views changed; True if it did.
-        The new table replaces the old one whole, so a request never sees half of each."""
+        The new table replaces the old one whole, so a request never sees half of each. A store whose
+        embedding views now hold another model is not read: :attr:`fault` says why."""
         version = self.item_version(refresh_registry=True)
         self._checked = time.monotonic()
-        if version == self.table.version:
+        registry, project = self.store.registry, self.store.project
+        views = [registry.get_feature_view(name, project, allow_cache=True) for name in self.service_views]
+        fault = embedding_model_mismatch(views, self.fingerprint)
+        if fault != self.fault:
+            (log.error if fault else log.warning)("online store: %s", fault or "serving again: the embedding "
+                                                  "views hold the ranker's model")
+        self.fault = fault
+        if fault or version == self.table.version:
             return False
         old = self.table
         ids = sorted(set(self._prefetch_ids()) | {i for i, row in old.index.items() if row})
@@ -397,8 +434,6 @@ class OnlineScorer:
         embeddings ``[N, F, D]`` (:meth:`RankingModel.forward_one_user`), and whether the store had
         any row for the user. Defaults taken are counted into ``stats`` as
         :meth:`FeatureEncoder.index` counts them for the same ``N`` rows."""
-        if self.refresh_seconds > 0 and not self._background:
-            self.maybe_refresh()
         n = len(item_ids)
         values, found = self.users.read([user_id])
         user = self.encoder.encode({USER_ID: [int(user_id)], **values}, with_labels=False, row_masks=True)
@@ -432,6 +467,10 @@ class OnlineScorer:
     def score(self, user_id: int, item_ids: Sequence[int]) -> tuple[np.ndarray, MissingFeatures, bool]:
         """``(probabilities [N] in input order, the defaults taken, whether the store knew the user)``."""
         stats = MissingFeatures()
+        if self.refresh_seconds > 0 and not self._background:
+            self.maybe_refresh()
+        if self.fault:
+            raise StoreChanged(f"{self.fault}; not scoring until it holds the ranker's model again")
         if len(item_ids) == 0:
             return np.zeros(0, np.float32), stats, bool(self.users.read([user_id])[1][0])
         dense, pooled, user_known = self.inputs(user_id, item_ids, stats)

@@ -47,7 +47,7 @@ import torch
 
 from ranker.features import ITEM_ID, USER_ID, FeatureEncoder, MissingFeatures
 from ranker.model import RankingModel
-from ranker.online import OnlineScorer, _is_feast_store, split_feature_refs
+from ranker.online import OnlineScorer, _is_feast_store, embedding_model_mismatch, split_feature_refs
 from ranker.train import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -123,21 +123,17 @@ class Ranker:
         """Refuse a store this ranker cannot serve (:class:`~llm_features.errors.UserError`): one never
         materialised for the service's views, or whose embedding views hold another model's
         embeddings than the checkpoint was trained on (their registry tag)."""
-        from llm_features.fingerprint import FINGERPRINT_TAG, FingerprintMismatchError
+        from llm_features.fingerprint import FingerprintMismatchError
         from llm_features.store import check_materialized, feature_service, feature_view, store_data_dir
 
         check_materialized(self.store, self.feature_service)
-        if self.fingerprint is None:  # the id-only twin, or trained on rows from outside a workspace
-            return
-        for proj in feature_service(self.store, self.feature_service).feature_view_projections:
-            tag = feature_view(self.store, proj.name).tags.get(FINGERPRINT_TAG)
-            if tag is not None and tag != self.fingerprint:
-                held = "no model's embeddings" if tag == "none" else f"embeddings of model {tag}"
-                raise FingerprintMismatchError(
-                    f"the ranker was trained on embeddings of model {self.fingerprint}, but feature view "
-                    f"{proj.name} of {store_data_dir(self.store)} holds {held}",
-                    file=self.checkpoint, fix="Serve the data dir the ranker was trained on, or retrain it on "
-                    "this one (llmfeat ranker train).")
+        views = [feature_view(self.store, p.name)
+                 for p in feature_service(self.store, self.feature_service).feature_view_projections]
+        problem = embedding_model_mismatch(views, self.fingerprint)
+        if problem:
+            raise FingerprintMismatchError(
+                f"{problem} (registry of {store_data_dir(self.store)})", file=self.checkpoint,
+                fix="Serve the data dir the ranker was trained on, or retrain it on this one (llmfeat ranker train).")
 
     def feature_refs(self) -> tuple[list[str], list[str]]:
         """``view:feature`` references of the service that the model reads, split by entity."""
@@ -160,7 +156,7 @@ class Ranker:
         if self._scorer is None:
             self.feature_refs()
             self._scorer = OnlineScorer(self.model, self.encoder, self.store, self.feature_service,
-                                        prefetch=self._prefetch_items)
+                                        prefetch=self._prefetch_items, fingerprint=self.fingerprint)
         return self._scorer
 
     def online_frame(self, user_id: int, item_ids: Sequence[int]) -> dict[str, list[Any]]:

@@ -54,6 +54,7 @@ import numpy as np
 
 from llm_features.errors import UserError
 from ranker.config import ServeConfig
+from ranker.online import StoreChanged
 from ranker.serve import Ranker
 
 log = logging.getLogger(__name__)
@@ -303,6 +304,8 @@ def create_app(
                     response = await fn(request)
                 except BadRequest as e:
                     response = _json({"error": e.message}, e.status, e.headers)
+                except StoreChanged as e:  # the store was re-encoded under the service: not its fault
+                    response = _json({"error": str(e)}, 503)
                 except Exception:  # noqa: BLE001 - a bug: logged with its traceback, the client gets a 500
                     log.exception("%s %s failed", request.method, request.url.path)
                     response = _json({"error": "internal error (logged by the server)"}, 500)
@@ -343,6 +346,8 @@ def create_app(
 
     @endpoint("/health")
     async def health_endpoint(request: Any) -> Any:
+        if scorer.fault:
+            return _json({**health, "status": "error", "error": scorer.fault, "pid": os.getpid()}, 503)
         return _json({**health, "item_inputs": scorer.table.items, "pid": os.getpid()})
 
     @endpoint("/metrics")

@@ -205,7 +205,7 @@ def test_one_user_forward_equals_forward(mode):
 
 def test_item_inputs_are_reread_after_a_materialization(tmp_path):
     ws = _materialized(tmp_path)
-    ckpt = _train_ranker(tmp_path / "ranker", ws.syn.fingerprint.digest)
+    ckpt = ws.ckpt = _train_ranker(tmp_path / "ranker", ws.syn.fingerprint.digest)
     ranker = Ranker.load(ckpt, repo=ws.repo, data_dir=ws.data)
     scorer = ranker.scorer
     before = scorer.score(3, ITEMS)[0]
@@ -220,6 +220,27 @@ def test_item_inputs_are_reread_after_a_materialization(tmp_path):
     assert after[1] != before[1] and np.allclose(np.delete(after, 1), np.delete(before, 1), rtol=1e-6)
     fresh = Ranker.load(ckpt, repo=ws.repo, data_dir=ws.data)
     np.testing.assert_allclose(after, _reference(fresh, 3, ITEMS)[0], rtol=1e-5, atol=1e-6)
+
+    # the store's embedding views re-tagged with another model while serving: refused (503) until undone
+    from llm_features.fingerprint import FINGERPRINT_TAG
+    from ranker.online import StoreChanged
+
+    writer = open_store(ws.repo, ws.data)
+    view = writer.get_feature_view("user_embeddings")
+    view.tags[FINGERPRINT_TAG] = "f" * 16
+    writer.apply([view])
+    app = create_app(_cfg(ws), ranker=ranker)
+    with LiveServer(app) as live:
+        assert not scorer.refresh() and "feature view user_embeddings holds embeddings of model ffff" in scorer.fault
+        with pytest.raises(StoreChanged, match="not scoring until"):
+            scorer.score(3, ITEMS)
+        status, _, body = live.call("POST", "/score", {"user_id": 3, "item_ids": ITEMS})
+        assert status == 503 and "model ffffffffffffffff" in body["error"]
+        assert live.call("GET", "/health")[:1] == (503,)
+        view.tags[FINGERPRINT_TAG] = ws.syn.fingerprint.digest
+        writer.apply([view])
+        scorer.refresh()
+        assert scorer.fault is None and live.call("POST", "/score", {"user_id": 3, "item_ids": ITEMS})[0] == 200
 
 
 # ------------------------------------------------------------------------------------------------
@@ -410,7 +431,7 @@ def test_serve_refuses_a_ranker_of_another_model(served, tmp_path, no_uvicorn):
     (ckpt / "ranker.json").write_text(json.dumps(payload))
     run_bad(["serve", "--ranker", ckpt, "--repo", served.repo, "--data-dir", served.data],
             expect=r"ckpt: the ranker was trained on embeddings of model 0{16}, but feature view "
-                   r"\w+_embeddings of .* holds embeddings of model [0-9a-f]{16}\. Serve the data dir",
+                   r"\w+_embeddings holds embeddings of model [0-9a-f]{16} \(registry of .*\)\. Serve the data dir",
             unchanged=[ckpt])
 
 
