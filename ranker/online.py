@@ -139,6 +139,8 @@ class OnlineRows:
         """``(feature -> [N] values, None where absent; [N] bool: the store has a row for the id)``."""
         from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
 
+        if not self._views:  # the service has no view of this entity
+            return {}, np.zeros(len(ids), bool)
         values = python_values_to_proto_values([int(i) for i in ids], self._key_type)
         keys = [self._entity_key(join_keys=[self.join_key], entity_values=[v]) for v in values]
         found = np.zeros(len(keys), bool)

@@ -106,8 +106,8 @@ def events_token(cfg: ServeConfig) -> str | None:
     """The bearer token of ``POST /events`` (None when it is off); refuses to go on without one."""
     if not cfg.enable_events:
         return None
-    token = os.environ.get(TOKEN_ENV, "")
-    if not token.strip():
+    token = os.environ.get(TOKEN_ENV, "").strip()  # (a token read from a file keeps its newline)
+    if not token:
         raise UserError(f"POST /events needs a bearer token, and ${TOKEN_ENV} is not set", option="--enable-events",
                         fix=f"Set {TOKEN_ENV} to a long random secret (clients send `Authorization: Bearer "
                             f"<it>`), or leave out --enable-events.")
