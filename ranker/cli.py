@@ -66,8 +66,9 @@ def score_command(cfg: ScoreConfig) -> None:
         dup = sorted({i for i in items if items.count(i) > 1})
         raise UserError(f"item id(s) {', '.join(map(str, dup))} given more than once", option="--items",
                         fix="Give each candidate once.")
-    ranker = Ranker.load(cfg.checkpoint, repo=cfg.repo, data_dir=cfg.data_dir)
-    ranker.feature_refs()  # registry lookups happen once, outside the timed request
+    # one request: read the candidates' item inputs only, not the whole vocabulary's
+    ranker = Ranker.load(cfg.checkpoint, repo=cfg.repo, data_dir=cfg.data_dir, prefetch_items=False)
+    ranker.prepare()  # registry lookups and store checks happen once, outside the timed request
     t0 = time.perf_counter()
     ranked = ranker.rank(cfg.user_id, items, cfg.top_k)
     latency_ms = (time.perf_counter() - t0) * 1000

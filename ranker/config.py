@@ -262,5 +262,39 @@ class ScoreConfig:
         return ids
 
 
+@dataclass
+class ServeConfig:
+    """``llmfeat serve``: the ranker behind HTTP (:mod:`ranker.service`)."""
+
+    ranker: Path | None = field(default=None, metadata={
+        "help": "Directory written by ranker train (default: <data_dir>/runs/ranker_llm)."})
+    repo: Path = field(default=Path("feast_repo"), metadata={"help": "Feast repository (feature_store.yaml)."})
+    data_dir: Path | None = field(default=None, metadata={"help": "Workspace data directory."})
+    feature_store_yaml: Path | None = field(default=None, metadata={
+        "help": "Another configuration of the repo to serve from, e.g. production/feature_store.redis.yaml "
+                "(relative to the repo; default feature_store.yaml)."})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "Address to bind (0.0.0.0: every interface; put TLS and access control in front)."})
+    port: int = field(default=8000, metadata={"min": 1, "max": 65535, "help": "TCP port."})
+    workers: int = field(default=1, metadata={"min": 1, "help": (
+        "Worker processes (each loads the model and scores one request at a time; about one per core).")})
+    threads: int = field(default=1, metadata={"min": 1, "help": (
+        "torch intra-op threads per worker (a 100-candidate forward pass gains nothing from more).")})
+    max_candidates: int = field(default=1000, metadata={"min": 1,
+        "help": "Most item_ids one request may ask for (more: 422)."})
+    max_body_bytes: int = field(default=1_048_576, metadata={"min": 64,
+        "help": "Largest request body (more: 413, refused before it is read)."})
+    refresh_seconds: float = field(default=5.0, metadata={"min_open": 0.0, "help": (
+        "How often each worker looks in the registry for a new materialisation of the item views (its "
+        "cached item inputs are then re-read).")})
+    enable_events: bool = field(default=False, metadata={"help": (
+        "Serve POST /events; clients must send `Authorization: Bearer $LLMFEAT_SERVE_TOKEN` (the token is "
+        "read from that environment variable only).")})
+
+    def __post_init__(self) -> None:
+        if self.ranker is None:
+            self.ranker = default_checkpoint(self.repo, self.data_dir)
+
+
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value

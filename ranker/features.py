@@ -344,6 +344,12 @@ def _vectors(col: Any, n: int, name: str) -> tuple[np.ndarray, np.ndarray]:
 def _ints(col: Any, n: int) -> np.ndarray:
     if col is None:
         return np.full(n, INT_MISSING, np.int64)
+    if n == 1 and not isinstance(col, pd.Series):  # one served user: an int or None, without pandas
+        v = col[0]
+        if v is None:
+            return np.full(1, INT_MISSING, np.int64)
+        if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and -2**63 <= v < 2**63:
+            return np.array([v], np.int64)
     s = pd.to_numeric(pd.Series(np.asarray(col, dtype=object) if not isinstance(col, pd.Series) else col),
                       errors="coerce")
     out = np.full(n, INT_MISSING, np.int64)
@@ -364,6 +370,10 @@ def _category_str(v: Any, prefix: int | None) -> str | None:
 
 
 def _categories(col: Any, prefix: int | None) -> np.ndarray:
+    if not isinstance(col, pd.Series) and len(col) == 1:  # one served user: what factorize would give
+        out = np.empty(1, dtype=object)
+        out[0] = _category_str(col[0], prefix)
+        return out
     series = col if isinstance(col, pd.Series) else pd.Series(np.asarray(col, dtype=object))
     codes, uniques = pd.factorize(series)
     table = np.array([_category_str(u, prefix) for u in uniques] + [None], dtype=object)
@@ -475,6 +485,8 @@ class EncodedRows:
     sparse_names: list[str]
     llm_flag_columns: list[int]  # dense columns holding a missing flag (set by missing_dropout)
     users: np.ndarray | None = None  # ``[N]`` raw user ids, where a caller needs per-user metrics
+    missing: dict[str, np.ndarray] = field(default_factory=dict)
+    """``[N]`` bool per :class:`MissingFeatures` key: the rows that took that default (only when asked)."""
 
     def __len__(self) -> int:
         return len(self.dense)
@@ -687,9 +699,13 @@ class FeatureEncoder:
             for name in self.sparse_names
         ]
 
-    def index(self, raw: RawRows, stats: MissingFeatures | None = None) -> EncodedRows:
-        """Look up vocabularies and lay out the dense block; counts defaults into ``stats``."""
+    def index(self, raw: RawRows, stats: MissingFeatures | None = None, row_masks: bool = False) -> EncodedRows:
+        """Look up vocabularies and lay out the dense block; counts defaults into ``stats``.
+
+        ``row_masks``: also keep which rows took each default (``EncodedRows.missing``, the keys of
+        :class:`MissingFeatures`), for a caller that combines rows and counts them later (serving)."""
         n = len(raw)
+        masks: dict[str, np.ndarray] = {}
         blocks = [raw.numeric]
         width = raw.numeric.shape[1]
         if self.numeric_stats:
@@ -699,8 +715,7 @@ class FeatureEncoder:
                 missing = np.ones(n, bool) if v is None else ~np.isfinite(v)
                 if v is not None:
                     attr_block[~missing, j] = (v[~missing] - mean) / std
-                if stats is not None:
-                    stats.add(f"missing_{name}", int(missing.sum()))
+                masks[f"missing_{name}"] = missing
             blocks.append(attr_block)
             width += attr_block.shape[1]
         flag_cols: list[int] = []
@@ -713,8 +728,7 @@ class FeatureEncoder:
             width += d
             flag_cols.append(width)
             width += 1
-            if stats is not None:
-                stats.add(f"missing_{col}", int(missing.sum()))
+            masks[f"missing_{col}"] = missing
         feats = self.features
         sparse: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}
         for name in self.sparse_names:
@@ -725,19 +739,34 @@ class FeatureEncoder:
                 rows = vals
             else:
                 rows = self.vocabs[feat.vocab].lookup(vals)
-            if stats is not None:
+            if stats is not None or row_masks:
                 # A bag counts as unknown only when none of its values is known.
-                unknown = (rows == 0) if offsets is None else _bag_all_zero(offsets, rows)
-                stats.add(f"unknown_{name}", int(unknown.sum()))
+                masks[f"unknown_{name}"] = (rows == 0) if offsets is None else _bag_all_zero(offsets, rows)
             sparse[name] = (offsets, rows)
         if stats is not None:
+            for key, mask in masks.items():
+                stats.add(key, int(mask.sum()))
             stats.add("rows", n)
         dense = np.concatenate(blocks, axis=1).astype(np.float32, copy=False)
-        return EncodedRows(dense, sparse, raw.labels, list(self.sparse_names), flag_cols)
+        return EncodedRows(dense, sparse, raw.labels, list(self.sparse_names), flag_cols,
+                           missing=masks if row_masks else {})
 
     def encode(self, frame: pd.DataFrame | dict[str, Any], stats: MissingFeatures | None = None,
-               with_labels: bool = True) -> EncodedRows:
-        return self.index(extract(frame, self.model, with_labels, self.attributes), stats)
+               with_labels: bool = True, row_masks: bool = False) -> EncodedRows:
+        return self.index(extract(frame, self.model, with_labels, self.attributes), stats, row_masks)
+
+    def dense_columns(self) -> list[tuple[str, int, int]]:
+        """The dense block by source column: ``(column, start, end)``. The first columns
+        (``NUMERIC_FEATURES``) come from the recent-item columns (``RECENT_ITEM_IDS``)."""
+        out = [(RECENT_ITEM_IDS, 0, len(NUMERIC_FEATURES))]
+        pos = len(NUMERIC_FEATURES)
+        for col in (*self.model.extra_numeric, *self.numeric_stats):
+            out.append((col, pos, pos + 1))
+            pos += 1
+        for col, d in self.llm_dims.items():
+            out.append((col, pos, pos + d + 1))
+            pos += d + 1
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {

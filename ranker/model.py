@@ -76,8 +76,9 @@ class TowerScore(nn.Module):
         self.head.requires_grad_(False)
 
     def forward(self, user: torch.Tensor, item: torch.Tensor, user_missing: torch.Tensor,
-                item_missing: torch.Tensor) -> torch.Tensor:
-        logit = self.head(user, item).unsqueeze(-1)
+                item_missing: torch.Tensor, one_user: bool = False) -> torch.Tensor:
+        # one_user: every row is the same user (serving): the head folds it into its first layer
+        logit = (self.head.one_user(user[:1], item) if one_user else self.head(user, item)).unsqueeze(-1)
         return torch.where((user_missing > 0.5) | (item_missing > 0.5), torch.zeros_like(logit), logit)
 
     def load_tower(self, state: dict[str, torch.Tensor]) -> None:
@@ -194,25 +195,46 @@ class RankingModel(nn.Module):
         return self.dlrm.sparse_arch.embedding_bag_collection
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        return self._logits(dense_features, sparse_features)
+
+    def pooled_embeddings(self, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """The sparse features' pooled embeddings ``[B, F, D]`` (what the interaction arch reads)."""
+        return self.dlrm.sparse_arch(sparse_features)
+
+    def forward_one_user(self, dense_features: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for ``B`` candidates of one user (every row's user columns are equal), from
+        the pooled embeddings ``[B, F, D]`` (:meth:`pooled_embeddings`, which a server can cache per
+        item) instead of the KJT: the same logits ``[B]`` up to float rounding."""
+        return self._logits(dense_features, pooled, pooled=True, one_user=True)
+
+    def _dlrm(self, dense: torch.Tensor, sparse: KeyedJaggedTensor | torch.Tensor, pooled: bool) -> torch.Tensor:
+        if not pooled:
+            return self.dlrm(dense, sparse)
+        d = self.dlrm  # DLRM.forward with the sparse arch's output given
+        return d.over_arch(d.inter_arch(dense_features=d.dense_arch(dense), sparse_features=sparse))
+
+    def _logits(self, dense_features: torch.Tensor, sparse: KeyedJaggedTensor | torch.Tensor,
+                pooled: bool = False, one_user: bool = False) -> torch.Tensor:
+        # (pooled and one_user are Python constants, so forward stays fx-traceable)
         if not self._slots:
-            return self.dlrm(dense_features, sparse_features).squeeze(-1)
+            return self._dlrm(dense_features, sparse, pooled).squeeze(-1)
         # plain slicing keeps the module fx-traceable (TrainPipelineSparseDist traces it)
         numeric = dense_features[:, : self._numeric]
         if self._score:
             raw = {name: dense_features[:, start:end] for name, (start, end) in zip(self._slot_names, self._slots)}
             u, v = raw["user_embedding"], raw["item_embedding"]
             flags = [u[:, -1:], v[:, -1:]]
-            score = self.tower_score(u[:, :-1], v[:, :-1], *flags)
-            out = self.dlrm(torch.cat([numeric, score] + flags, dim=1), sparse_features).squeeze(-1)
+            score = self.tower_score(u[:, :-1], v[:, :-1], *flags, one_user=one_user)
+            out = self._dlrm(torch.cat([numeric, score] + flags, dim=1), sparse, pooled).squeeze(-1)
             return out + score.squeeze(-1) if self._score_offset else out
         slots = [slot(dense_features[:, start:end]) for slot, (start, end) in zip(self.llm_inputs, self._slots)]
         if not self._interaction:
             pieces = [numeric] + [torch.cat([self.llm_dropout(x[:, :-1]), x[:, -1:]], dim=1) for x in slots]
-            return self.dlrm(torch.cat(pieces, dim=1), sparse_features).squeeze(-1)
+            return self._dlrm(torch.cat(pieces, dim=1), sparse, pooled).squeeze(-1)
         flags = [x[:, -1:] for x in slots]
         projected = [proj(self.llm_dropout(x[:, :-1])).unsqueeze(1) for proj, x in zip(self.llm_proj, slots)]
         embedded_dense = self.dlrm.dense_arch(torch.cat([numeric] + flags, dim=1))
-        embedded_sparse = self.dlrm.sparse_arch(sparse_features)
+        embedded_sparse = sparse if pooled else self.dlrm.sparse_arch(sparse)
         combined = torch.cat([embedded_sparse] + projected, dim=1)
         interacted = self.dlrm.inter_arch(dense_features=embedded_dense, sparse_features=combined)
         return self.dlrm.over_arch(interacted).squeeze(-1)

@@ -288,6 +288,15 @@ def test_both_twins_train_on_the_data_features_and_serve(run):
     assert encoder.sparse_names == sparse and list(encoder.numeric_stats) == numeric
     assert sorted(i for i, _ in r.ranked) == sorted(r.candidates)
     assert all(0.0 < p < 1.0 for _, p in r.ranked)
+    # the request path (cached item inputs, the user read directly, the one-user forward) scores as the
+    # reference path does, numeric attributes of either entity included
+    from ranker.serve import Ranker
+
+    ranker = Ranker.load(r.root / "ranker_llm", store=r.store)
+    candidates = [*r.candidates, 10**12]  # the last: no item of the store
+    for user in (r.user, 10**12):
+        expected = ranker.score_frame(ranker.online_frame(user, candidates))
+        np.testing.assert_allclose(ranker.score(user, candidates), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_ml100k_adapter_gives_the_same_ranker_features(tmp_path):

@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "push-events": "llm_features.cli.push_events",
     "export": "llm_features.cli.export",
     "ranker": "ranker.cli",
+    "serve": "llm_features.cli.serve",
     "demo": "llm_features.cli.demo",
     "bench": "llm_features.cli.bench",
 }

@@ -90,6 +90,18 @@ class CTRHead(nn.Module):
         item = self.item_proj(item.float())
         return self.mlp(torch.cat([user, item, user * item], dim=-1)).squeeze(-1)
 
+    def one_user(self, user: Tensor, item: Tensor) -> Tensor:
+        """``forward`` for one user ``[1, D]`` against ``[T, Dv]`` items: ``[T]`` logits, equal up to
+        float rounding. The first layer ``W [u, v, u*v] = W_u u + (W_v + W_uv diag(u)) v`` folds the
+        user into one ``[hidden, D]`` matrix: a third of the multiply-adds (serving scores one user's
+        candidates)."""
+        user = user.float()
+        item = self.item_proj(item.float())
+        first, act, last = self.mlp
+        w_u, w_v, w_uv = first.weight.split(user.shape[-1], dim=1)
+        hidden = torch.addmm(user @ w_u.T + first.bias, item, (w_v + w_uv * user).T)
+        return last(act(hidden)).squeeze(-1)
+
 
 class FinetuneModel(nn.Module):
     """Deep layers over packed context and query tokens, plus the CTR head.

@@ -1,0 +1,455 @@
+"""``llmfeat serve``: the ranker behind HTTP (Starlette on uvicorn).
+
+Endpoints; bodies are JSON, errors ``{"error": "<what was wrong and what to do>"}``:
+
+- ``POST /score`` ``{"user_id": 42, "item_ids": [1, 2, 3]}`` -> ``{"user_id": 42, "scores": [...]}``,
+  click probabilities in input order.
+- ``POST /rank`` ``{"user_id": 42, "item_ids": [1, 2, 3], "top_k": 2}`` (``top_k`` optional:
+  all) -> ``{"user_id": 42, "items": [{"item_id": 3, "score": 0.61}, ...]}``, best first, ties in
+  input order.
+- ``GET /health`` -> ``{"status": "ok", "model_fingerprint": ..., "feature_service": ..., ...}``.
+- ``GET /metrics``: Prometheus text: requests by endpoint and status, a latency histogram per
+  endpoint, candidate rows scored, rows served with a default by :class:`MissingFeatures` key,
+  requests for users the store has no row for.
+- ``POST /events``: off unless ``enable_events``; then it needs ``Authorization: Bearer <token>``
+  (``$LLMFEAT_SERVE_TOKEN``) and passes the JSON body to the events handler given to
+  :func:`create_app`.
+
+Bad requests get a 4xx and are never scored: 400 malformed JSON, 413 a body over
+``max_body_bytes`` (refused from its Content-Length, or as soon as the stream passes the limit),
+422 a body of the wrong shape: unknown or missing fields, ids that are not JSON integers (``true``
+and ``1.5`` are not), an id outside int64, an empty ``item_ids`` or more than ``max_candidates``,
+a negative ``top_k``. Unknown users and items are not errors: they are scored with the documented
+defaults (:mod:`ranker.features`) and counted in ``/metrics``.
+
+A worker scores one request at a time, on its event loop: a request is CPU work of a few
+milliseconds, and more workers (processes, ``--workers``) serve more at once. With several workers,
+``/metrics`` adds up every worker's counts (prometheus_client's multiprocess mode, in a temporary
+directory that ``llmfeat serve`` creates and removes).
+
+Example::
+
+    app = create_app(ServeConfig(ranker=Path("runs/ranker_llm"), data_dir=Path("data")))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import inspect
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llm_features.errors import UserError
+from ranker.config import ServeConfig
+from ranker.online import StoreChanged
+from ranker.serve import Ranker
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "LLMFEAT_SERVE_TOKEN"
+"""The bearer token of ``POST /events`` (never an option: command lines are visible to every user)."""
+CONFIG_ENV = "LLMFEAT_SERVE_CONFIG"
+"""The :class:`ServeConfig` (JSON) that ``llmfeat serve --workers N`` hands to each worker process."""
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+INT64 = (-(2**63), 2**63)
+
+EventsHandler = Callable[[Any], Any]
+"""``handler(body)`` for ``POST /events``: the parsed JSON body in, a JSON-able result out (None:
+``{"status": "ok"}``). A coroutine function is awaited; a plain function runs in a thread, so a
+slow write does not hold up scoring. A ``ValueError`` (``UserError``) it raises is the client's
+fault: 422 with its message."""
+
+
+class BadRequest(Exception):
+    """A request the service refuses: its status and a message for the client."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+# ------------------------------------------------------------------------------------------------
+# Start-up
+
+
+def load_ranker(cfg: ServeConfig) -> Ranker:
+    """The ranker of ``cfg``, its store opened and checked (:meth:`Ranker.check_store`: never
+    materialised, or embeddings of another model -> :class:`UserError`)."""
+    from ranker.train import CONFIG_FILE
+
+    if not (Path(cfg.ranker) / CONFIG_FILE).is_file():
+        what = f"is not a ranker checkpoint (no {CONFIG_FILE})" if Path(cfg.ranker).exists() else "does not exist"
+        raise UserError(what, file=cfg.ranker, option="--ranker",
+                        fix="Pass the --out directory of `llmfeat ranker train` (or run it first).")
+    ranker = Ranker.load(cfg.ranker, repo=cfg.repo, data_dir=cfg.data_dir, fs_yaml_file=cfg.feature_store_yaml)
+    ranker.feature_refs()
+    return ranker
+
+
+def events_token(cfg: ServeConfig) -> str | None:
+    """The bearer token of ``POST /events`` (None when it is off); refuses to go on without one."""
+    if not cfg.enable_events:
+        return None
+    token = os.environ.get(TOKEN_ENV, "").strip()  # (a token read from a file keeps its newline)
+    if not token:
+        raise UserError(f"POST /events needs a bearer token, and ${TOKEN_ENV} is not set", option="--enable-events",
+                        fix=f"Set {TOKEN_ENV} to a long random secret (clients send `Authorization: Bearer "
+                            f"<it>`), or leave out --enable-events.")
+    return token
+
+
+def default_events_handler(ranker: Ranker) -> EventsHandler:
+    """The ``POST /events`` handler when :func:`create_app` is given none. Event handling (fresh user
+    embeddings pushed to the online store) is wired in here; until then events are refused (501)."""
+
+    def handler(body: Any) -> Any:
+        raise BadRequest(501, "this llmfeat has no event handling: POST /events accepts nothing yet")
+
+    return handler
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+
+
+class ServiceMetrics:
+    """The Prometheus metrics of one app, in its own registry (two apps in one process do not clash).
+
+    ``shared``: the app is one of several worker processes; ``exposition`` then adds up every
+    worker's values from ``$PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode).
+    """
+
+    PREFIX = "llmfeat_serve_"
+
+    def __init__(self, shared: bool = False) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.shared = shared
+        self.registry = CollectorRegistry()
+        r, p = self.registry, self.PREFIX
+        self.requests = Counter(f"{p}requests", "HTTP requests by endpoint and status code.",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram(f"{p}request_seconds",
+                                 "Time from the request's arrival in the app to its response, by endpoint.",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.rows = Counter(f"{p}candidates", "Candidate rows scored (/score and /rank).", registry=r)
+        self.missing = Counter(
+            f"{p}missing_features",
+            "Candidate rows scored with a default, by key: unknown_<sparse feature> (not in the store or not seen "
+            "in training: the OOV row), missing_<column> (no value: learned missing vector + flag).",
+            ["feature"], registry=r)
+        self.cold_users = Counter(f"{p}cold_users",
+                                  "Scoring requests for a user the online store has no row for.", registry=r)
+
+    def exposition(self) -> bytes:
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        if not self.shared:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        # every worker's files; feast's own metrics may share the directory: only ours
+        collector = multiprocess.MultiProcessCollector(None, os.environ[MULTIPROC_ENV])
+        registry = CollectorRegistry()
+        registry.register(_Prefixed(collector, self.PREFIX))
+        return generate_latest(registry)
+
+
+class _Prefixed:
+    """A collector's metric families whose names start with ``prefix``."""
+
+    def __init__(self, collector: Any, prefix: str) -> None:
+        self.collector, self.prefix = collector, prefix
+
+    def collect(self) -> list[Any]:
+        return [m for m in self.collector.collect() if m.name.startswith(self.prefix)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Requests
+
+
+async def read_body(request: Any, limit: int) -> bytes:
+    """The request body, refused (413) once it is known to pass ``limit`` bytes: from its
+    Content-Length before reading, else while streaming."""
+    length = request.headers.get("content-length")
+    too_large = f"more than the limit of {limit} bytes (--max-body-bytes)"
+    if length is not None:
+        if not length.isdigit():
+            raise BadRequest(400, f"Content-Length {length!r} is not a number of bytes")
+        if int(length) > limit:
+            raise BadRequest(413, f"the body has {length} bytes, {too_large}", {"connection": "close"})
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(413, f"the body has {too_large}", {"connection": "close"})
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise BadRequest(400, "malformed JSON: the body is not UTF-8 text") from None
+    except ValueError as e:
+        raise BadRequest(400, f"malformed JSON: {e}") from None
+
+
+def _int(value: Any, where: str) -> int:
+    # JSON true/false parse as bool (an int subclass) and 1.0 as float: neither is an id
+    if type(value) is not int:
+        raise BadRequest(422, f"{where}: expected an integer, got {json.dumps(value)}")
+    if not INT64[0] <= value < INT64[1]:
+        raise BadRequest(422, f"{where}: {value} is outside the 64-bit integer range of the ids")
+    return value
+
+
+def candidate_request(data: Any, max_candidates: int, optional: tuple[str, ...] = ()) -> tuple[int, list[int]]:
+    """``(user_id, item_ids)`` of a ``/score`` or ``/rank`` body (422 naming what is wrong)."""
+    example = '{"user_id": 42, "item_ids": [1, 2, 3]}'
+    if not isinstance(data, dict):
+        raise BadRequest(422, f"the body must be a JSON object like {example}")
+    allowed = ("user_id", "item_ids", *optional)
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise BadRequest(422, f"unknown field(s) {', '.join(map(repr, unknown))}; the fields are "
+                              f"{', '.join(allowed)}")
+    missing = [k for k in ("user_id", "item_ids") if k not in data]
+    if missing:
+        raise BadRequest(422, f"missing field(s) {', '.join(missing)}, as in {example}")
+    user_id = _int(data["user_id"], "user_id")
+    items = data["item_ids"]
+    if not isinstance(items, list):
+        raise BadRequest(422, f"item_ids: expected a list of integer ids, got {json.dumps(items)[:80]}")
+    if not items:
+        raise BadRequest(422, "item_ids is empty: give at least one candidate")
+    if len(items) > max_candidates:
+        raise BadRequest(422, f"item_ids has {len(items)} candidates, more than the limit of {max_candidates} "
+                              "(--max-candidates)")
+    for pos, item in enumerate(items):
+        if type(item) is not int or not INT64[0] <= item < INT64[1]:
+            _int(item, f"item_ids[{pos}]")
+    return user_id, items
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
+    from starlette.responses import Response
+
+    return Response(json.dumps(payload, separators=(",", ":")).encode(), status_code=status,
+                    headers=headers, media_type="application/json")
+
+
+# ------------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(
+    cfg: ServeConfig,
+    *,
+    events_handler: EventsHandler | None = None,
+    ranker: Ranker | None = None,
+) -> Any:
+    """The Starlette app of ``llmfeat serve``.
+
+    Args:
+        cfg: the service's options (:class:`ranker.config.ServeConfig`).
+        events_handler: ``POST /events``'s handler (:data:`EventsHandler`) when
+            ``cfg.enable_events``; None: :func:`default_events_handler`.
+        ranker: an already loaded ranker (default: :func:`load_ranker` of ``cfg``).
+
+    Loads and checks everything now, so a store it cannot serve is a :class:`UserError` here,
+    before any request. The item inputs are re-read in a background thread while the app runs
+    (started and stopped by its lifespan).
+    """
+    import torch
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.routing import Route
+
+    token = events_token(cfg)
+    torch.set_num_threads(cfg.threads)
+    ranker = ranker or load_ranker(cfg)
+    scorer = ranker.scorer  # reads the item inputs now, not in the first request
+    scorer.refresh_seconds = cfg.refresh_seconds
+    metrics = ServiceMetrics(shared=cfg.workers > 1)
+    if token is not None and events_handler is None:
+        events_handler = default_events_handler(ranker)
+    health = {"status": "ok", "model_fingerprint": ranker.fingerprint, "feature_service": ranker.feature_service,
+              "ranker": str(ranker.checkpoint), "events": token is not None}
+
+    def endpoint(name: str) -> Callable[[Callable[[Any], Awaitable[Any]]], Callable[[Any], Awaitable[Any]]]:
+        """Count and time ``fn``; a :class:`BadRequest` becomes its JSON error, anything else a 500."""
+
+        def wrap(fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+            async def handle(request: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    response = await fn(request)
+                except BadRequest as e:
+                    response = _json({"error": e.message}, e.status, e.headers)
+                except StoreChanged as e:  # the store was re-encoded under the service: not its fault
+                    response = _json({"error": str(e)}, 503)
+                except Exception:  # noqa: BLE001 - a bug: logged with its traceback, the client gets a 500
+                    log.exception("%s %s failed", request.method, request.url.path)
+                    response = _json({"error": "internal error (logged by the server)"}, 500)
+                metrics.requests.labels(name, str(response.status_code)).inc()
+                metrics.latency.labels(name).observe(time.perf_counter() - t0)
+                return response
+            return handle
+        return wrap
+
+    def score(user_id: int, item_ids: list[int]) -> np.ndarray:
+        probs, stats, known = scorer.score(user_id, item_ids)
+        metrics.rows.inc(len(item_ids))
+        for key, count in stats.counts.items():
+            if key != "rows" and count:
+                metrics.missing.labels(key).inc(count)
+        if not known:
+            metrics.cold_users.inc()
+        return probs
+
+    @endpoint("/score")
+    async def score_endpoint(request: Any) -> Any:
+        user_id, item_ids = candidate_request(parse_json(await read_body(request, cfg.max_body_bytes)),
+                                              cfg.max_candidates)
+        return _json({"user_id": user_id, "scores": score(user_id, item_ids).tolist()})
+
+    @endpoint("/rank")
+    async def rank_endpoint(request: Any) -> Any:
+        data = parse_json(await read_body(request, cfg.max_body_bytes))
+        user_id, item_ids = candidate_request(data, cfg.max_candidates, optional=("top_k",))
+        top_k = data.get("top_k")
+        if top_k is not None and _int(top_k, "top_k") < 0:
+            raise BadRequest(422, f"top_k: must be 0 or more, got {top_k}")
+        probs = score(user_id, item_ids)
+        order = np.argsort(-probs, kind="stable")[:top_k]
+        values = probs.tolist()
+        return _json({"user_id": user_id,
+                      "items": [{"item_id": item_ids[i], "score": values[i]} for i in order.tolist()]})
+
+    @endpoint("/health")
+    async def health_endpoint(request: Any) -> Any:
+        if scorer.fault:
+            return _json({**health, "status": "error", "error": scorer.fault, "pid": os.getpid()}, 503)
+        return _json({**health, "item_inputs": scorer.table.items, "pid": os.getpid()})
+
+    @endpoint("/metrics")
+    async def metrics_endpoint(request: Any) -> Any:
+        from prometheus_client import CONTENT_TYPE_LATEST
+        from starlette.responses import Response
+
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @endpoint("/events")
+    async def events_endpoint(request: Any) -> Any:
+        if token is None:
+            raise BadRequest(404, "POST /events is off: start llmfeat serve with --enable-events")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise BadRequest(401, "POST /events needs `Authorization: Bearer <token>` with the service's token",
+                             {"www-authenticate": "Bearer"})
+        body = parse_json(await read_body(request, cfg.max_body_bytes))
+        try:
+            if inspect.iscoroutinefunction(events_handler):
+                result = await events_handler(body)
+            else:
+                result = await run_in_threadpool(events_handler, body)
+        except BadRequest:
+            raise
+        except ValueError as e:  # UserError too: the event was bad
+            raise BadRequest(422, str(e)) from None
+        return _json({"status": "ok"} if result is None else result)
+
+    async def http_error(request: Any, exc: Any) -> Any:
+        """Starlette's 404 (no such path) and 405 (wrong method) as JSON errors."""
+        status = getattr(exc, "status_code", 404)
+        if status == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = (f"no endpoint {request.url.path}: the endpoints are POST /score, POST /rank, GET /health, "
+                       "GET /metrics, POST /events")
+        metrics.requests.labels("other", str(status)).inc()
+        return _json({"error": message}, status, getattr(exc, "headers", None))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any):
+        scorer.start_refresh_thread()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, scorer.stop_refresh_thread)
+
+    routes = [
+        Route("/score", score_endpoint, methods=["POST"]),
+        Route("/rank", rank_endpoint, methods=["POST"]),
+        Route("/health", health_endpoint, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/events", events_endpoint, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error}, lifespan=lifespan)
+    app.state.ranker = ranker
+    app.state.metrics = metrics
+    return app
+
+
+def app_from_env() -> Any:
+    """``create_app`` of the :class:`ServeConfig` in ``$LLMFEAT_SERVE_CONFIG`` (uvicorn's factory for
+    ``--workers N``: every worker process builds its own app)."""
+    from llm_features.config import build_config
+
+    return create_app(build_config(ServeConfig, json.loads(os.environ[CONFIG_ENV])))
+
+
+def serve(cfg: ServeConfig, echo: Callable[[str], None] = print) -> None:
+    """Run the service until SIGINT/SIGTERM; a store it cannot serve is refused first (:class:`UserError`)."""
+    user_metrics_dir = os.environ.get(MULTIPROC_ENV)  # before feast's import may set it
+    import uvicorn
+
+    events_token(cfg)
+    where = f"http://{cfg.host}:{cfg.port}"
+    run = dict(host=cfg.host, port=cfg.port, log_level="warning", access_log=False, lifespan="on")
+    if cfg.workers == 1:
+        app = create_app(cfg)
+        ranker = app.state.ranker
+        echo(_banner(cfg, ranker, where))
+        uvicorn.run(app, **run)
+        return
+    ranker = load_ranker(cfg)  # refused here, before any worker starts
+    echo(_banner(cfg, ranker, where))
+    del ranker
+    os.environ[CONFIG_ENV] = json.dumps({k: str(v) if isinstance(v, Path) else v
+                                         for k, v in dataclasses.asdict(cfg).items()})
+    # the workers' metric files: a directory of our own unless the caller named one (feast.metrics, once
+    # imported, points the variable at a directory of its own; prometheus_client reads either name)
+    own_dir = None if user_metrics_dir else tempfile.mkdtemp(prefix="llmfeat-serve-metrics-")
+    for name in (MULTIPROC_ENV, "PROMETHEUS_MULTIPROCESS_DIR"):
+        os.environ[name] = user_metrics_dir or own_dir
+    try:
+        uvicorn.run("ranker.service:app_from_env", factory=True, workers=cfg.workers, **run)
+    finally:
+        if own_dir:
+            shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def _banner(cfg: ServeConfig, ranker: Ranker, where: str) -> str:
+    events = "POST /events on" if cfg.enable_events else "POST /events off"
+    return (f"llmfeat serve: {ranker.feature_service} ranker {ranker.checkpoint} (embedding model "
+            f"{ranker.fingerprint or 'none'}) on {where}: {cfg.workers} worker(s), {cfg.threads} torch thread(s) "
+            f"each, {events}; Ctrl+C stops")
