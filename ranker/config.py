@@ -287,6 +287,8 @@ class ServeConfig:
     refresh_seconds: float = field(default=5.0, metadata={"min_open": 0.0, "help": (
         "How often each worker looks in the registry for a new materialisation of the item views (its "
         "cached item inputs are then re-read).")})
+    finetune: Path | None = field(default=None, metadata={
+        "help": "Fine-tuned checkpoint that POST /events runs (default: <data_dir>/runs/finetune)."})
     enable_events: bool = field(default=False, metadata={"help": (
         "Serve POST /events; clients must send `Authorization: Bearer $LLMFEAT_SERVE_TOKEN` (the token is "
         "read from that environment variable only).")})

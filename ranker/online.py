@@ -406,6 +406,16 @@ class OnlineScorer:
                  self.table.items, time.perf_counter() - t0)
         return True
 
+    def reread_items(self, item_ids: Sequence[int]) -> None:
+        """Read ``item_ids`` from the online store again now (items an event has just pushed), instead
+        of at the next materialisation."""
+        ids = list(dict.fromkeys(int(i) for i in item_ids))
+        if not ids:
+            return
+        encoded, found = self._encode_items(ids)
+        with self._lock:
+            self.table.add(ids, encoded, found)
+
     def maybe_refresh(self) -> None:
         """:meth:`refresh` if ``refresh_seconds`` have passed since the last look."""
         if time.monotonic() - self._checked >= self.refresh_seconds:

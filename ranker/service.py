@@ -114,12 +114,26 @@ def events_token(cfg: ServeConfig) -> str | None:
     return token
 
 
-def default_events_handler(ranker: Ranker) -> EventsHandler:
-    """The ``POST /events`` handler when :func:`create_app` is given none. Event handling (fresh user
-    embeddings pushed to the online store) is wired in here; until then events are refused (501)."""
+def default_events_handler(ranker: Ranker, cfg: ServeConfig) -> EventsHandler:
+    """The ``POST /events`` handler when :func:`create_app` is given none: an
+    :class:`llm_features.events.EventProcessor` over the ranker's data dir (loaded now, so a data dir
+    it cannot continue stops the start). It pushes each event's user embedding and recent list to the
+    online store (read fresh by every request) and re-reads the items it encoded. A batch stage that
+    holds the data dir's lock gives 503 with ``Retry-After``."""
+    from llm_features.events import EventProcessor
+    from llm_features.store import store_data_dir
+    from llm_features.workspace import DataDirBusyError
+
+    processor = EventProcessor(data_dir=store_data_dir(ranker.store), checkpoint=cfg.finetune, repo=cfg.repo,
+                               fs_yaml_file=cfg.feature_store_yaml)
 
     def handler(body: Any) -> Any:
-        raise BadRequest(501, "this llmfeat has no event handling: POST /events accepts nothing yet")
+        try:
+            result = processor.handle_events(body)
+        except DataDirBusyError as e:
+            raise BadRequest(503, str(e), {"retry-after": "5"}) from None
+        ranker.scorer.reread_items(result.get("items_encoded") or [])
+        return result
 
     return handler
 
@@ -290,7 +304,7 @@ def create_app(
     scorer.refresh_seconds = cfg.refresh_seconds
     metrics = ServiceMetrics(shared=cfg.workers > 1)
     if token is not None and events_handler is None:
-        events_handler = default_events_handler(ranker)
+        events_handler = default_events_handler(ranker, cfg)
     health = {"status": "ok", "model_fingerprint": ranker.fingerprint, "feature_service": ranker.feature_service,
               "ranker": str(ranker.checkpoint), "events": token is not None}
 

@@ -231,6 +231,46 @@ def test_ranker_score_changes_after_an_event(base, served, tmp_path):
     assert np.abs(after - before).max() > 1e-6, (before, after)
 
 
+def test_http_events_update_the_served_score(base, tmp_path, monkeypatch):
+    """POST /events of `llmfeat serve` runs the EventProcessor: the user's next /score differs, a bad
+    event is a 422 naming the field, and nothing needs a materialisation in between. (Its own copy
+    of the data dir: the module's `served` copy is the other tests'.)"""
+    from ranker.config import ServeConfig, TrainConfig
+    from ranker.serve import Ranker
+    from ranker.service import TOKEN_ENV, create_app
+    from ranker.synthetic import SyntheticFeatureSource, synthetic_rows
+    from ranker.train import train
+    from tests.live_server import LiveServer
+
+    torch.manual_seed(0)
+    rows = synthetic_rows(n_users=20, n_items=10, n_rows=400, dim=32, signal=6.0, seed=0)
+    tcfg = TrainConfig(llm_features=True, out=tmp_path / "ranker", epochs=1, batch_size=64, lr=3e-3, seed=0,
+                       llm_mode="interaction", threads=1)
+    train(tcfg, entities=rows, source=SyntheticFeatureSource(rows))
+    ws = Path(shutil.copytree(base["ws"], tmp_path / "ws"))
+    repo = copy_repo(tmp_path / "feast_repo")
+    store = open_store(repo, ws)
+    apply_definitions(store)
+    materialize_all(store)
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    cfg = ServeConfig(ranker=tcfg.out, repo=repo, data_dir=ws, finetune=base["ckpt"], enable_events=True)
+    ranker = Ranker.load(tcfg.out, repo=repo, data_dir=ws)
+    auth = {"Authorization": "Bearer s3cret"}
+    with LiveServer(create_app(cfg, ranker=ranker)) as live:
+        request = {"user_id": 5, "item_ids": list(range(7))}
+        status, _, before = live.call("POST", "/score", request)
+        assert status == 200
+        t = last_time(base["rows"], 5) + 120
+        status, _, result = live.call("POST", "/events", {"events": [event(5, 3, t, 1.0)]}, auth)
+        assert status == 200 and result["users_updated"] == [5], result
+        status, _, after = live.call("POST", "/score", request)
+        assert status == 200
+        assert np.abs(np.subtract(after["scores"], before["scores"])).max() > 1e-6, (before, after)
+        status, _, body = live.call("POST", "/events", {"events": [{"user_id": 5, "item_id": 3}]}, auth)
+        assert status == 422 and "timestamp" in body["error"], body
+        assert live.call("POST", "/events", {"events": []}, {"Authorization": "Bearer nope"})[0] == 401
+
+
 def test_unseen_item_is_encoded_through_the_shallow_layers_like_llmfeat_encode(base, served, tmp_path):
     proc, ws, store = served["proc"], served["ws"], served["store"]
     text = "Brand New Movie (2001) | Drama"

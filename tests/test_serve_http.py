@@ -40,6 +40,7 @@ from ranker.serve import Ranker
 from ranker.service import TOKEN_ENV, create_app
 from ranker.synthetic import SYNTHETIC_ATTRIBUTES, SyntheticFeatureSource, synthetic_rows
 from ranker.train import train
+from tests.live_server import LiveServer
 from tests.bad_input import run_bad
 from tests.test_store import DIM, T2, _emb_table, copy_repo, make_fingerprint, write_synthetic_workspace
 
@@ -80,50 +81,6 @@ def served(tmp_path_factory) -> SimpleNamespace:
 
 def _cfg(ws: SimpleNamespace, **kw) -> ServeConfig:
     return ServeConfig(ranker=ws.ckpt, repo=ws.repo, data_dir=ws.data, **kw)
-
-
-class LiveServer:
-    """uvicorn serving ``app`` on a free loopback port in a thread."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "LiveServer":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.conn.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    def call(self, method: str, path: str, body=None, headers: dict | None = None, fresh: bool = False):
-        """``(status, headers, parsed JSON or text)``; ``fresh``: on a new connection."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30) if fresh else self.conn
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body)
-        try:
-            conn.request(method, path, body, headers or {})
-            resp = conn.getresponse()
-            raw = resp.read()
-        except (http.client.HTTPException, ConnectionError):
-            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-            raise
-        if resp.getheader("connection") == "close" and not fresh:
-            self.conn.close()
-            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        ctype = resp.getheader("content-type", "")
-        return resp.status, resp.headers, json.loads(raw) if "json" in ctype else raw.decode()
 
 
 @pytest.fixture(scope="module")
@@ -402,11 +359,12 @@ def test_events_need_the_token(served, monkeypatch):
         assert live.call("GET", "/health")[2]["events"] is True
 
 
-def test_events_without_a_handler_answer_501(served, monkeypatch):
+def test_events_on_a_data_dir_without_a_finetuned_checkpoint_refuse_to_start(served, monkeypatch):
+    """The default handler (llm_features.events.EventProcessor) loads at start: a data dir it cannot
+    push to stops the start with the reason (here: no fine-tuned checkpoint), not a 5xx per event."""
     monkeypatch.setenv(TOKEN_ENV, "t")
-    with LiveServer(create_app(_cfg(served, enable_events=True))) as live:
-        status, _, body = live.call("POST", "/events", {}, {"Authorization": "Bearer t"})
-    assert status == 501 and "no event handling" in body["error"]
+    with pytest.raises(UserError, match="finetune"):
+        create_app(_cfg(served, enable_events=True))
 
 
 # ------------------------------------------------------------------------------------------------
