@@ -240,7 +240,7 @@ def test_http_events_update_the_served_score(base, tmp_path, monkeypatch):
     from ranker.service import TOKEN_ENV, create_app
     from ranker.synthetic import SyntheticFeatureSource, synthetic_rows
     from ranker.train import train
-    from tests.live_server import LiveServer
+    from tests.serving_helpers import LiveServer
 
     torch.manual_seed(0)
     rows = synthetic_rows(n_users=20, n_items=10, n_rows=400, dim=32, signal=6.0, seed=0)

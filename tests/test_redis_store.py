@@ -205,3 +205,41 @@ def test_redis_local_yaml_config(tmp_path, monkeypatch):
     assert (config.online_store.type, config.online_store.connection_string) == ("redis", "127.0.0.1:6399,db=3")
     assert config.offline_store.type == "duckdb"
     assert "${" not in repr(config.model_dump()), "every ${VAR} must be expanded"
+
+
+def test_serve_from_redis_equals_sqlite(redis_conn, tmp_path, monkeypatch):
+    """`llmfeat serve --feature-store-yaml production/feature_store.redis_local.yaml` scores from Redis
+    exactly what it scores from the SQLite default for the same data dir and ranker."""
+    from ranker.config import ServeConfig
+    from ranker.service import create_app
+    from tests.serving_helpers import LiveServer, train_tiny_ranker
+
+    monkeypatch.setenv("LLMFEAT_REDIS", redis_conn)
+    repo, project = _repo_with_project(tmp_path / "feast_repo")
+    data = tmp_path / "data"
+    syn = write_synthetic_workspace(data)
+    sqlite = open_store(repo, data)
+    apply_definitions(sqlite)
+    materialize_all(sqlite)
+    redis_store = open_store(repo, data, fs_yaml_file=YAML)
+    try:
+        apply_definitions(redis_store)
+        materialize_all(redis_store)
+        ckpt = train_tiny_ranker(tmp_path / "ranker", syn.fingerprint.digest)
+        requests = [{"user_id": u, "item_ids": items} for u, items in [(1, [3, 17, 12, 20]), (2, [5, 999]), (999, [2])]]
+        answers = {}
+        for name, yaml in (("sqlite", None), ("redis", YAML)):
+            cfg = ServeConfig(ranker=ckpt, repo=repo, data_dir=data, feature_store_yaml=yaml)
+            with LiveServer(create_app(cfg)) as live:
+                assert live.call("GET", "/health")[0] == 200
+                answers[name] = [live.call("POST", "/score", r) for r in requests]
+                if name == "redis":  # it reads Redis: without the user's keys, user 1 is a cold user
+                    assert len(_project_keys(_client(redis_conn), project)) == 20 + 3 + 3
+                    _drop_project_keys(redis_store)
+                    cold = live.call("POST", "/score", requests[0])[2]["scores"]
+        for (s_status, _, s_body), (r_status, _, r_body) in zip(answers["sqlite"], answers["redis"]):
+            assert s_status == r_status == 200
+            np.testing.assert_allclose(r_body["scores"], s_body["scores"], rtol=1e-6)
+        assert np.abs(np.subtract(cold, answers["redis"][0][2]["scores"])).max() > 1e-6
+    finally:
+        _drop_project_keys(redis_store)

@@ -40,25 +40,13 @@ from ranker.serve import Ranker
 from ranker.service import TOKEN_ENV, create_app
 from ranker.synthetic import SYNTHETIC_ATTRIBUTES, SyntheticFeatureSource, synthetic_rows
 from ranker.train import train
-from tests.live_server import LiveServer
+from tests.serving_helpers import LiveServer, train_tiny_ranker
 from tests.bad_input import run_bad
 from tests.test_store import DIM, T2, _emb_table, copy_repo, make_fingerprint, write_synthetic_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 ITEMS = [3, 17, 12, 999]  # 999: no item of the store
 USERS = [1, 3, 999]  # 1: online, not in the vocabulary; 3: online and known; 999: neither
-
-
-def _train_ranker(out: Path, fingerprint: str) -> Path:
-    torch.set_num_threads(1)
-    rows = synthetic_rows(n_users=20, n_items=20, n_rows=600, dim=DIM, seed=0)
-    rows["user_id"] += 2
-    cfg = TrainConfig(out=out, epochs=1, batch_size=128, llm_mode="interaction", validate=False, progress=False)
-    train(cfg, entities=rows, source=SyntheticFeatureSource(rows))
-    payload = json.loads((out / "ranker.json").read_text())
-    payload["fingerprint"] = fingerprint  # trained on this workspace's embeddings, as `ranker train` records
-    (out / "ranker.json").write_text(json.dumps(payload))
-    return out
 
 
 def _materialized(root: Path) -> SimpleNamespace:
@@ -75,7 +63,7 @@ def _materialized(root: Path) -> SimpleNamespace:
 def served(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("serve")
     ws = _materialized(root)
-    ws.ckpt = _train_ranker(root / "ranker", ws.syn.fingerprint.digest)
+    ws.ckpt = train_tiny_ranker(root / "ranker", ws.syn.fingerprint.digest)
     return ws
 
 
@@ -162,7 +150,7 @@ def test_one_user_forward_equals_forward(mode):
 
 def test_item_inputs_are_reread_after_a_materialization(tmp_path):
     ws = _materialized(tmp_path)
-    ckpt = ws.ckpt = _train_ranker(tmp_path / "ranker", ws.syn.fingerprint.digest)
+    ckpt = ws.ckpt = train_tiny_ranker(tmp_path / "ranker", ws.syn.fingerprint.digest)
     ranker = Ranker.load(ckpt, repo=ws.repo, data_dir=ws.data)
     scorer = ranker.scorer
     before = scorer.score(3, ITEMS)[0]

@@ -1,4 +1,5 @@
-"""A uvicorn server on a free loopback port in a thread, for tests of the HTTP service."""
+"""Helpers for tests of the HTTP service: a uvicorn server on a free loopback port in a thread, and a
+tiny trained ranker for the synthetic workspace of ``tests/test_store.py``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import http.client
 import json
 import threading
 import time
+from pathlib import Path
 
 
 class LiveServer:
@@ -50,3 +52,22 @@ class LiveServer:
             self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         ctype = resp.getheader("content-type", "")
         return resp.status, resp.headers, json.loads(raw) if "json" in ctype else raw.decode()
+
+
+def train_tiny_ranker(out: Path, fingerprint: str, dim: int = 8) -> Path:
+    """A +LLM ranker trained on synthetic rows, recorded as trained on ``fingerprint``'s embeddings."""
+    import torch
+
+    from ranker.config import TrainConfig
+    from ranker.synthetic import SyntheticFeatureSource, synthetic_rows
+    from ranker.train import train
+
+    torch.set_num_threads(1)
+    rows = synthetic_rows(n_users=20, n_items=20, n_rows=600, dim=dim, seed=0)
+    rows["user_id"] += 2
+    cfg = TrainConfig(out=out, epochs=1, batch_size=128, llm_mode="interaction", validate=False, progress=False)
+    train(cfg, entities=rows, source=SyntheticFeatureSource(rows))
+    payload = json.loads((out / "ranker.json").read_text())
+    payload["fingerprint"] = fingerprint  # trained on this workspace's embeddings, as `ranker train` records
+    (out / "ranker.json").write_text(json.dumps(payload))
+    return out
