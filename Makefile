@@ -27,7 +27,7 @@ bench: env
 	$(VENV)/bin/llmfeat bench --source $(ML1M)
 
 docs: env
-	$(PY) -m llm_features.cli.reference --write README.md
+	$(PY) -m llm_features.cli.reference --write docs/cli.md
 
 clean:
 	rm -rf feast_repo/data runs

@@ -1,8 +1,9 @@
-"""The README's "Bring your own data" example, run as written: every line of its code block, in order,
-through the ``llmfeat`` command line, on a small shop log made to fit its description (``clicks.csv``:
-``uid,sku,ts,stars``; ``items.csv``: ``sku,title,category,price``; no user table), from a directory
-laid out like the checkout (``feast_repo/`` next to the data files). The default model
-(all-MiniLM-L6-v2, from its PyPI package) and every default option of the commands are used.
+"""The "Bring your own data" example of docs/bring-your-own.md, run as written: every line of its
+code block, in order, through the ``llmfeat`` command line, on a small shop log made to fit its
+description (``clicks.csv``: ``uid,sku,ts,stars``; ``items.csv``: ``sku,title,category,price``; no
+user table), from a directory laid out like the checkout (``feast_repo/`` next to the data files).
+The default model (all-MiniLM-L6-v2, from its PyPI package) and every default option of the
+commands are used.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import pytest
 from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+BYO_DOC = ROOT / "docs" / "bring-your-own.md"
 
 CATEGORIES = ["shoes", "hats", "scarves", "bags", "socks"]
 
 
-def readme_commands() -> list[list[str]]:
-    """The command lines of the first ```bash block of the README's "Bring your own data" section."""
-    section = README.read_text().split("### Bring your own data\n", 1)[1].split("\n### ", 1)[0]
+def doc_commands() -> list[list[str]]:
+    """The command lines of the first ```bash block of docs/bring-your-own.md's "Bring your own data" section."""
+    section = BYO_DOC.read_text().split("## Bring your own data\n", 1)[1].split("\n## ", 1)[0]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0]
     return [tokens for line in block.replace("\\\n", " ").splitlines()
             if (tokens := shlex.split(line, comments=True))]
@@ -56,12 +57,12 @@ def write_shop(d: Path, n_users: int = 40, n_items: int = 30, per_user: int = 20
     pd.DataFrame(rows, columns=["uid", "sku", "ts", "stars"]).to_csv(d / "clicks.csv", index=False)
 
 
-def test_readme_bring_your_own_data_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bring_your_own_data_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
     from llm_features.cli import main
 
-    commands = readme_commands()
+    commands = doc_commands()
     assert [c[:3] for c in commands if c[0] == "llmfeat"][0] == ["llmfeat", "ingest", "--format"]
     shutil.copytree(ROOT / "feast_repo", tmp_path / "feast_repo",
                     ignore=shutil.ignore_patterns("data", "__pycache__"))

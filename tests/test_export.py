@@ -1,7 +1,7 @@
 """llmfeat export: the checkpoint back out as a plain Hugging Face model (and a peft adapter).
 
-The exported model is loaded with plain ``transformers`` (and ``peft``) only, and the README's
-transformers-only recipe (extracted from README.md and run as is) must reproduce
+The exported model is loaded with plain ``transformers`` (and ``peft``) only, and docs/export.md's
+transformers-only recipe (extracted from docs/export.md and run as is) must reproduce
 ``FinetuneModel.user_states`` and the CTR logits of the checkpoint to 1e-5: for an encoder (learned
 distance bias; ALiBi with ``isolated`` leakage, ``last`` pooling and an item projection), a decoder
 (RoPE), full fine-tuning and LoRA (merged, and unmerged through ``PeftModel``).
@@ -29,7 +29,7 @@ from llm_features.finetune import FinetuneConfig, load_finetuned
 from llm_features.finetune.checkpoint import build_model, save_checkpoint
 from llm_features.finetune.packing import BehaviorPacker, UserHistories, make_blocks
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+EXPORT_DOC = Path(__file__).resolve().parents[1] / "docs" / "export.md"
 TEXTS = [f"movie {i} ({1990 + i}) | genre {'abc'[i % 3]}" + " more" * i for i in range(9)]  # lengths differ
 N = 4
 
@@ -45,14 +45,14 @@ CASES = {
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def readme_recipe() -> dict:
-    """The README's transformers-only code block, executed: load_export, user_state, ctr_logit."""
-    text = README.read_text()
+def doc_recipe() -> dict:
+    """docs/export.md's transformers-only code block, executed: load_export, user_state, ctr_logit."""
+    text = EXPORT_DOC.read_text()
     block = text.split("<!-- export-recipe:start -->", 1)[1].split("<!-- export-recipe:end -->", 1)[0]
     code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
     assert "llm_features" not in code  # plain transformers + safetensors + torch, nothing of ours
     namespace: dict = {}
-    exec(compile(code, str(README), "exec"), namespace)
+    exec(compile(code, str(EXPORT_DOC), "exec"), namespace)
     return namespace
 
 
@@ -92,7 +92,7 @@ def llmfeat_states(model, behaviors, feedback, times, item_table):
 
 
 def check_recipe(recipe, loaded, ckpt_model, item_table) -> None:
-    """The README recipe over ``loaded`` reproduces the checkpoint's user states and logits (a few users)."""
+    """The docs/export.md recipe over ``loaded`` reproduces the checkpoint's user states and logits (a few users)."""
     model, tok, meta, extra = loaded
     checked = 0
     for seed in range(3):
@@ -112,7 +112,7 @@ def check_recipe(recipe, loaded, ckpt_model, item_table) -> None:
 
 @pytest.fixture(scope="module")
 def recipe():
-    return readme_recipe()
+    return doc_recipe()
 
 
 @pytest.fixture(scope="module")

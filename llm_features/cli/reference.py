@@ -1,8 +1,8 @@
-"""The README's command-line reference, generated from the commands' own ``--help``.
+"""The command-line reference in ``docs/cli.md``, generated from the commands' own ``--help``.
 
-``python -m llm_features.cli.reference --write README.md`` rewrites the block between the
-``<!-- cli-reference:start -->`` and ``<!-- cli-reference:end -->`` markers; a test fails when the
-README and ``--help`` drift apart.
+``python -m llm_features.cli.reference --write docs/cli.md`` (``make docs``) rewrites the block between
+the ``<!-- cli-reference:start -->`` and ``<!-- cli-reference:end -->`` markers; a test fails when
+``docs/cli.md`` and ``--help`` drift apart.
 """
 
 from __future__ import annotations
@@ -42,21 +42,32 @@ def cli_reference() -> str:
     return "\n".join(parts)
 
 
-def readme_block(readme: str) -> str:
-    if START not in readme or END not in readme:
-        raise ValueError(f"README has no {START} ... {END} block")
-    return readme.split(START, 1)[1].split(END, 1)[0].strip("\n")
+DOC = Path("docs/cli.md")
 
 
-def write_readme(path: Path) -> None:
+def reference_block(text: str) -> str:
+    """The generated block of a document (``docs/cli.md``), without its markers."""
+    if START not in text or END not in text:
+        raise ValueError(f"no {START} ... {END} block (the reference lives in {DOC})")
+    return text.split(START, 1)[1].split(END, 1)[0].strip("\n")
+
+
+def write_reference(path: Path) -> None:
+    """Rewrite the generated block of ``path`` in place (atomically), keeping the text around it."""
     text = path.read_text()
+    reference_block(text)  # markers present, else a clear error
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    path.write_text(f"{head}{START}\n{cli_reference()}\n{END}{tail}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{head}{START}\n{cli_reference()}\n{END}{tail}")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--write":
-        write_readme(Path(sys.argv[2]))
+        try:
+            write_reference(Path(sys.argv[2]))
+        except ValueError as e:
+            sys.exit(f"{sys.argv[2]}: {e}; run `make docs`")
     else:
         print(cli_reference())
