@@ -30,7 +30,7 @@ next to it (in ``OUT``, and with ``--format adapter`` next to the adapter) as
 The user state ``u`` of llmfeat is *not* a standard forward pass: it is the output of the deep
 layers alone over a sequence of behaviour vectors (``e_i + F[f_i]``, then ``Q``) under llmfeat's
 attention mask and distance bias. A transformers-only reproduction therefore needs those extra
-tensors; the README ("Your model, out again") gives the ~40 lines that compute ``u`` with
+tensors; docs/export.md ("Your model, out again") gives the ~40 lines that compute ``u`` with
 ``transformers`` + ``safetensors`` alone (behaviour level; the test suite runs them and compares
 with :meth:`FinetuneModel.user_states`).
 
@@ -250,7 +250,7 @@ USER_STATE_RECIPE = (
     "slot(key), slots 0..L-1 with the query last) where allowed. (4) Run layers[split_layer:] of the model "
     "directly on x with that mask (decoders: position_ids = slots and the model's rotary_emb), then a "
     "decoder's final norm. u is the output at the query token; the CTR logit is head(u, item vector). The "
-    "README section 'Your model, out again' has this as code."
+    "llmfeat's docs/export.md has this as code."
 )
 
 
@@ -304,8 +304,8 @@ def head_metadata(model, ft, fp, meta: dict[str, Any], ckpt: Path, base_dir: Pat
         "user_state": USER_STATE_RECIPE if ft.granularity == "behavior" else (
             "Token level: the user state runs every layer over the packed behaviour texts (feedback written "
             "as words) followed by the query token Q, under llmfeat's mask; see "
-            "llm_features.finetune.packing.TokenPacker. The behaviour-level recipe of the README does not "
-            "apply."),
+            "llm_features.finetune.packing.TokenPacker. The behaviour-level recipe of docs/export.md does "
+            "not apply."),
     }
 
 

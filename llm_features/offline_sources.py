@@ -98,7 +98,7 @@ def source_kind(store_type: str) -> str:
     raise UserError(
         f"offline store type '{store_type}' has no data source mapping in llmfeat's definitions",
         option="offline_store.type",
-        fix=f"use one of {', '.join(SUPPORTED)} (see README, Production stores)",
+        fix=f"use one of {', '.join(SUPPORTED)} (see feast_repo/production/README.md)",
     )
 
 

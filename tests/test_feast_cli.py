@@ -257,7 +257,7 @@ def test_every_object_has_owner_description_and_tags(tmp_path):
         assert obj.description, f"{kind} {obj.name} has no description"
         assert obj.tags, f"{kind} {obj.name} has no tags"
     for fv in contents.feature_views:
-        assert not any(f.vector_index for f in fv.features), f"{fv.name}: vector_index (README: Vector search)"
+        assert not any(f.vector_index for f in fv.features), f"{fv.name}: vector_index (feast_repo/README.md: Vector search)"
     # the same survives the registry
     store = open_store(repo, data)
     apply_definitions(store)

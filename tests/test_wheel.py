@@ -1,7 +1,7 @@
 """The wheel, installed into a fresh virtual environment, runs the pipeline outside any checkout.
 
 Builds the wheel with ``pip wheel`` from a copy of the source tree, installs it into a new venv the
-way README "Installation details" says (``pip install -c constraints.txt torch==2.13.0
+way docs/install.md says (``pip install -c constraints.txt torch==2.13.0
 llmfeat-*.whl``: torch pinned, everything else from the constraints; no ranker extra, which the
 feature pipeline does not need), then, with the CWD in a temp directory and the checkout out of
 reach (no PYTHONPATH), runs the console script:
@@ -93,7 +93,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_the_pipeline_outside_the_chec
     wheels = list(dist.glob("llmfeat-*.whl"))
     assert len(wheels) == 1, wheels
 
-    # -- install into a fresh venv, as README "Installation details" says
+    # -- install into a fresh venv, as docs/install.md says
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv], tmp_path, timings, "venv")
     py, llmfeat = venv / "bin" / "python", venv / "bin" / "llmfeat"

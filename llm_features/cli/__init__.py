@@ -94,7 +94,7 @@ def run() -> None:
             raise
         code = (f"Error: the TorchRec ranker needs the module '{e.name}', which is not installed. Install the "
                 "ranker extra: on CUDA pip install 'llmfeat[ranker]'; on CPU pip install 'llmfeat[ranker-cpu]', "
-                "then pip install --no-deps 'torchrec>=1.9.2,<1.10' (README, \"Installation details\").")
+                "then pip install --no-deps 'torchrec>=1.9.2,<1.10' (docs/install.md).")
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
