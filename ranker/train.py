@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from llm_features.config import validate_config
 from llm_features.errors import UserError
+from llm_features.metrics import log_loss_from_probs, mean_per_user_auc, roc_auc
 from llm_features.workspace import MissingInputError
 from llm_features.threads import configure_threads
 from ranker.config import EvaluateConfig, ModelConfig, TrainConfig
@@ -49,7 +50,6 @@ from ranker.features import (
     feature_columns,
     infer_frame_attributes,
 )
-from ranker.metrics import log_loss, per_user_auc, roc_auc
 from ranker.model import RankingModel, RankingTrain
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ def predict(model: RankingModel, rows: EncodedRows, batch_size: int = 4096) -> n
 def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     return {
         "auc": roc_auc(labels, probs),
-        "logloss": log_loss(labels, probs),
+        "logloss": log_loss_from_probs(labels, probs),
         "rows": int(len(labels)),
         "positive_rate": float(np.mean(labels)) if len(labels) else float("nan"),
     }
@@ -545,7 +545,7 @@ def _train_local(
         probs = predict(model, valid_rows)
         step.train()
         auc = roc_auc(valid_rows.labels, probs)
-        pu = per_user_auc(valid_rows.users, valid_rows.labels, probs)
+        pu = mean_per_user_auc(valid_rows.users, valid_rows.labels, probs)
         if history is not None:
             history.append({"epoch": epoch + 1, "valid_auc": auc, "valid_per_user_auc": pu,
                             "train_loss": float(np.mean(losses[-100:]))})
@@ -679,7 +679,7 @@ def evaluate_rows(
     missing.warn("ranker evaluate")
     probs = predict(model, rows, batch_size)
     metrics: dict[str, Any] = binary_metrics(rows.labels, probs)
-    metrics["per_user_auc"] = per_user_auc(entities["user_id"].to_numpy(), rows.labels, probs)
+    metrics["per_user_auc"] = mean_per_user_auc(entities["user_id"].to_numpy(), rows.labels, probs)
     metrics["missing"] = missing.as_dict()
     if predictions is not None:
         frame = entities[PrefetchedSource.KEYS + [LABEL]].copy()

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from llm_features.backbone import Backbone, BackboneConfig
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY
-from llm_features.finetune import FinetuneConfig, FinetuneModel, load_finetuned, roc_auc
+from llm_features.finetune import FinetuneConfig, FinetuneModel, load_finetuned
 from llm_features.finetune.data import load_finetune_data
 from llm_features.finetune.masks import LEAKAGE_VARIANTS
 from llm_features.finetune.packing import (
@@ -24,7 +24,8 @@ from llm_features.finetune.packing import (
     make_blocks,
 )
 from llm_features.finetune.checkpoint import config_to_dict
-from llm_features.finetune.train import finetune, log_loss, predict
+from llm_features.finetune.train import finetune, predict
+from llm_features.metrics import roc_auc
 from llm_features.parquet_io import embedding_array, utc_us, write_part
 from llm_features.workspace import Workspace
 
@@ -243,19 +244,6 @@ def test_equal_timestamp_interactions_are_not_context(backbones):
         changed["feedback"][1] = 5
         got = all_logits(model, UserHistories.from_arrays(**changed), tabs, 3, n)
         assert got[3] != pytest.approx(ref[3], abs=1e-6)
-
-
-# --------------------------------------------------------------------------- metrics
-def test_auc_and_logloss():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 200)
-    s = np.round(rng.normal(size=200) + y, 1)  # with ties
-    pos, neg = s[y == 1], s[y == 0]
-    pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
-    assert roc_auc(y, s) == pytest.approx(pairs)
-    assert np.isnan(roc_auc(np.ones(3), np.arange(3)))
-    p = 1 / (1 + np.exp(-s))
-    assert log_loss(y, s) == pytest.approx(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 # --------------------------------------------------------------------------- the recipe on a tiny workspace

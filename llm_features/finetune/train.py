@@ -51,6 +51,7 @@ from llm_features.finetune.ema import WeightAverage
 from llm_features.finetune.memory import TrainingMemory, peak_rss_mb  # noqa: F401 (re-exported)
 from llm_features.finetune.model import FinetuneModel, count_parameters
 from llm_features.finetune.packing import BehaviorPacker, Blocks, TokenPacker, batch_indices, make_blocks
+from llm_features.metrics import log_loss_from_logits, roc_auc
 from llm_features.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -61,32 +62,6 @@ RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "log_every", "save_every",
 # Optimizer steps of each process left out of the steady-state throughput (allocator and optimizer-state
 # warm-up, first-touch page faults).
 TIMING_WARMUP_STEPS = 2
-
-
-# ------------------------------------------------------------------------------------------ metrics
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve from average ranks (ties count one half); NaN with one class only."""
-    labels = np.asarray(labels).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    pos = int(labels.sum())
-    neg = len(labels) - pos
-    if pos == 0 or neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    _, inverse, counts = np.unique(scores[order], return_inverse=True, return_counts=True)
-    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based mean rank of each tie group
-    ranks = np.empty(len(scores))
-    ranks[order] = avg_rank[inverse]
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
-
-
-def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
-    """Mean binary cross-entropy of the logits."""
-    if len(labels) == 0:
-        return float("nan")
-    x = torch.as_tensor(np.asarray(logits, dtype=np.float64))
-    y = torch.as_tensor(np.asarray(labels, dtype=np.float64))
-    return float(F.binary_cross_entropy_with_logits(x, y))
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -205,7 +180,7 @@ def evaluate(
         write_predictions(predictions, rows, labels, logits)
     return {
         "auc": roc_auc(labels, logits),
-        "logloss": log_loss(labels, logits),
+        "logloss": log_loss_from_logits(labels, logits),
         "targets": int(len(labels)),
         "positive_rate": float(labels.mean()) if len(labels) else float("nan"),
         "seconds": seconds,
@@ -528,4 +503,4 @@ def finetune(
     return metrics
 
 
-__all__ = ["evaluate", "finetune", "log_loss", "peak_rss_mb", "predict", "roc_auc", "split_targets"]
+__all__ = ["evaluate", "finetune", "peak_rss_mb", "predict", "split_targets"]
