@@ -111,7 +111,7 @@ def exact_states(data_dir: Path, towers: list[Path]) -> pd.DataFrame:
     fold = user_fold(users, len(towers)) if len(towers) > 1 else np.zeros(len(users), np.int64)
     u = np.zeros((len(h), model.backbone.hidden_size), np.float32)
     logit, ubias = np.zeros(len(h), np.float32), np.zeros(len(h), np.float32)
-    vmean = data.item_table[h.item_row[h.split == 0]].mean(0, keepdim=True)
+    vmean = data.item_table[h.item_row[data.split_mask("train")]].mean(0, keepdim=True)
     packer = make_packer(ft, data, model.backbone)
     for f, path in enumerate(towers):
         if f:

@@ -18,9 +18,7 @@ next run picks up where it stopped without duplicates.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -30,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
+from llm_features.atomic import write_json
 from llm_features.backbone import Backbone, BackboneConfig, configure_threads
 from llm_features.config import validate_config
 from llm_features.devices import resolve_device
@@ -325,11 +323,7 @@ def _write_rows(
 
 
 def _write_report(ws: Workspace, stats: EncodeStats) -> Path:
-    path = ws.root / REPORT_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(stats.to_dict(), indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return write_json(ws.root / REPORT_NAME, stats.to_dict())
 
 
 # --------------------------------------------------------------------------- the stage
@@ -354,8 +348,6 @@ def encode(
     t0 = time.perf_counter()
     validate_config(cfg)
     device = resolve_device(cfg.device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     rank, world = init_from_env(device)
     ws = Workspace.at(cfg.data_dir)
     configure_threads(cfg.num_threads)

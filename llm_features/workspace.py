@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_features.atomic import write_json
 from llm_features.errors import UserError
 from llm_features.feature_repo import DEFAULT_REPO, is_installed_repo
 from llm_features.fingerprint import FingerprintMismatchError, ModelFingerprint
@@ -215,11 +216,7 @@ class Workspace:
                 f"pooling={fp.pooling}). Use a fresh --data-dir, or delete the embedding directories first."
             )
         if current is None:
-            self.root.mkdir(parents=True, exist_ok=True)
-            payload = {"fingerprint": fp.to_dict(), "embedding_dim": fp.hidden_size}
-            tmp = self.manifest.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-            os.replace(tmp, self.manifest)
+            write_json(self.manifest, {"fingerprint": fp.to_dict(), "embedding_dim": fp.hidden_size})
 
 
 def _holder(fd: int) -> str:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from llm_features.atomic import write_text
+
 START = "<!-- cli-reference:start -->"
 END = "<!-- cli-reference:end -->"
 
@@ -52,7 +54,7 @@ def write_readme(path: Path) -> None:
     text = path.read_text()
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    path.write_text(f"{head}{START}\n{cli_reference()}\n{END}{tail}")
+    write_text(path, f"{head}{START}\n{cli_reference()}\n{END}{tail}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from llm_features.errors import UserError
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, FingerprintMismatchError, ModelFingerprint
-from llm_features.finetune.packing import SPLIT_CODES, UserHistories, feedback_index
+from llm_features.finetune.packing import UserHistories, feedback_index
+from llm_features.ingest.split import SPLIT_CODES
 from llm_features.parquet_io import embedding_matrix, file_metadata, list_parts
 from llm_features.workspace import Workspace
 

@@ -13,7 +13,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,8 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm_features.atomic import write_json
 from llm_features.backbone import Backbone, configure_threads
-from llm_features.devices import resolve_device as _resolve_device
+from llm_features.devices import resolve_device
 from llm_features.errors import UserError
 from llm_features.fingerprint import FingerprintMismatchError
 from llm_features.finetune.checkpoint import (
@@ -38,7 +38,6 @@ from llm_features.finetune.checkpoint import (
     load_resume_set,
     load_trainable,
     save_checkpoint,
-    write_json,
     write_predictions,
     save_weights,
     BEST_WEIGHTS,
@@ -51,6 +50,7 @@ from llm_features.finetune.ema import WeightAverage
 from llm_features.finetune.memory import TrainingMemory, peak_rss_mb  # noqa: F401 (re-exported)
 from llm_features.finetune.model import FinetuneModel, count_parameters
 from llm_features.finetune.packing import BehaviorPacker, Blocks, TokenPacker, batch_indices, make_blocks
+from llm_features.ingest.split import SPLIT_CODES
 from llm_features.metrics import log_loss_from_logits, roc_auc
 from llm_features.workspace import Workspace
 
@@ -65,11 +65,6 @@ TIMING_WARMUP_STEPS = 2
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def resolve_device(device: str) -> torch.device:
-    """``--device`` as a torch device (a :class:`UserError` for one this machine does not have)."""
-    return _resolve_device(device)
-
-
 def check_resume(cfg: FinetuneConfig, saved: ResumeSet) -> None:
     """Refuse to resume ``saved`` with options that change what is trained."""
     then, now = config_to_dict(saved.cfg), config_to_dict(cfg)
@@ -98,9 +93,6 @@ def make_packer(cfg: FinetuneConfig, data: FinetuneData, backbone: Backbone) -> 
                        pad_id=int(backbone.tokenizer.pad_token_id))
 
 
-SPLIT_SEED_OFFSETS = {"train": 0, "valid": 1, "test": 2}
-
-
 def split_targets(cfg: FinetuneConfig, data: FinetuneData, split: str) -> np.ndarray:
     """``[N]`` boolean: the rows of ``split`` this run trains on or evaluates (after ``max_targets``).
 
@@ -112,7 +104,7 @@ def split_targets(cfg: FinetuneConfig, data: FinetuneData, split: str) -> np.nda
 
         user_of_row = np.repeat(data.hist.user_ids, np.diff(data.hist.offsets))
         mask = mask & (user_fold(user_of_row, cfg.folds) != cfg.fold)
-    return limit_targets(data.hist, mask, cfg.max_targets, cfg.sample_seed + SPLIT_SEED_OFFSETS[split])
+    return limit_targets(data.hist, mask, cfg.max_targets, cfg.sample_seed + SPLIT_CODES[split])
 
 
 def split_blocks(cfg: FinetuneConfig, data: FinetuneData, split: str, k: int) -> Blocks:
@@ -261,8 +253,6 @@ def finetune(
     # Everything that can refuse the run is checked before any model is loaded or any file written.
     check_finetune_config(cfg)
     device = resolve_device(cfg.device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     out = Path(cfg.out)
     resume = load_resume_set(out) if cfg.resume else None
     if resume is not None:
