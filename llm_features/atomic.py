@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -57,8 +58,10 @@ def atomic_path(path: str | os.PathLike, tmp_dir: Path | None = None) -> Iterato
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

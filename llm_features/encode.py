@@ -35,7 +35,7 @@ from llm_features.config import validate_config
 from llm_features.devices import resolve_device
 from llm_features.distributed import barrier, init_from_env, sum_over_ranks
 from llm_features.errors import UserError
-from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, FingerprintMismatchError, ModelFingerprint
+from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, ModelFingerprint
 from llm_features.ids import normalize_text, stable_id
 from llm_features.parquet_io import (
     embedding_array,
@@ -182,12 +182,9 @@ def _check_fingerprints(directory: Path, fp: ModelFingerprint) -> list[Path]:
     parts = list_parts(directory)
     for part in parts:
         raw = file_metadata(part).get(FINGERPRINT_METADATA_KEY)
-        digest = ModelFingerprint.from_json(raw).digest if raw else None
-        if digest != fp.digest:
-            raise FingerprintMismatchError(
-                f"{part} was written by model fingerprint {digest}, this run is {fp.digest} "
-                f"({fp.model_name}); use a fresh --data-dir or delete {directory} to re-encode"
-            )
+        fp.require_same(ModelFingerprint.from_json(raw) if raw else None,
+                        lambda found, this: f"{part} was written by model fingerprint {found}, this run is {this}; "
+                        f"use a fresh --data-dir or delete {directory} to re-encode")
     return parts
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 from llm_features.atomic import write_json
 from llm_features.errors import UserError
 from llm_features.feature_repo import DEFAULT_REPO, is_installed_repo
-from llm_features.fingerprint import FingerprintMismatchError, ModelFingerprint
+from llm_features.fingerprint import ModelFingerprint
 from llm_features.parquet_io import write_table_atomic  # noqa: F401  (re-exported for callers)
 
 DATA_DIR_ENV = "LLMFEAT_DATA_DIR"
@@ -208,15 +208,12 @@ class Workspace:
     def claim_fingerprint(self, fp: ModelFingerprint) -> None:
         """Record ``fp`` as this workspace's embedding space, or refuse a different one."""
         current = self.read_fingerprint()
-        if current is not None and current.digest != fp.digest:
-            raise FingerprintMismatchError(
-                f"{self.manifest} holds embeddings of model fingerprint {current.digest} "
-                f"({current.model_name}, split_layer={current.split_layer}, pooling={current.pooling}); "
-                f"refusing to mix in {fp.digest} ({fp.model_name}, split_layer={fp.split_layer}, "
-                f"pooling={fp.pooling}). Use a fresh --data-dir, or delete the embedding directories first."
-            )
         if current is None:
             write_json(self.manifest, {"fingerprint": fp.to_dict(), "embedding_dim": fp.hidden_size})
+            return
+        fp.require_same(current, lambda found, new: f"{self.manifest} holds embeddings of model fingerprint {found}; "
+                        f"refusing to mix in {new}",
+                        fix="Use a fresh --data-dir, or delete the embedding directories first.")
 
 
 def _holder(fd: int) -> str:

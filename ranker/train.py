@@ -688,13 +688,9 @@ def evaluate(cfg: EvaluateConfig, entities: pd.DataFrame | None = None,
             raise MissingInputError("the data dir does not exist", file=ws.root, option="--data-dir",
                                     fix="Pass the data dir that `llmfeat ingest` wrote (or run it first).")
         fp = ws.read_fingerprint() if payload.get("fingerprint") else None
-        if fp is not None and fp.digest != payload["fingerprint"]:
-            from llm_features.fingerprint import FingerprintMismatchError
-
-            raise FingerprintMismatchError(
-                f"{cfg.checkpoint} was trained on embeddings of model {payload['fingerprint']}, but {ws.manifest} "
-                f"records {fp.digest}; retrain the ranker on this workspace."
-            )
+        if fp is not None:
+            fp.require_same(payload["fingerprint"], lambda trained, here: f"{cfg.checkpoint} was trained on embeddings "
+                            f"of model {trained}, but {ws.manifest} records {here}; retrain the ranker on this workspace.")
     if entities is None:
         entities = load_entities(ws.interactions, cfg.split, cfg.max_rows)
     else:

@@ -384,11 +384,8 @@ def load_finetuned(
         bcfg = cfg.backbone_config()
         bcfg.trust_remote_code = trust_remote_code
         backbone = Backbone.load(bcfg, device=device)
-    if backbone.fingerprint.digest != fp.digest:
-        raise FingerprintMismatchError(
-            f"{path} was trained on {fp.model_name} (fingerprint {fp.digest}); the backbone loaded is "
-            f"{backbone.fingerprint.model_name} ({backbone.fingerprint.digest})"
-        )
+    fp.require_same(backbone.fingerprint, lambda loaded, trained: f"{path} was trained on model fingerprint "
+                    f"{trained}; the backbone loaded is {loaded}")
     model = build_model(cfg, backbone, int(meta["item_dim"])).to(device)
     load_trainable(model, weights)
     return model.eval(), cfg

@@ -52,14 +52,9 @@ def _check_parts(directory: Path, fp: ModelFingerprint) -> list[Path]:
         if raw is None:
             raise FingerprintMismatchError(f"no {FINGERPRINT_METADATA_KEY} metadata", file=p,
                                            fix="Re-run `llmfeat encode` on this data dir.")
-        got = ModelFingerprint.from_json(raw)
-        if got.digest != fp.digest:
-            raise FingerprintMismatchError(
-                f"{p} was encoded by {got.model_name} (split_layer={got.split_layer}, pooling={got.pooling}, "
-                f"fingerprint {got.digest}) but finetune loaded {fp.model_name} (split_layer={fp.split_layer}, "
-                f"pooling={fp.pooling}, fingerprint {fp.digest}). Pass the same --model/--split-layer/--pooling/"
-                "--max-tokens/--dtype as `llmfeat encode`."
-            )
+        fp.require_same(ModelFingerprint.from_json(raw),
+                        lambda found, loaded: f"{p} was encoded by model fingerprint {found} but finetune loaded {loaded}",
+                        fix="Pass the same --model/--split-layer/--pooling/--max-tokens/--dtype as `llmfeat encode`.")
     return parts
 
 

@@ -26,7 +26,6 @@ from llm_features.atomic import write_json
 from llm_features.backbone import Backbone, configure_threads
 from llm_features.devices import resolve_device
 from llm_features.errors import UserError
-from llm_features.fingerprint import FingerprintMismatchError
 from llm_features.finetune.checkpoint import (
     METRICS,
     TEST_PREDICTIONS,
@@ -269,10 +268,10 @@ def finetune(
     torch.manual_seed(cfg.seed)
     backbone = backbone or Backbone.load(cfg.backbone_config(), device=device)
     check_split(backbone)
-    if resume is not None and backbone.fingerprint.digest != resume.fingerprint.digest:
-        raise FingerprintMismatchError(
-            f"was trained on fingerprint {resume.fingerprint.digest}, the model loaded now is "
-            f"{backbone.fingerprint.digest}", file=resume.path / CONFIG, option="--resume",
+    if resume is not None:
+        resume.fingerprint.require_same(
+            backbone.fingerprint, lambda loaded, trained: f"was trained on fingerprint {trained}, the model loaded "
+            f"now is {loaded}", file=resume.path / CONFIG, option="--resume",
             fix="Resume with the model options it was trained with, or choose a new --out.")
     if data is None:
         data = load_finetune_data(
