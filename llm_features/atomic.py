@@ -77,7 +77,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def json_default(o: Any) -> Any:
-    """What :func:`json.dumps` cannot write: numpy numbers and arrays as numbers, anything else as its ``str``."""
+    """What json cannot write: numpy numbers and arrays as numbers, anything else (a path) as its ``str``."""
     if isinstance(o, (np.integer, np.floating, np.bool_)):
         return o.item()
     if isinstance(o, np.ndarray):

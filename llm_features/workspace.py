@@ -79,6 +79,12 @@ def default_data_dir(repo: str | os.PathLike = DEFAULT_REPO) -> Path:
     return ((DEFAULT_REPO if is_installed_repo(repo) else Path(repo)) / "data").resolve()
 
 
+def resolve_data_dir(repo: str | os.PathLike = DEFAULT_REPO, data_dir: str | os.PathLike | None = None) -> Path:
+    """``data_dir`` (``--data-dir``), else :func:`default_data_dir` of ``repo``; absolute. The one
+    answer to "which data dir?" for every stage and command."""
+    return Path(data_dir).resolve() if data_dir is not None else default_data_dir(repo)
+
+
 def runs_dir(data_dir: str | os.PathLike | None = None, repo: str | os.PathLike = DEFAULT_REPO) -> Path:
     """``<data_dir>/runs`` (``data_dir``, else :func:`default_data_dir`): where the stages write their
     checkpoints unless told otherwise, the layout ``llmfeat demo`` uses."""
@@ -91,7 +97,7 @@ class Workspace:
 
     @classmethod
     def at(cls, root: str | os.PathLike | None = None) -> "Workspace":
-        return cls(Path(root).resolve() if root is not None else default_data_dir())
+        return cls(resolve_data_dir(DEFAULT_REPO, root))
 
     def _table(self, *parts: str) -> Path:
         """``root/parts``, refused when a symbolic link on the way leads out of the data dir."""
@@ -211,9 +217,9 @@ class Workspace:
         if current is None:
             write_json(self.manifest, {"fingerprint": fp.to_dict(), "embedding_dim": fp.hidden_size})
             return
-        fp.require_same(current, lambda found, new: f"{self.manifest} holds embeddings of model fingerprint {found}; "
-                        f"refusing to mix in {new}",
-                        fix="Use a fresh --data-dir, or delete the embedding directories first.")
+        fp.require_same(
+            current, lambda found, new: f"{self.manifest} holds embeddings of model fingerprint {found}; "
+            f"refusing to mix in {new}", fix="Use a fresh --data-dir, or delete the embedding directories first.")
 
 
 def _holder(fd: int) -> str:

@@ -71,9 +71,9 @@ FeatureSource = Callable[[pd.DataFrame], pd.DataFrame]
 
 
 def workspace_for(repo: Path, data_dir: Path | None):
-    from llm_features.workspace import Workspace, default_data_dir
+    from llm_features.workspace import Workspace, resolve_data_dir
 
-    return Workspace.at(data_dir) if data_dir is not None else Workspace.at(default_data_dir(repo))
+    return Workspace.at(resolve_data_dir(repo, data_dir))
 
 
 def load_entities(interactions: Path, split: str, max_rows: int | None = None, last: bool = False) -> pd.DataFrame:
@@ -689,8 +689,9 @@ def evaluate(cfg: EvaluateConfig, entities: pd.DataFrame | None = None,
                                     fix="Pass the data dir that `llmfeat ingest` wrote (or run it first).")
         fp = ws.read_fingerprint() if payload.get("fingerprint") else None
         if fp is not None:
-            fp.require_same(payload["fingerprint"], lambda trained, here: f"{cfg.checkpoint} was trained on embeddings "
-                            f"of model {trained}, but {ws.manifest} records {here}; retrain the ranker on this workspace.")
+            fp.require_same(payload["fingerprint"], lambda trained, here: (
+                f"{cfg.checkpoint} was trained on embeddings of model {trained}, but {ws.manifest} records {here}; "
+                "retrain the ranker on this workspace."))
     if entities is None:
         entities = load_entities(ws.interactions, cfg.split, cfg.max_rows)
     else:

@@ -139,8 +139,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from llm_features.encode import encode
     from llm_features.finetune import finetune
     from llm_features.ingest import format_summary, ingest
-    from llm_features.store import apply_definitions, materialize_all, open_store, resolve_data_dir
-    from llm_features.workspace import Workspace
+    from llm_features.store import apply_definitions, materialize_all, open_store
+    from llm_features.workspace import Workspace, resolve_data_dir
     from ranker.serve import Ranker
     from ranker.train import evaluate as evaluate_ranker
     from ranker.train import train as train_ranker
@@ -329,8 +329,7 @@ def _print_report(report: dict) -> None:
 def command(cfg: DemoConfig) -> None:
     """Run the main job end to end: ingest, encode, feast apply, finetune, embed users,
     materialize, ranker training and evaluation, and an online ranking for a sample user."""
-    from llm_features.store import resolve_data_dir
-    from llm_features.workspace import Workspace
+    from llm_features.workspace import Workspace, resolve_data_dir
 
     with Workspace.at(resolve_data_dir(cfg.repo, cfg.data_dir)).lock("llmfeat demo"):  # one writer per data dir
         run_demo(cfg)

@@ -52,9 +52,10 @@ def _check_parts(directory: Path, fp: ModelFingerprint) -> list[Path]:
         if raw is None:
             raise FingerprintMismatchError(f"no {FINGERPRINT_METADATA_KEY} metadata", file=p,
                                            fix="Re-run `llmfeat encode` on this data dir.")
-        fp.require_same(ModelFingerprint.from_json(raw),
-                        lambda found, loaded: f"{p} was encoded by model fingerprint {found} but finetune loaded {loaded}",
-                        fix="Pass the same --model/--split-layer/--pooling/--max-tokens/--dtype as `llmfeat encode`.")
+        fp.require_same(
+            ModelFingerprint.from_json(raw),
+            lambda found, loaded: f"{p} was encoded by model fingerprint {found} but finetune loaded {loaded}",
+            fix="Pass the same --model/--split-layer/--pooling/--max-tokens/--dtype as `llmfeat encode`.")
     return parts
 
 
