@@ -58,6 +58,8 @@ def atomic_path(path: str | os.PathLike, tmp_dir: Path | None = None) -> Iterato
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        if os.path.lexists(tmp):  # a hard link to the file ``path`` already is: rename(2) leaves both
+            os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

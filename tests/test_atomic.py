@@ -59,3 +59,16 @@ def test_a_linked_destination_is_refused(tmp_path):
     (tmp_path / "elsewhere").mkdir()
     write_text(linked_dir / "ok.txt", "an output directory may be a link")
     assert (tmp_path / "elsewhere" / "ok.txt").exists()
+
+
+def test_linking_a_file_over_its_own_hard_link_leaves_no_temp_file(tmp_path):
+    """rename(2) of one hard link over another of the same file does nothing: the temp name is removed."""
+    import os
+
+    src = write_text(tmp_path / "best.safetensors", "weights")
+    dest = tmp_path / "out" / "best.safetensors"
+    for _ in range(2):  # the second time, dest already is a link to src
+        with atomic_path(dest) as tmp:
+            os.link(src, tmp)
+    assert dest.read_text() == "weights" and os.path.samefile(src, dest)
+    assert [p.name for p in dest.parent.iterdir()] == ["best.safetensors"]
