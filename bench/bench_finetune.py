@@ -275,7 +275,7 @@ def load_targets(data_dir: Path, limit_users: int | None, max_targets: int | Non
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    from llm_features.finetune import roc_auc
+    from llm_features.metrics import roc_auc
 
     return roc_auc(labels, scores)
 

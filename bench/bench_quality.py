@@ -111,7 +111,7 @@ def exact_states(data_dir: Path, towers: list[Path]) -> pd.DataFrame:
     fold = user_fold(users, len(towers)) if len(towers) > 1 else np.zeros(len(users), np.int64)
     u = np.zeros((len(h), model.backbone.hidden_size), np.float32)
     logit, ubias = np.zeros(len(h), np.float32), np.zeros(len(h), np.float32)
-    vmean = data.item_table[h.item_row[h.split == 0]].mean(0, keepdim=True)
+    vmean = data.item_table[h.item_row[data.split_mask("train")]].mean(0, keepdim=True)
     packer = make_packer(ft, data, model.backbone)
     for f, path in enumerate(towers):
         if f:
@@ -344,7 +344,7 @@ def run_dataset(name: str, source: Path, args: argparse.Namespace) -> dict:
 
 
 def qm_auc(pred: pd.DataFrame) -> float:
-    from ranker.metrics import roc_auc
+    from llm_features.metrics import roc_auc
 
     return roc_auc(pred["label"].to_numpy(), pred["logit"].to_numpy())
 
@@ -360,7 +360,7 @@ def tower_summary(m: dict) -> dict:
 def summarize_dataset(inter: pd.DataFrame, preds: dict[str, list[pd.DataFrame]], towers: dict,
                       states: pd.DataFrame) -> dict:
     """Per-variant metrics over seeds, paired differences against id-only, slices, baselines."""
-    from ranker.metrics import log_loss, per_user_auc, roc_auc
+    from llm_features.metrics import log_loss_from_probs, mean_per_user_auc, roc_auc
 
     test = inter[inter.split == "test"].sort_values(KEYS + ["label"], kind="stable", ignore_index=True)
     train = inter[inter.split == "train"]
@@ -371,8 +371,8 @@ def summarize_dataset(inter: pd.DataFrame, preds: dict[str, list[pd.DataFrame]],
         sig = [1 / (1 + np.exp(-p["logit"].to_numpy())) for p in ps]
         out["variants"][v] = {
             "auc": qm.seed_summary([roc_auc(labels, p["logit"].to_numpy()) for p in ps]),
-            "logloss": qm.seed_summary([log_loss(labels, s) for s in sig]),
-            "per_user_auc": qm.seed_summary([per_user_auc(users, labels, p["logit"].to_numpy()) for p in ps]),
+            "logloss": qm.seed_summary([log_loss_from_probs(labels, s) for s in sig]),
+            "per_user_auc": qm.seed_summary([mean_per_user_auc(users, labels, p["logit"].to_numpy()) for p in ps]),
         }
         if v != "id_only":
             for metric, key in (("auc", "minus_id_only"), ("per_user_auc", "per_user_minus_id_only")):
@@ -391,16 +391,16 @@ def summarize_dataset(inter: pd.DataFrame, preds: dict[str, list[pd.DataFrame]],
     order = test[KEYS].merge(inter[inter.split == "test"][KEYS].assign(_i=np.arange((inter.split == "test").sum())),
                              on=KEYS, how="left")["_i"].to_numpy()
     out["baselines"] = {k: roc_auc(labels, s[order]) for k, s in base.items()}
-    out["baselines_per_user"] = {k: per_user_auc(users, labels, s[order]) for k, s in base.items()}
+    out["baselines_per_user"] = {k: mean_per_user_auc(users, labels, s[order]) for k, s in base.items()}
     # each score alone, pooled and within users: where the tower's signal is and where it is not
     parts = [c for c in ("tower_logit", "tower_user_score", "tower_item_score", "tower_user_score_window_start",
                          "tower_item_score_window_start") if c in states.columns]
     joined_parts = test[KEYS].merge(states[KEYS + parts], on=KEYS, how="left")
     out["diagnosis"] = {c: {"auc": roc_auc(labels, joined_parts[c].to_numpy()),
-                            "per_user_auc": per_user_auc(users, labels, joined_parts[c].to_numpy())} for c in parts}
+                            "per_user_auc": mean_per_user_auc(users, labels, joined_parts[c].to_numpy())} for c in parts}
     tower_logit = test[KEYS].merge(states[KEYS + ["tower_logit"]], on=KEYS, how="left")["tower_logit"].to_numpy()
     out["tower_test_auc_same_rows"] = roc_auc(labels, tower_logit)
-    out["tower_test_per_user_auc"] = per_user_auc(users, labels, tower_logit)
+    out["tower_test_per_user_auc"] = mean_per_user_auc(users, labels, tower_logit)
     for sname, mask in masks.items():
         if mask.sum() and len(np.unique(labels[mask])) == 2:
             out["slices"][sname]["tower"] = roc_auc(labels[mask], tower_logit[mask])

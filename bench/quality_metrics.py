@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ranker.metrics import per_user_auc, per_user_aucs, roc_auc
+from llm_features.metrics import mean_per_user_auc, per_user_aucs, roc_auc
 
 _EPS = 1e-6
 # two-sided 95% quantiles of Student's t for df 1..30 (used when scipy is missing)
@@ -237,7 +237,7 @@ def paired_bootstrap(users: np.ndarray, labels: np.ndarray, scores_a: np.ndarray
     if metric == "auc":
         mean = roc_auc(labels, scores_b) - roc_auc(labels, scores_a)
     elif metric == "per_user_auc":
-        mean = per_user_auc(users, labels, scores_b) - per_user_auc(users, labels, scores_a)
+        mean = mean_per_user_auc(users, labels, scores_b) - mean_per_user_auc(users, labels, scores_a)
     else:
         raise ValueError(f"unknown metric {metric!r}: expected 'auc' or 'per_user_auc'")
     samples = _bootstrap_diffs(users, labels, scores_a, scores_b, n_boot, seed, metric)

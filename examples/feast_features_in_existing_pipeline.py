@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from llm_features.store import open_store, resolve_data_dir
+    from llm_features.store import open_store
+    from llm_features.workspace import resolve_data_dir
 
     store = open_store(args.repo, args.data_dir, fs_yaml_file=args.fs_yaml)
     data_dir = resolve_data_dir(args.repo, args.data_dir)

@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     from sklearn.metrics import roc_auc_score
 
-    from llm_features.store import open_store, resolve_data_dir
+    from llm_features.store import open_store
+    from llm_features.workspace import resolve_data_dir
 
     store = open_store(args.repo, args.data_dir, fs_yaml_file=args.fs_yaml)
     data_dir = resolve_data_dir(args.repo, args.data_dir)

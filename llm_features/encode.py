@@ -18,9 +18,7 @@ next run picks up where it stopped without duplicates.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -30,14 +28,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
+from llm_features.atomic import write_json
 from llm_features.backbone import Backbone, BackboneConfig, configure_threads
 from llm_features.config import validate_config
 from llm_features.devices import resolve_device
 from llm_features.distributed import barrier, init_from_env, sum_over_ranks
 from llm_features.errors import UserError
-from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, FingerprintMismatchError, ModelFingerprint
+from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, ModelFingerprint
 from llm_features.ids import normalize_text, stable_id
 from llm_features.parquet_io import (
     embedding_array,
@@ -184,12 +182,9 @@ def _check_fingerprints(directory: Path, fp: ModelFingerprint) -> list[Path]:
     parts = list_parts(directory)
     for part in parts:
         raw = file_metadata(part).get(FINGERPRINT_METADATA_KEY)
-        digest = ModelFingerprint.from_json(raw).digest if raw else None
-        if digest != fp.digest:
-            raise FingerprintMismatchError(
-                f"{part} was written by model fingerprint {digest}, this run is {fp.digest} "
-                f"({fp.model_name}); use a fresh --data-dir or delete {directory} to re-encode"
-            )
+        fp.require_same(ModelFingerprint.from_json(raw) if raw else None,
+                        lambda found, this: f"{part} was written by model fingerprint {found}, this run is {this}; "
+                        f"use a fresh --data-dir or delete {directory} to re-encode")
     return parts
 
 
@@ -325,11 +320,7 @@ def _write_rows(
 
 
 def _write_report(ws: Workspace, stats: EncodeStats) -> Path:
-    path = ws.root / REPORT_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(stats.to_dict(), indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return write_json(ws.root / REPORT_NAME, stats.to_dict())
 
 
 # --------------------------------------------------------------------------- the stage
@@ -354,8 +345,6 @@ def encode(
     t0 = time.perf_counter()
     validate_config(cfg)
     device = resolve_device(cfg.device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     rank, world = init_from_env(device)
     ws = Workspace.at(cfg.data_dir)
     configure_threads(cfg.num_threads)

@@ -43,7 +43,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -254,18 +253,10 @@ USER_STATE_RECIPE = (
 )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def head_metadata(model, ft, fp, meta: dict[str, Any], ckpt: Path, base_dir: Path, architecture: str,
                   tensors: dict[str, Tensor], full: str | None, adapter: str | None) -> dict[str, Any]:
     """The ``llmfeat_head.json`` payload: what the extra tensors are and every option needed to use them."""
-    from llm_features.finetune.checkpoint import WEIGHTS
+    from llm_features.finetune.checkpoint import WEIGHTS, file_sha256
     from llm_features.finetune.packing import NUM_FEEDBACK
 
     bb = model.backbone
@@ -274,7 +265,7 @@ def head_metadata(model, ft, fp, meta: dict[str, Any], ckpt: Path, base_dir: Pat
         "format": "llmfeat-export",
         "version": EXPORT_FORMAT_VERSION,
         "checkpoint": str(ckpt.resolve()),
-        "checkpoint_weights_sha256": _sha256(ckpt / WEIGHTS),
+        "checkpoint_weights_sha256": file_sha256(ckpt / WEIGHTS),
         "base_model": str(base_dir.resolve()),
         "fingerprint": fp.to_dict(),
         "exported": {"full_model": full, "peft_adapter": adapter},

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from feast.infra.registry.file import FileRegistryStore
 
+from llm_features.atomic import write_bytes
 from llm_features.errors import UserError
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -56,14 +57,4 @@ class AtomicFileRegistryStore(FileRegistryStore):
 
         registry_proto.version_id = str(uuid.uuid4())
         registry_proto.last_updated.FromDatetime(_utc_now())
-        path = Path(self._filepath)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(registry_proto.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_bytes(Path(self._filepath), registry_proto.SerializeToString())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +58,36 @@ class ModelFingerprint:
     @classmethod
     def from_json(cls, s: str | bytes) -> "ModelFingerprint":
         return cls.from_dict(json.loads(s))
+
+    def describe(self) -> str:
+        """``digest (model, split_layer=L, pooling=P)``: what tells two embedding spaces apart in a message."""
+        return f"{self.digest} ({self.model_name}, split_layer={self.split_layer}, pooling={self.pooling})"
+
+    def require_same(
+        self,
+        found: ModelFingerprint | str | None,
+        problem: Callable[[str, str], str],
+        *,
+        file: str | os.PathLike | None = None,
+        option: str | None = None,
+        fix: str | None = None,
+    ) -> None:
+        """Refuse ``found`` unless it is this embedding space (the same digest).
+
+        ``found`` is a fingerprint, a bare digest, or None where nothing is recorded. On a mismatch,
+        ``problem(found, this)`` words the :class:`FingerprintMismatchError` from the two sides'
+        descriptions (:meth:`describe`; a bare digest as it is, None as ``none``); ``file``,
+        ``option`` and ``fix`` are :class:`~llm_features.errors.UserError`'s.
+
+        Example::
+
+            fp.require_same(part_fp, lambda found, this: f"{part} holds {found}, this run is {this}")
+        """
+        digest = found.digest if isinstance(found, ModelFingerprint) else found
+        if digest == self.digest:
+            return
+        described = found.describe() if isinstance(found, ModelFingerprint) else str(found or "none")
+        raise FingerprintMismatchError(problem(described, self.describe()), file=file, option=option, fix=fix)
 
     def as_tags(self) -> dict[str, str]:
         """Feast tags (string to string) describing this fingerprint."""

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llm_features.errors import UserError
+from llm_features.atomic import atomic_path, refuse_links
 
 PART_GLOB = "part-*.parquet"
 # A schema-only file that keeps an empty part-file directory readable for Feast's offline store
@@ -35,15 +35,6 @@ def _staging_dir(dest_dir: Path) -> Path:
     return dest_dir.parent / f".{dest_dir.name}.staging"
 
 
-def _refuse_links(*paths: Path) -> None:
-    for p in paths:
-        if p.is_symlink():
-            raise UserError(
-                f"is a symbolic link to {os.readlink(p)}; refusing to write through it", file=p,
-                fix="Replace the link with a real directory (or file) inside the data dir.",
-            )
-
-
 def write_table_atomic(table: pa.Table, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``table`` to ``path`` atomically (staging file, fsync, rename).
 
@@ -51,18 +42,15 @@ def write_table_atomic(table: pa.Table, path: str | os.PathLike, metadata: Mappi
     """
     path = Path(path)
     staging = _staging_dir(path.parent)
-    _refuse_links(path.parent, path, staging)
+    refuse_links(path.parent, path, staging)
     path.parent.mkdir(parents=True, exist_ok=True)
     if metadata:
         merged = dict(table.schema.metadata or {})
         merged.update({k.encode(): v.encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(merged)
     staging.mkdir(parents=True, exist_ok=True)
-    tmp = staging / f"{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, tmp_dir=staging) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 
@@ -79,23 +67,16 @@ def write_tables_atomic(
     """
     path = Path(path)
     staging = _staging_dir(path.parent)
-    _refuse_links(path.parent, path, staging)
+    refuse_links(path.parent, path, staging)
     path.parent.mkdir(parents=True, exist_ok=True)
     if metadata:
         merged = dict(schema.metadata or {})
         merged.update({k.encode(): v.encode() for k, v in metadata.items()})
         schema = schema.with_metadata(merged)
     staging.mkdir(parents=True, exist_ok=True)
-    tmp = staging / f"{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for table in tables:
-                writer.write_table(table.replace_schema_metadata(schema.metadata))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path, tmp_dir=staging) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for table in tables:
+            writer.write_table(table.replace_schema_metadata(schema.metadata))
     return path
 
 
@@ -112,7 +93,7 @@ def write_part(
     by default a sortable, unique name is used.
     """
     dest_dir = Path(dest_dir)
-    _refuse_links(dest_dir)
+    refuse_links(dest_dir)
     if name is None:
         name = f"{len(list_parts(dest_dir)):05d}-{uuid.uuid4().hex[:8]}"
     path = write_table_atomic(table, dest_dir / f"part-{name}.parquet", metadata)
@@ -130,7 +111,7 @@ def write_part_streamed(
 ) -> Path:
     """:func:`write_part` for a table produced block by block (:func:`write_tables_atomic`)."""
     dest_dir = Path(dest_dir)
-    _refuse_links(dest_dir)
+    refuse_links(dest_dir)
     path = write_tables_atomic(tables, dest_dir / f"part-{name}.parquet", schema, metadata)
     drop_placeholder(dest_dir)
     return path

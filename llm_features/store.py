@@ -64,7 +64,7 @@ from llm_features.fingerprint import (
 from llm_features.errors import UserError
 from llm_features.parquet_io import PLACEHOLDER_METADATA_KEY, file_metadata
 from llm_features.feature_repo import find_repo
-from llm_features.workspace import DATA_DIR_ENV, DEFAULT_REPO, MissingInputError, Workspace, default_data_dir
+from llm_features.workspace import DATA_DIR_ENV, DEFAULT_REPO, MissingInputError, Workspace, resolve_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +76,6 @@ _STORE_YAML_ATTR = "_llmfeat_fs_yaml_file"
 
 # ---------------------------------------------------------------------------------------------
 # Opening and applying
-
-
-def resolve_data_dir(repo_path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Path:
-    """``data_dir``, else ``$LLMFEAT_DATA_DIR``, else ``<repo>/data``; absolute (the default repo
-    ``feast_repo`` gives ``./feast_repo/data`` even where it is the packaged one, see
-    :mod:`llm_features.feature_repo`)."""
-    if data_dir is not None:
-        return Path(data_dir).resolve()
-    return default_data_dir(repo_path)
 
 
 def _relocate(path: str, repo: Path, data_dir: Path) -> str:

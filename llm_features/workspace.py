@@ -44,9 +44,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_features.atomic import write_json
 from llm_features.errors import UserError
 from llm_features.feature_repo import DEFAULT_REPO, is_installed_repo
-from llm_features.fingerprint import FingerprintMismatchError, ModelFingerprint
+from llm_features.fingerprint import ModelFingerprint
 from llm_features.parquet_io import write_table_atomic  # noqa: F401  (re-exported for callers)
 
 DATA_DIR_ENV = "LLMFEAT_DATA_DIR"
@@ -80,6 +81,12 @@ def default_data_dir(repo: str | os.PathLike = DEFAULT_REPO) -> Path:
     return ((DEFAULT_REPO if is_installed_repo(repo) else Path(repo)) / "data").resolve()
 
 
+def resolve_data_dir(repo: str | os.PathLike = DEFAULT_REPO, data_dir: str | os.PathLike | None = None) -> Path:
+    """``data_dir`` (``--data-dir``), else :func:`default_data_dir` of ``repo``; absolute. The one
+    answer to "which data dir?" for every stage and command."""
+    return Path(data_dir).resolve() if data_dir is not None else default_data_dir(repo)
+
+
 def runs_dir(data_dir: str | os.PathLike | None = None, repo: str | os.PathLike = DEFAULT_REPO) -> Path:
     """``<data_dir>/runs`` (``data_dir``, else :func:`default_data_dir`): where the stages write their
     checkpoints unless told otherwise, the layout ``llmfeat demo`` uses."""
@@ -92,7 +99,7 @@ class Workspace:
 
     @classmethod
     def at(cls, root: str | os.PathLike | None = None) -> "Workspace":
-        return cls(Path(root).resolve() if root is not None else default_data_dir())
+        return cls(resolve_data_dir(DEFAULT_REPO, root))
 
     def _table(self, *parts: str) -> Path:
         """``root/parts``, refused when a symbolic link on the way leads out of the data dir."""
@@ -214,19 +221,12 @@ class Workspace:
     def claim_fingerprint(self, fp: ModelFingerprint) -> None:
         """Record ``fp`` as this workspace's embedding space, or refuse a different one."""
         current = self.read_fingerprint()
-        if current is not None and current.digest != fp.digest:
-            raise FingerprintMismatchError(
-                f"{self.manifest} holds embeddings of model fingerprint {current.digest} "
-                f"({current.model_name}, split_layer={current.split_layer}, pooling={current.pooling}); "
-                f"refusing to mix in {fp.digest} ({fp.model_name}, split_layer={fp.split_layer}, "
-                f"pooling={fp.pooling}). Use a fresh --data-dir, or delete the embedding directories first."
-            )
         if current is None:
-            self.root.mkdir(parents=True, exist_ok=True)
-            payload = {"fingerprint": fp.to_dict(), "embedding_dim": fp.hidden_size}
-            tmp = self.manifest.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-            os.replace(tmp, self.manifest)
+            write_json(self.manifest, {"fingerprint": fp.to_dict(), "embedding_dim": fp.hidden_size})
+            return
+        fp.require_same(
+            current, lambda found, new: f"{self.manifest} holds embeddings of model fingerprint {found}; "
+            f"refusing to mix in {new}", fix="Use a fresh --data-dir, or delete the embedding directories first.")
 
 
 def _holder(fd: int) -> str:

@@ -57,7 +57,8 @@ def evaluate_command(cfg: EvaluateConfig) -> None:
 def score_command(cfg: ScoreConfig) -> None:
     """Rank candidate items for one user from the online store; prints the ranked list."""
     from ranker.serve import Ranker
-    from ranker.train import METRICS_FILE, _write_json
+    from llm_features.atomic import write_json
+    from ranker.train import METRICS_FILE
 
     items = cfg.item_ids()
     if not items:
@@ -79,7 +80,7 @@ def score_command(cfg: ScoreConfig) -> None:
     for pos, (item, prob) in enumerate(ranked, 1):
         click.echo(f"{pos:4d}  item {item:<10d} {prob:.4f}")
     out = cfg.out or (cfg.checkpoint / "score")
-    _write_json(out / METRICS_FILE, {
+    write_json(out / METRICS_FILE, {
         "user_id": cfg.user_id, "candidates": len(items), "latency_ms": round(latency_ms, 3),
         "ranked": [{"item_id": i, "probability": p} for i, p in ranked], "missing": ranker.missing.as_dict(),
     })

@@ -33,8 +33,10 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
+from llm_features.atomic import atomic_path, json_default, write_json
 from llm_features.config import validate_config
 from llm_features.errors import UserError
+from llm_features.metrics import log_loss_from_probs, mean_per_user_auc, roc_auc
 from llm_features.workspace import MissingInputError
 from llm_features.threads import configure_threads
 from ranker.config import EvaluateConfig, ModelConfig, TrainConfig
@@ -49,7 +51,6 @@ from ranker.features import (
     feature_columns,
     infer_frame_attributes,
 )
-from ranker.metrics import log_loss, per_user_auc, roc_auc
 from ranker.model import RankingModel, RankingTrain
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,9 @@ FeatureSource = Callable[[pd.DataFrame], pd.DataFrame]
 
 
 def workspace_for(repo: Path, data_dir: Path | None):
-    from llm_features.workspace import Workspace, default_data_dir
+    from llm_features.workspace import Workspace, resolve_data_dir
 
-    return Workspace.at(data_dir) if data_dir is not None else Workspace.at(default_data_dir(repo))
+    return Workspace.at(resolve_data_dir(repo, data_dir))
 
 
 def load_entities(interactions: Path, split: str, max_rows: int | None = None, last: bool = False) -> pd.DataFrame:
@@ -237,7 +238,7 @@ def predict(model: RankingModel, rows: EncodedRows, batch_size: int = 4096) -> n
 def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     return {
         "auc": roc_auc(labels, probs),
-        "logloss": log_loss(labels, probs),
+        "logloss": log_loss_from_probs(labels, probs),
         "rows": int(len(labels)),
         "positive_rate": float(np.mean(labels)) if len(labels) else float("nan"),
     }
@@ -253,12 +254,11 @@ def save_checkpoint(out: Path, model: RankingModel, encoder: FeatureEncoder, ext
 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = out / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, out / WEIGHTS_FILE)
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
     payload = {"format": CHECKPOINT_FORMAT, "feature_service": encoder.model.feature_service,
                "encoder": encoder.to_dict(), **extra}
-    _write_json(out / CONFIG_FILE, payload)
+    write_json(out / CONFIG_FILE, payload)
 
 
 def load_checkpoint(path: Path) -> tuple[RankingModel, FeatureEncoder, dict[str, Any]]:
@@ -286,21 +286,6 @@ def load_checkpoint(path: Path) -> tuple[RankingModel, FeatureEncoder, dict[str,
     model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
     model.eval()
     return model, encoder, payload
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -442,7 +427,7 @@ def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSourc
         elif valid_entities is not None and len(valid_entities):
             metrics["valid"] = evaluate_rows(model, encoder, valid_entities, source, cfg.chunk_rows)
         metrics["total_seconds"] = round(time.perf_counter() - started, 3)
-        _write_json(cfg.out / METRICS_FILE, metrics)
+        write_json(cfg.out / METRICS_FILE, metrics)
         log.info("ranker train: %s", json.dumps({k: v for k, v in metrics.items() if k != "train_missing"}))
     if world > 1:
         dist.barrier()
@@ -494,7 +479,7 @@ def resolve_tower(tower: Path | None, ws) -> tuple[dict[str, Any], int, dict[str
 
 
 def _config_json(cfg: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(cfg), default=_json_default))
+    return json.loads(json.dumps(asdict(cfg), default=json_default))
 
 
 def _param_groups(model: RankingModel) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -545,7 +530,7 @@ def _train_local(
         probs = predict(model, valid_rows)
         step.train()
         auc = roc_auc(valid_rows.labels, probs)
-        pu = per_user_auc(valid_rows.users, valid_rows.labels, probs)
+        pu = mean_per_user_auc(valid_rows.users, valid_rows.labels, probs)
         if history is not None:
             history.append({"epoch": epoch + 1, "valid_auc": auc, "valid_per_user_auc": pu,
                             "train_loss": float(np.mean(losses[-100:]))})
@@ -679,16 +664,14 @@ def evaluate_rows(
     missing.warn("ranker evaluate")
     probs = predict(model, rows, batch_size)
     metrics: dict[str, Any] = binary_metrics(rows.labels, probs)
-    metrics["per_user_auc"] = per_user_auc(entities["user_id"].to_numpy(), rows.labels, probs)
+    metrics["per_user_auc"] = mean_per_user_auc(entities["user_id"].to_numpy(), rows.labels, probs)
     metrics["missing"] = missing.as_dict()
     if predictions is not None:
         frame = entities[PrefetchedSource.KEYS + [LABEL]].copy()
         p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
         frame["logit"] = np.log(p) - np.log1p(-p)
-        predictions.parent.mkdir(parents=True, exist_ok=True)
-        tmp = predictions.with_name(f".{predictions.name}.tmp")
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, predictions)
+        with atomic_path(predictions) as tmp:
+            frame.to_parquet(tmp, index=False)
     return metrics
 
 
@@ -705,13 +688,10 @@ def evaluate(cfg: EvaluateConfig, entities: pd.DataFrame | None = None,
             raise MissingInputError("the data dir does not exist", file=ws.root, option="--data-dir",
                                     fix="Pass the data dir that `llmfeat ingest` wrote (or run it first).")
         fp = ws.read_fingerprint() if payload.get("fingerprint") else None
-        if fp is not None and fp.digest != payload["fingerprint"]:
-            from llm_features.fingerprint import FingerprintMismatchError
-
-            raise FingerprintMismatchError(
-                f"{cfg.checkpoint} was trained on embeddings of model {payload['fingerprint']}, but {ws.manifest} "
-                f"records {fp.digest}; retrain the ranker on this workspace."
-            )
+        if fp is not None:
+            fp.require_same(payload["fingerprint"], lambda trained, here: (
+                f"{cfg.checkpoint} was trained on embeddings of model {trained}, but {ws.manifest} records {here}; "
+                "retrain the ranker on this workspace."))
     if entities is None:
         entities = load_entities(ws.interactions, cfg.split, cfg.max_rows)
     else:
@@ -731,5 +711,5 @@ def evaluate(cfg: EvaluateConfig, entities: pd.DataFrame | None = None,
     }
     metrics["predictions"] = str(out / PREDICTIONS_FILE)
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
-    _write_json(out / METRICS_FILE, metrics)
+    write_json(out / METRICS_FILE, metrics)
     return metrics

@@ -7,7 +7,7 @@ from datetime import timedelta
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from test_store import DIM, T1, copy_repo, write_synthetic_workspace
+from tests.store_data import DIM, T1, copy_repo, write_synthetic_workspace
 
 from llm_features import parquet_io
 from llm_features.asof import historical_features

@@ -63,7 +63,7 @@ from llm_features.errors import UserError
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY
 from llm_features.workspace import Workspace
 from tests.bad_input import run_bad, snapshot
-from tests.test_store import DIM, T2, _emb_table, copy_repo, make_fingerprint, write_synthetic_workspace
+from tests.store_data import DIM, T2, embedding_table, copy_repo, make_fingerprint, write_synthetic_workspace
 
 ML_100K = Path("/work/shared/data/ml-100k")
 LOCK_FILE = ".llmfeat.lock"  # llm_features.workspace.LOCK_FILE
@@ -121,7 +121,7 @@ def test_copied_data_dir_works_on_its_own_files(repo, tmp_path):
     # a new value in the copy is seen in the copy only
     fp = make_fingerprint()
     new = np.full((1, DIM), 7.0, np.float32)
-    parquet_io.write_part(Workspace.at(copy).item_embeddings, _emb_table("item_id", "item_embedding", [3], new, [T2]),
+    parquet_io.write_part(Workspace.at(copy).item_embeddings, embedding_table("item_id", "item_embedding", [3], new, [T2]),
                           metadata={FINGERPRINT_METADATA_KEY: fp.to_json()})
     ok(["feast", "materialize", "--repo", repo, "--data-dir", copy])
     np.testing.assert_array_equal(item_vector(repo, copy, 3), new[0])
@@ -389,7 +389,7 @@ def test_materialize_refuses_embeddings_of_another_model_before_applying(repo, t
     data = materialized_dir(repo, tmp_path / "data")
     other = make_fingerprint("another-model")
     parquet_io.write_part(Workspace.at(data).item_embeddings,
-                          _emb_table("item_id", "item_embedding", [1], np.ones((1, DIM), np.float32), [T2]),
+                          embedding_table("item_id", "item_embedding", [1], np.ones((1, DIM), np.float32), [T2]),
                           metadata={FINGERPRINT_METADATA_KEY: other.to_json()})
     run_bad(["feast", "materialize", "--repo", repo, "--data-dir", data],
             expect=rf"item_embeddings: part file .* holds model fingerprint {other.digest}, but .*manifest.json "

@@ -305,7 +305,7 @@ def test_changed_behaviour_text_recomputes_the_users_who_had_it(setup, tmp_path)
     assert stale_user_embeddings(ws) == [3]
     # materialize serves only current rows: it refuses, and leaves the data dir as it was
     from bad_input import run_bad
-    from test_store import copy_repo
+    from tests.store_data import copy_repo
 
     repo = copy_repo(tmp_path / "feast_repo")
     run_bad(["feast", "materialize", "--repo", repo, "--data-dir", ws],
@@ -385,7 +385,7 @@ def test_cli(setup, tmp_path):
 
 # --------------------------------------------------------------------------- through Feast
 def test_feast_historical_features_see_only_strictly_earlier_interactions(setup, tmp_path):
-    from tests.test_store import copy_repo
+    from tests.store_data import copy_repo
 
     from llm_features.store import apply_definitions, open_store
 

@@ -29,7 +29,7 @@ from llm_features.ingest.core import IngestConfig, ingest
 from llm_features.store import apply_definitions, materialize_all, open_store
 from llm_features.workspace import Workspace
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY
-from tests.test_store import T1, copy_repo, make_fingerprint, write_synthetic_workspace
+from tests.store_data import T1, copy_repo, make_fingerprint, write_synthetic_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "feast_features_in_existing_pipeline.py"

@@ -27,7 +27,7 @@ import pytest
 
 from llm_features.errors import UserError
 from llm_features.store import load_definitions, online_features, open_store
-from tests.test_store import copy_repo, write_synthetic_workspace
+from tests.store_data import copy_repo, write_synthetic_workspace
 
 FEAST = Path(sys.executable).with_name("feast")
 PROJECT = "llmfeat"

@@ -9,13 +9,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
-import pytest
 from feast import PushSource, ValueType
 from feast.types import Array, Float32, Int64, String
 
 from llm_features.fingerprint import FINGERPRINT_TAG
 from llm_features.store import load_definitions, online_features, open_store
-from tests.test_store import copy_repo, write_synthetic_workspace
+from tests.store_data import copy_repo, write_synthetic_workspace
 
 FEAST = Path(sys.executable).with_name("feast")
 

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from llm_features import feature_repo
 from llm_features.cli import main
 from llm_features.feature_repo import find_repo, packaged_repo, repo_files
-from llm_features.store import open_store, resolve_data_dir
-from llm_features.workspace import Workspace, default_data_dir
+from llm_features.store import open_store
+from llm_features.workspace import Workspace, default_data_dir, resolve_data_dir
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 REPO = CHECKOUT / "feast_repo"

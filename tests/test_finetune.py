@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from llm_features.backbone import Backbone, BackboneConfig
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY
-from llm_features.finetune import FinetuneConfig, FinetuneModel, load_finetuned, roc_auc
+from llm_features.finetune import FinetuneConfig, FinetuneModel, load_finetuned
 from llm_features.finetune.data import load_finetune_data
 from llm_features.finetune.masks import LEAKAGE_VARIANTS
 from llm_features.finetune.packing import (
@@ -24,7 +24,8 @@ from llm_features.finetune.packing import (
     make_blocks,
 )
 from llm_features.finetune.checkpoint import config_to_dict
-from llm_features.finetune.train import finetune, log_loss, predict
+from llm_features.finetune.train import finetune, predict
+from llm_features.metrics import roc_auc
 from llm_features.parquet_io import embedding_array, utc_us, write_part
 from llm_features.workspace import Workspace
 
@@ -245,19 +246,6 @@ def test_equal_timestamp_interactions_are_not_context(backbones):
         assert got[3] != pytest.approx(ref[3], abs=1e-6)
 
 
-# --------------------------------------------------------------------------- metrics
-def test_auc_and_logloss():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 200)
-    s = np.round(rng.normal(size=200) + y, 1)  # with ties
-    pos, neg = s[y == 1], s[y == 0]
-    pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
-    assert roc_auc(y, s) == pytest.approx(pairs)
-    assert np.isnan(roc_auc(np.ones(3), np.arange(3)))
-    p = 1 / (1 + np.exp(-s))
-    assert log_loss(y, s) == pytest.approx(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
 # --------------------------------------------------------------------------- the recipe on a tiny workspace
 @pytest.fixture(scope="module")
 def tiny_workspace(tmp_path_factory, backbones):
@@ -359,30 +347,6 @@ def test_finetune_writes_checkpoint_and_metrics(tiny_bert_dir, tiny_workspace, t
     assert m["steady_targets_per_s"] > 0 and m["steady_steps"] == max(0, m["steps"] - 2)
     assert 0 < m["rss_before_train_mb"] <= m["train_peak_rss_mb"] <= m["peak_rss_mb"] + 1
     assert m["train_rss_increase_mb"] == pytest.approx(m["train_peak_rss_mb"] - m["rss_before_train_mb"])
-
-
-def test_training_memory_counts_what_training_adds():
-    """The training increase sees an allocation made during training, not one freed before it started."""
-    from llm_features.finetune.memory import TrainingMemory, current_rss_mb
-
-    if current_rss_mb() is None:
-        pytest.skip("no /proc/self/status on this platform")
-    before = np.ones(40 * 2**20 // 8)  # 40 MiB, touched, then freed before training starts
-    del before
-    mem = TrainingMemory(torch.device("cpu"))
-    mem.start()
-    during = np.ones(80 * 2**20 // 8)  # 80 MiB held by "training"
-    del during
-    mem.pause()
-    evaluation = np.ones(200 * 2**20 // 8)  # evaluation between epochs is not training
-    del evaluation
-    mem.resume()
-    mem.stop()
-    m = mem.metrics()
-    if not mem.exact:
-        pytest.skip("the kernel's peak RSS cannot be reset here (/proc/self/clear_refs)")
-    assert 75 <= m["train_rss_increase_mb"] < 150, m
-    assert mem.process_peak_mb() >= m["rss_before_train_mb"] + 195
 
 
 @pytest.mark.slow

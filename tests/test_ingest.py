@@ -401,7 +401,6 @@ def test_real_ml1m(tmp_path):
     report, ws = run(tmp_path, source=ML1M)
     assert report["counts"]["interactions"] == 487_650
     assert round(report["label"]["positive_rate"], 3) == 0.572
-    assert report["seconds"] < 30
     t = pq.read_table(ws.interactions, columns=["behavior_id"])
     assert t.num_rows == 487_650
 

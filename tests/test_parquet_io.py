@@ -68,3 +68,18 @@ def test_workspace_refuses_second_model(tmp_path):
     ws.claim_fingerprint(_fp())  # same model: fine
     with pytest.raises(FingerprintMismatchError, match="refusing to mix"):
         ws.claim_fingerprint(_fp(pooling="last"))
+
+
+def test_require_same_compares_digests_and_describes_both_sides():
+    fp = _fp()
+    fp.require_same(_fp(model_name="a copy elsewhere"), lambda found, this: "not raised")  # the name is no part
+    fp.require_same(fp.digest, lambda found, this: "not raised")
+    problem = lambda found, this: f"x.parquet holds {found}, this run is {this}"  # noqa: E731
+    with pytest.raises(FingerprintMismatchError) as err:
+        fp.require_same(_fp(model_name="other", pooling="last"), problem, option="--pooling", fix="Re-encode.")
+    assert str(err.value) == (f"--pooling: x.parquet holds {_fp(pooling='last').digest} (other, split_layer=3, "
+                              f"pooling=last), this run is {fp.digest} (m, split_layer=3, pooling=mean). Re-encode.")
+    with pytest.raises(FingerprintMismatchError, match=r"holds 0{16}, this run"):
+        fp.require_same("0" * 16, problem)
+    with pytest.raises(FingerprintMismatchError, match=r"holds none, this run"):
+        fp.require_same(None, problem)

@@ -23,7 +23,7 @@ import pytest
 
 from llm_features.store import apply_definitions, materialize_all, online_features, open_store
 from tests.test_spark_store import require_spark, stop_spark
-from tests.test_store import copy_repo, write_synthetic_workspace
+from tests.store_data import copy_repo, write_synthetic_workspace
 
 URL_ENV = "LLMFEAT_TEST_POSTGRES_URL"
 YAML = "production/feature_store.postgres.yaml"

@@ -5,14 +5,13 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from ranker.metrics import per_user_auc, roc_auc
+from llm_features.metrics import mean_per_user_auc, roc_auc
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -170,13 +169,13 @@ def test_bootstrap_replicates_match_explicit_resampling(metric: str) -> None:
         if metric == "auc":
             want = roc_auc(y[idx], b[idx]) - roc_auc(y[idx], a[idx])
         else:
-            want = per_user_auc(copy, y[idx], b[idx]) - per_user_auc(copy, y[idx], a[idx])
+            want = mean_per_user_auc(copy, y[idx], b[idx]) - mean_per_user_auc(copy, y[idx], a[idx])
         assert got[r] == pytest.approx(want), r
 
 
 def test_paired_bootstrap_summary() -> None:
     u, y, a, b = _tiny_scored(6, n=400, users=40)
-    for metric, fn in (("auc", lambda s: roc_auc(y, s)), ("per_user_auc", lambda s: per_user_auc(u, y, s))):
+    for metric, fn in (("auc", lambda s: roc_auc(y, s)), ("per_user_auc", lambda s: mean_per_user_auc(u, y, s))):
         out = qm.paired_bootstrap(u, y, a, b, n_boot=200, metric=metric)
         assert out["mean"] == pytest.approx(fn(b) - fn(a))
         assert out["ci95"][0] < out["mean"] < out["ci95"][1]
@@ -185,17 +184,6 @@ def test_paired_bootstrap_summary() -> None:
         assert same == {"mean": 0.0, "ci95": [0.0, 0.0]}
     with pytest.raises(ValueError):
         qm.paired_bootstrap(u, y, a, b, metric="logloss")
-
-
-def test_paired_bootstrap_is_fast_on_benchmark_sizes() -> None:
-    rng = np.random.default_rng(8)
-    n = 50_000
-    u, y = rng.integers(0, 3000, n), rng.integers(0, 2, n)
-    a, b = rng.normal(size=n) + 0.2 * y, rng.normal(size=n) + 0.3 * y
-    start = time.perf_counter()
-    qm.paired_bootstrap(u, y, a, b, n_boot=250, metric="auc")
-    qm.paired_bootstrap(u, y, a, b, n_boot=250, metric="per_user_auc")
-    assert time.perf_counter() - start < 5.0  # 1000 replicates of each stay in "a few seconds"
 
 
 def test_seed_summary(monkeypatch: pytest.MonkeyPatch) -> None:

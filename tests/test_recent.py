@@ -7,6 +7,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llm_features.recent import build_recent_behaviors, iter_recent_behaviors, write_recent_behaviors
 from llm_features.workspace import Workspace
@@ -92,6 +94,43 @@ def test_matches_brute_force(n):
     df = frame(rows).drop_duplicates(["user_id", "item_id", "event_timestamp"])
     got = [(u, ts, items) for u, ts, items, _, _ in rows_of(build_recent_behaviors(df, n=n))]
     assert got == brute_force(df, n)
+
+
+def brute_force_rows(df: pd.DataFrame, n: int, cadence: str) -> list[tuple[int, int, list[int], list[int], list[int]]]:
+    """Every snapshot row, user by user: each distinct event time (cadence "event") or the start of
+    each active day ("day"), then a final row after the last; the user's last ``n`` interactions
+    strictly before the stamp, ties in item order."""
+    d = df.assign(ts=df.event_timestamp.astype("int64").to_numpy() // 1000).sort_values(["user_id", "ts", "item_id"])
+    out = []
+    for u, g in d.groupby("user_id"):
+        if cadence == "event":
+            stamps = sorted(set(g.ts)) + [g.ts.max() + S]
+        else:
+            days = sorted(set(g.ts // DAY))
+            stamps = [k * DAY for k in days] + [(days[-1] + 1) * DAY]
+        for stamp in stamps:
+            last = g[g.ts < stamp].tail(n)
+            out.append((u, stamp, last.item_id.tolist(), last.behavior_id.tolist(), last.label.tolist()))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 5),
+                  # seconds on and around day boundaries: ties, and events a second apart across midnight
+                  st.sampled_from([0, 1, 7, DAY // S - 1, DAY // S, DAY // S + 1, 2 * DAY // S, 5 * DAY // S - 1]),
+                  st.integers(0, 1)),
+        min_size=1, max_size=25, unique_by=lambda r: r[:3]),
+    n=st.integers(1, 4),
+    cadence=st.sampled_from(["event", "day"]),
+    block_rows=st.integers(1, 30),
+)
+def test_any_log_matches_brute_force_in_any_blocks(rows, n, cadence, block_rows):
+    """Any small log (both cadences, any block size): every row, list and label is the brute force's."""
+    df = frame(rows)
+    blocks = list(iter_recent_behaviors(df, n=n, cadence=cadence, block_rows=block_rows))
+    assert rows_of(pa.concat_tables(blocks)) == brute_force_rows(df, n, cadence)
 
 
 @pytest.mark.parametrize("cadence", ["event", "day"])

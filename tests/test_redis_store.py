@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from llm_features.errors import UserError
 from llm_features.store import OnlineFeatures, apply_definitions, materialize_all, online_features, open_store
 from tests.test_postgres_store import _in_ci
-from tests.test_store import copy_repo, write_synthetic_workspace
+from tests.store_data import copy_repo, write_synthetic_workspace
 
 ENV = "LLMFEAT_TEST_REDIS"
 YAML = "production/feature_store.redis_local.yaml"

@@ -140,14 +140,24 @@ class Reference:
     run: Run
     report: dict
     datasets: dict[str, pd.DataFrame]
+    rerun_report: dict  # the second run in place, with nothing new
+    rerun_changed: set[str]  # the files of the data dir it wrote
 
 
 @pytest.fixture(scope="module")
 def reference(base_source, tmp_path_factory) -> Reference:
-    """One uninterrupted demo run on the slice: what every interrupted run must end with."""
+    """One uninterrupted demo run on the slice (what every interrupted run must end with), then a
+    second run in place with nothing new. The rerun happens here, before any test reads the
+    reference, so that no test depends on which test runs first; it reruns in place because a copy
+    would move the data dir, which the finetune stamp includes."""
     run = Run(tmp_path_factory.mktemp("reference"), base_source)
     report = run.demo()
-    return Reference(run, report, {name: read_dataset(run.data_dir, name) for name in DATASETS})
+    datasets = {name: read_dataset(run.data_dir, name) for name in DATASETS}
+    before = file_states(run.data_dir)
+    rerun = run.demo()
+    after = file_states(run.data_dir)
+    changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    return Reference(run, report, datasets, rerun, changed)
 
 
 def read_dataset(data_dir: Path, name: str) -> pd.DataFrame:
@@ -273,13 +283,9 @@ def by_key(frame: pd.DataFrame) -> dict[tuple[int, int], np.ndarray]:
 
 # ----------------------------------------------------------------------------------------- 2. no-op rerun
 def test_second_run_with_nothing_new_writes_only_its_reports(reference):
-    """Runs first: the reference's own workspace, rerun in place (a copy would move the data dir, which
-    the finetune stamp includes). Beyond test_demo.py's report flags: no data file is written at all."""
-    run, first = reference.run, reference.report
-    before = file_states(run.data_dir)
-    second = run.demo()
-    after = file_states(run.data_dir)
-    changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    """The reference's own workspace, rerun in place by the fixture. Beyond test_demo.py's report flags:
+    no data file is written at all."""
+    run, first, second, changed = reference.run, reference.report, reference.rerun_report, reference.rerun_changed
     assert changed <= REPORT_FILES, f"a run with nothing new wrote {sorted(changed - REPORT_FILES)}"
     assert second["ingest"]["skipped"] and second["finetune"]["skipped"]
     assert all(r["skipped"] for r in second["ranker"].values())

@@ -45,7 +45,7 @@ from llm_features.offline_sources import (
     parquet_source,
     spark_session_defaults,
 )
-from tests.test_store import copy_repo, write_synthetic_workspace
+from tests.store_data import copy_repo, write_synthetic_workspace
 
 ML100K = Path(os.environ.get("LLMFEAT_ML100K", "/work/shared/data/ml-100k"))
 SPARK_YAML = "production/feature_store.spark_local.yaml"

@@ -114,7 +114,7 @@ def checkout_like(tmp_path, monkeypatch):
 
 def test_readme_block_builds_the_demos_stage_configs(checkout_like):
     from llm_features.cli.demo import DEMO_ONLY, DemoConfig, stage_configs
-    from llm_features.store import resolve_data_dir
+    from llm_features.workspace import resolve_data_dir
 
     commands = readme_commands()
     assert [c[0] for c in commands] == ["llmfeat"] * len(commands)
@@ -142,7 +142,7 @@ def test_readme_block_builds_the_demos_stage_configs(checkout_like):
 def test_demo_departs_from_stage_defaults_only_where_declared(checkout_like):
     """Every stage default is the demo's, except DEMO_ONLY (and, with --size small, SMALL_ONLY)."""
     from llm_features.cli.demo import DEMO_ONLY, SMALL_ONLY, DemoConfig, stage_configs
-    from llm_features.store import resolve_data_dir
+    from llm_features.workspace import resolve_data_dir
 
     checkout_like("defaults")
     data_dir = resolve_data_dir("feast_repo", None)

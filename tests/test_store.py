@@ -6,9 +6,7 @@ feast_repo/data is never touched.
 
 from __future__ import annotations
 
-import shutil
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from llm_features import parquet_io
-from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, FingerprintMismatchError, ModelFingerprint
+from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, FingerprintMismatchError
 from llm_features.store import (
     apply_definitions,
     check_fingerprints,
@@ -27,114 +25,7 @@ from llm_features.store import (
     open_store,
 )
 from llm_features.workspace import Workspace
-
-REPO = Path(__file__).resolve().parents[1] / "feast_repo"
-DIM = 8
-T1 = datetime(2000, 5, 1, 12, 0, tzinfo=timezone.utc)
-T2 = datetime(2000, 6, 1, 12, 0, tzinfo=timezone.utc)
-
-
-def make_fingerprint(name: str = "synthetic-model", dim: int = DIM) -> ModelFingerprint:
-    return ModelFingerprint(name, name.encode().hex().ljust(64, "0")[:64], 3, "mean", 64, "float32", dim)
-
-
-def copy_repo(dest: Path) -> Path:
-    return Path(shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns("data", "__pycache__")))
-
-
-@dataclass
-class Synthetic:
-    fingerprint: ModelFingerprint
-    items: dict[int, np.ndarray]  # latest vector per item
-    behaviors: dict[int, np.ndarray]
-    users_v1: dict[int, np.ndarray]  # stamped T1
-    users_v2: dict[int, np.ndarray]  # stamped T2 (user 1 only)
-
-
-def _emb_table(key: str, column: str, ids, vectors: np.ndarray, ts) -> pa.Table:
-    return pa.table(
-        {
-            key: pa.array(ids, pa.int64()),
-            column: parquet_io.embedding_array(vectors),
-            "event_timestamp": parquet_io.utc_us(list(ts)),
-        }
-    )
-
-
-def write_synthetic_workspace(data_dir: Path, seed: int = 0, dim: int = DIM) -> Synthetic:
-    """Canonical users/items plus embedding and recent-behaviour part files in the SPEC formats."""
-    rng = np.random.default_rng(seed)
-    ws = Workspace.at(data_dir)
-    fp = make_fingerprint(dim=dim)
-    ws.claim_fingerprint(fp)
-    meta = {FINGERPRINT_METADATA_KEY: fp.to_json()}
-
-    item_ids = np.arange(1, 21)
-    item_vecs = rng.standard_normal((len(item_ids), dim)).astype(np.float32)
-    item_ts = [T1 + timedelta(days=int(i)) for i in item_ids]
-    # two encode runs: two parts in the same directory
-    for part in (slice(0, 10), slice(10, None)):
-        table = _emb_table("item_id", "item_embedding", item_ids[part], item_vecs[part], item_ts[part])
-        parquet_io.write_part(ws.item_embeddings, table, metadata=meta)
-
-    beh_ids = np.array([101, 202, 303], dtype=np.int64)
-    beh_vecs = rng.standard_normal((3, dim)).astype(np.float32)
-    table = _emb_table("behavior_id", "behavior_embedding", beh_ids, beh_vecs, [T1] * 3)
-    parquet_io.write_part(ws.atomic_behavior_embeddings, table, metadata=meta)
-
-    user_ids = np.array([1, 2, 3], dtype=np.int64)
-    v1 = rng.standard_normal((3, dim)).astype(np.float32)
-    v2 = rng.standard_normal((1, dim)).astype(np.float32)
-    parquet_io.write_part(ws.user_embeddings, _emb_table("user_id", "user_embedding", user_ids, v1, [T1] * 3),
-                          metadata=meta)
-    parquet_io.write_part(ws.user_embeddings, _emb_table("user_id", "user_embedding", [1], v2, [T2]),
-                          metadata=meta)
-
-    parquet_io.write_part(
-        ws.user_recent_behaviors,
-        pa.table(
-            {
-                "user_id": pa.array([1, 2, 3, 1], pa.int64()),
-                "recent_behavior_ids": pa.array([[101], [202, 303], [], [101, 202]], pa.list_(pa.int64())),
-                "recent_item_ids": pa.array([[1], [2, 3], [], [1, 2]], pa.list_(pa.int64())),
-                "recent_labels": pa.array([[1], [0, 1], [], [1, 0]], pa.list_(pa.int8())),
-                "event_timestamp": parquet_io.utc_us([T1, T1, T1, T2]),
-            }
-        ),
-    )
-    parquet_io.write_table_atomic(
-        pa.table(
-            {
-                "user_id": pa.array(user_ids, pa.int64()),
-                "gender": ["M", "F", "M"],
-                "age": pa.array([25, 35, 45], pa.int64()),
-                "occupation": ["writer", "artist", None],
-                "zip": ["10001", "94110", "60601"],
-                "event_timestamp": parquet_io.utc_us([T1] * 3),
-            }
-        ),
-        ws.users,
-    )
-    parquet_io.write_table_atomic(
-        pa.table(
-            {
-                "item_id": pa.array(item_ids, pa.int64()),
-                "item_text": [f"Movie {i} (2000) | Drama" for i in item_ids],
-                "title": [f"Movie {i} (2000)" for i in item_ids],
-                "genres": ["Drama"] * len(item_ids),
-                "item_genres": pa.array([["Drama"]] * len(item_ids), pa.list_(pa.string())),
-                "event_timestamp": parquet_io.utc_us(item_ts),
-            }
-        ),
-        ws.items,
-    )
-    return Synthetic(
-        fingerprint=fp,
-        items=dict(zip(item_ids.tolist(), item_vecs)),
-        behaviors=dict(zip(beh_ids.tolist(), beh_vecs)),
-        users_v1=dict(zip(user_ids.tolist(), v1)),
-        users_v2={1: v2[0]},
-    )
+from tests.store_data import DIM, T1, T2, copy_repo, embedding_table, make_fingerprint, write_synthetic_workspace
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +145,7 @@ def test_fingerprint_mismatch_in_part_file_raises(tmp_path):
     other = make_fingerprint("another-model")
     part = parquet_io.write_part(
         ws.item_embeddings,
-        _emb_table("item_id", "item_embedding", [1], np.ones((1, DIM), np.float32), [T2]),
+        embedding_table("item_id", "item_embedding", [1], np.ones((1, DIM), np.float32), [T2]),
         metadata={FINGERPRINT_METADATA_KEY: other.to_json()},
     )
     with pytest.raises(FingerprintMismatchError) as err:
@@ -277,7 +168,7 @@ def test_part_without_fingerprint_and_stale_tags_raise(tmp_path):
     apply_definitions(store)
     assert check_fingerprints(store, ws).digest == syn.fingerprint.digest
     part = parquet_io.write_part(
-        ws.user_embeddings, _emb_table("user_id", "user_embedding", [9], np.ones((1, DIM), np.float32), [T2])
+        ws.user_embeddings, embedding_table("user_id", "user_embedding", [9], np.ones((1, DIM), np.float32), [T2])
     )
     with pytest.raises(FingerprintMismatchError, match=part.name):
         check_fingerprints(store, ws)
@@ -298,7 +189,7 @@ def test_empty_sources_apply_and_materialize(tmp_path):
     ws.claim_fingerprint(fp)
     apply_definitions(store)  # re-tag with the new manifest
     vec = np.arange(384, dtype=np.float32)[None]
-    parquet_io.write_part(ws.user_embeddings, _emb_table("user_id", "user_embedding", [7], vec, [T1]),
+    parquet_io.write_part(ws.user_embeddings, embedding_table("user_id", "user_embedding", [7], vec, [T1]),
                           metadata={FINGERPRINT_METADATA_KEY: fp.to_json()})
     assert not (ws.user_embeddings / "empty-schema.parquet").exists()
     report = materialize_all(store)
@@ -357,7 +248,7 @@ def test_materialize_in_time_windows_keeps_each_users_latest_row(tmp_path):
     meta = {FINGERPRINT_METADATA_KEY: syn.fingerprint.to_json()}
     for part in np.array_split(np.arange(len(rows)), 3):
         sel = [rows[i] for i in part]
-        table = _emb_table("user_id", "user_embedding", [r[0] for r in sel], np.stack([r[2] for r in sel]),
+        table = embedding_table("user_id", "user_embedding", [r[0] for r in sel], np.stack([r[2] for r in sel]),
                            [r[1] for r in sel])
         parquet_io.write_part(ws.user_embeddings, table, metadata=meta)
     store = open_store(repo, data)

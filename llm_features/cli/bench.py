@@ -73,8 +73,9 @@ def command(source: Path, data_dir: Path | None, quick: bool, summary_only: bool
             scripts = [s for s in scripts if s.stem.removeprefix("bench_") in only or s.stem in only]
         source = source.resolve()
         if data_dir is None:
-            env_dir = os.environ.get("LLMFEAT_DATA_DIR")
-            default = Path(env_dir) if env_dir else bench.parent / "feast_repo" / "data"
+            from llm_features.workspace import default_data_dir
+
+            default = default_data_dir(bench.parent / "feast_repo")
             data_dir = default if (default / "canonical").is_dir() else None
         if data_dir is not None:
             data_dir = data_dir.resolve()

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import click
 
+from llm_features.atomic import write_json, write_text
 from llm_features.config import dataclass_options
 
 
@@ -87,7 +88,7 @@ def _done(out: Path, stamp: str) -> dict | None:
 
 
 def _mark(out: Path, stamp: str) -> None:
-    (out / "demo_stamp.json").write_text(json.dumps({"stamp": stamp}))
+    write_json(out / "demo_stamp.json", {"stamp": stamp})
 
 
 # Where the demo departs from a stage's own defaults, and why: every other option of every stage is
@@ -138,8 +139,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from llm_features.encode import encode
     from llm_features.finetune import finetune
     from llm_features.ingest import format_summary, ingest
-    from llm_features.store import apply_definitions, materialize_all, open_store, resolve_data_dir
-    from llm_features.workspace import Workspace
+    from llm_features.store import apply_definitions, materialize_all, open_store
+    from llm_features.workspace import Workspace, resolve_data_dir
     from ranker.serve import Ranker
     from ranker.train import evaluate as evaluate_ranker
     from ranker.train import train as train_ranker
@@ -166,7 +167,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         store = open_store(cfg.repo, data_dir)
         with contextlib.redirect_stdout(io.StringIO()) as diff:  # feast prints every object's proto diff
             apply_definitions(store)
-        (data_dir / "feast_apply.log").write_text(diff.getvalue())
+        write_text(data_dir / "feast_apply.log", diff.getvalue())
         click.echo(f"applied {len(store.list_feature_views())} feature views, "
                    f"{len(store.list_feature_services())} feature services")
 
@@ -222,7 +223,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 metrics = train_ranker(tr_cfg)
                 test = evaluate_ranker(configs[f"evaluate_{name}"])  # writes <out>/eval-test
                 metrics["test"] = {k: test[k] for k in ("auc", "logloss", "per_user_auc") if k in test}
-                (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+                write_json(out / "metrics.json", metrics, sort_keys=False)
                 _mark(out, stamp)
             else:
                 metrics = done
@@ -255,7 +256,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     report["seconds"] = steps.seconds
     plots = _plots(report, ft_out, data_dir / "plots")
     report["plots"] = [str(p) for p in plots]
-    (data_dir / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
+    write_json(data_dir / "demo_report.json", report, sort_keys=False)
     _print_report(report)
     return report
 
@@ -328,8 +329,7 @@ def _print_report(report: dict) -> None:
 def command(cfg: DemoConfig) -> None:
     """Run the main job end to end: ingest, encode, feast apply, finetune, embed users,
     materialize, ranker training and evaluation, and an online ranking for a sample user."""
-    from llm_features.store import resolve_data_dir
-    from llm_features.workspace import Workspace
+    from llm_features.workspace import Workspace, resolve_data_dir
 
     with Workspace.at(resolve_data_dir(cfg.repo, cfg.data_dir)).lock("llmfeat demo"):  # one writer per data dir
         run_demo(cfg)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from llm_features.atomic import write_text
+
 START = "<!-- cli-reference:start -->"
 END = "<!-- cli-reference:end -->"
 
@@ -58,9 +60,7 @@ def write_reference(path: Path) -> None:
     reference_block(text)  # markers present, else a clear error
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{head}{START}\n{cli_reference()}\n{END}{tail}")
-    tmp.replace(path)
+    write_text(path, f"{head}{START}\n{cli_reference()}\n{END}{tail}")
 
 
 if __name__ == "__main__":

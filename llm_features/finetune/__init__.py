@@ -23,10 +23,10 @@ from llm_features.finetune.packing import (
     batch_indices,
     make_blocks,
 )
-from llm_features.finetune.train import evaluate, finetune, log_loss, roc_auc
+from llm_features.finetune.train import evaluate, finetune
 
 __all__ = [
     "BehaviorPacker", "Blocks", "CTRHead", "DistanceBias", "FinetuneConfig", "FinetuneModel", "PackedBatch",
     "SequenceLayout", "TokenPacker", "UserHistories", "allowed_attention", "attention_bias", "evaluate",
-    "finetune", "interaction_distance", "batch_indices", "load_finetuned", "log_loss", "make_blocks", "roc_auc",
+    "finetune", "interaction_distance", "batch_indices", "load_finetuned", "make_blocks",
 ]

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from llm_features.atomic import atomic_path, write_json
 from llm_features.backbone import Backbone, default_model_dir, weights_sha256
 from llm_features.config import build_config
 from llm_features.errors import UserError
@@ -72,21 +73,13 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _replace(tmp: Path, dest: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
-
-
 def link_into_place(src: Path, dest: Path) -> None:
     """``dest`` atomically becomes a hard link to ``src`` (a copy where links are not possible)."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    _replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def file_sha256(path: Path) -> str:
@@ -97,21 +90,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    _replace(tmp, path)
-
-
 def write_predictions(path: Path, rows, labels, logits) -> None:
     """``[T]`` target rows, labels and logits to ``path`` (``.npz``), written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, row=np.asarray(rows, np.int64), label=np.asarray(labels, np.float32),
                  logit=np.asarray(logits, np.float32))
-    _replace(tmp, path)
 
 
 def config_to_dict(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -139,11 +122,8 @@ def build_model(cfg: FinetuneConfig, backbone: Backbone, item_dim: int) -> Finet
 
 def save_weights(path: Path, model: FinetuneModel) -> None:
     """The trainable tensors alone, written atomically (the best epoch's weights)."""
-    tensors = _trainable_tensors(model)
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    _replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(_trainable_tensors(model), str(tmp), metadata={"format": "pt"})
 
 
 def _trainable_tensors(model: FinetuneModel) -> dict[str, torch.Tensor]:
@@ -197,9 +177,8 @@ def save_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     tensors = _trainable_tensors(model)
     if trainer_state is None:
-        tmp = out / (WEIGHTS + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        _replace(tmp, out / WEIGHTS)
+        with atomic_path(out / WEIGHTS) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
         write_json(out / CONFIG, _config_payload(model, cfg, item_dim, tensors, out / WEIGHTS))
         return
     root = out / RESUME_DIR
@@ -405,11 +384,8 @@ def load_finetuned(
         bcfg = cfg.backbone_config()
         bcfg.trust_remote_code = trust_remote_code
         backbone = Backbone.load(bcfg, device=device)
-    if backbone.fingerprint.digest != fp.digest:
-        raise FingerprintMismatchError(
-            f"{path} was trained on {fp.model_name} (fingerprint {fp.digest}); the backbone loaded is "
-            f"{backbone.fingerprint.model_name} ({backbone.fingerprint.digest})"
-        )
+    fp.require_same(backbone.fingerprint, lambda loaded, trained: f"{path} was trained on model fingerprint "
+                    f"{trained}; the backbone loaded is {loaded}")
     model = build_model(cfg, backbone, int(meta["item_dim"])).to(device)
     load_trainable(model, weights)
     return model.eval(), cfg

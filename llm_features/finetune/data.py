@@ -19,7 +19,8 @@ from torch import Tensor
 
 from llm_features.errors import UserError
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, FingerprintMismatchError, ModelFingerprint
-from llm_features.finetune.packing import SPLIT_CODES, UserHistories, feedback_index
+from llm_features.finetune.packing import UserHistories, feedback_index
+from llm_features.ingest.split import SPLIT_CODES
 from llm_features.parquet_io import embedding_matrix, file_metadata, list_parts
 from llm_features.workspace import Workspace
 
@@ -51,14 +52,10 @@ def _check_parts(directory: Path, fp: ModelFingerprint) -> list[Path]:
         if raw is None:
             raise FingerprintMismatchError(f"no {FINGERPRINT_METADATA_KEY} metadata", file=p,
                                            fix="Re-run `llmfeat encode` on this data dir.")
-        got = ModelFingerprint.from_json(raw)
-        if got.digest != fp.digest:
-            raise FingerprintMismatchError(
-                f"{p} was encoded by {got.model_name} (split_layer={got.split_layer}, pooling={got.pooling}, "
-                f"fingerprint {got.digest}) but finetune loaded {fp.model_name} (split_layer={fp.split_layer}, "
-                f"pooling={fp.pooling}, fingerprint {fp.digest}). Pass the same --model/--split-layer/--pooling/"
-                "--max-tokens/--dtype as `llmfeat encode`."
-            )
+        fp.require_same(
+            ModelFingerprint.from_json(raw),
+            lambda found, loaded: f"{p} was encoded by model fingerprint {found} but finetune loaded {loaded}",
+            fix="Pass the same --model/--split-layer/--pooling/--max-tokens/--dtype as `llmfeat encode`.")
     return parts
 
 

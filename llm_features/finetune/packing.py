@@ -12,6 +12,8 @@ query tokens ``q_s..q_{s+k-1}``, where ``a = max(user start, time_start[s] - n)`
 
 Example::
 
+    from llm_features.ingest.split import SPLIT_CODES
+
     hist = UserHistories.from_arrays(user, time, behavior_row, item_row, label, feedback, split)
     blocks = make_blocks(hist, hist.split == SPLIT_CODES["train"], targets_per_sequence=16, context_size=30)
     packer = BehaviorPacker(hist, behavior_table, item_table)
@@ -32,7 +34,6 @@ from torch import Tensor
 
 from llm_features.finetune.masks import SequenceLayout
 
-SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 
 # Feedback vocabulary: 0/1 = label (disliked/liked); 2 + r = rating r (r rounded, 0..10).
 NUM_FEEDBACK = 13
@@ -174,7 +175,7 @@ def make_blocks(
 
     Args:
         hist: the histories.
-        targets: ``[N]`` boolean, the rows to predict (e.g. ``hist.split == 0``).
+        targets: ``[N]`` boolean, the rows to predict (e.g. ``hist.split == SPLIT_CODES["train"]``).
         targets_per_sequence: ``k``; 1 gives the sliding window.
         context_size: ``n``.
     """

@@ -13,7 +13,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm_features.atomic import write_json
 from llm_features.backbone import Backbone, configure_threads
-from llm_features.devices import resolve_device as _resolve_device
+from llm_features.devices import resolve_device
 from llm_features.errors import UserError
-from llm_features.fingerprint import FingerprintMismatchError
 from llm_features.finetune.checkpoint import (
     METRICS,
     TEST_PREDICTIONS,
@@ -38,7 +37,6 @@ from llm_features.finetune.checkpoint import (
     load_resume_set,
     load_trainable,
     save_checkpoint,
-    write_json,
     write_predictions,
     save_weights,
     BEST_WEIGHTS,
@@ -51,6 +49,8 @@ from llm_features.finetune.ema import WeightAverage
 from llm_features.finetune.memory import TrainingMemory, peak_rss_mb  # noqa: F401 (re-exported)
 from llm_features.finetune.model import FinetuneModel, count_parameters
 from llm_features.finetune.packing import BehaviorPacker, Blocks, TokenPacker, batch_indices, make_blocks
+from llm_features.ingest.split import SPLIT_CODES
+from llm_features.metrics import log_loss_from_logits, roc_auc
 from llm_features.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -63,38 +63,7 @@ RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "log_every", "save_every",
 TIMING_WARMUP_STEPS = 2
 
 
-# ------------------------------------------------------------------------------------------ metrics
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve from average ranks (ties count one half); NaN with one class only."""
-    labels = np.asarray(labels).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    pos = int(labels.sum())
-    neg = len(labels) - pos
-    if pos == 0 or neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    _, inverse, counts = np.unique(scores[order], return_inverse=True, return_counts=True)
-    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based mean rank of each tie group
-    ranks = np.empty(len(scores))
-    ranks[order] = avg_rank[inverse]
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
-
-
-def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
-    """Mean binary cross-entropy of the logits."""
-    if len(labels) == 0:
-        return float("nan")
-    x = torch.as_tensor(np.asarray(logits, dtype=np.float64))
-    y = torch.as_tensor(np.asarray(labels, dtype=np.float64))
-    return float(F.binary_cross_entropy_with_logits(x, y))
-
-
 # ------------------------------------------------------------------------------------------ helpers
-def resolve_device(device: str) -> torch.device:
-    """``--device`` as a torch device (a :class:`UserError` for one this machine does not have)."""
-    return _resolve_device(device)
-
-
 def check_resume(cfg: FinetuneConfig, saved: ResumeSet) -> None:
     """Refuse to resume ``saved`` with options that change what is trained."""
     then, now = config_to_dict(saved.cfg), config_to_dict(cfg)
@@ -123,9 +92,6 @@ def make_packer(cfg: FinetuneConfig, data: FinetuneData, backbone: Backbone) -> 
                        pad_id=int(backbone.tokenizer.pad_token_id))
 
 
-SPLIT_SEED_OFFSETS = {"train": 0, "valid": 1, "test": 2}
-
-
 def split_targets(cfg: FinetuneConfig, data: FinetuneData, split: str) -> np.ndarray:
     """``[N]`` boolean: the rows of ``split`` this run trains on or evaluates (after ``max_targets``).
 
@@ -137,7 +103,7 @@ def split_targets(cfg: FinetuneConfig, data: FinetuneData, split: str) -> np.nda
 
         user_of_row = np.repeat(data.hist.user_ids, np.diff(data.hist.offsets))
         mask = mask & (user_fold(user_of_row, cfg.folds) != cfg.fold)
-    return limit_targets(data.hist, mask, cfg.max_targets, cfg.sample_seed + SPLIT_SEED_OFFSETS[split])
+    return limit_targets(data.hist, mask, cfg.max_targets, cfg.sample_seed + SPLIT_CODES[split])
 
 
 def split_blocks(cfg: FinetuneConfig, data: FinetuneData, split: str, k: int) -> Blocks:
@@ -205,7 +171,7 @@ def evaluate(
         write_predictions(predictions, rows, labels, logits)
     return {
         "auc": roc_auc(labels, logits),
-        "logloss": log_loss(labels, logits),
+        "logloss": log_loss_from_logits(labels, logits),
         "targets": int(len(labels)),
         "positive_rate": float(labels.mean()) if len(labels) else float("nan"),
         "seconds": seconds,
@@ -286,8 +252,6 @@ def finetune(
     # Everything that can refuse the run is checked before any model is loaded or any file written.
     check_finetune_config(cfg)
     device = resolve_device(cfg.device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     out = Path(cfg.out)
     resume = load_resume_set(out) if cfg.resume else None
     if resume is not None:
@@ -304,10 +268,10 @@ def finetune(
     torch.manual_seed(cfg.seed)
     backbone = backbone or Backbone.load(cfg.backbone_config(), device=device)
     check_split(backbone)
-    if resume is not None and backbone.fingerprint.digest != resume.fingerprint.digest:
-        raise FingerprintMismatchError(
-            f"was trained on fingerprint {resume.fingerprint.digest}, the model loaded now is "
-            f"{backbone.fingerprint.digest}", file=resume.path / CONFIG, option="--resume",
+    if resume is not None:
+        resume.fingerprint.require_same(
+            backbone.fingerprint, lambda loaded, trained: f"was trained on fingerprint {trained}, the model loaded "
+            f"now is {loaded}", file=resume.path / CONFIG, option="--resume",
             fix="Resume with the model options it was trained with, or choose a new --out.")
     if data is None:
         data = load_finetune_data(
@@ -528,4 +492,4 @@ def finetune(
     return metrics
 
 
-__all__ = ["evaluate", "finetune", "log_loss", "peak_rss_mb", "predict", "roc_auc", "split_targets"]
+__all__ = ["evaluate", "finetune", "peak_rss_mb", "predict", "split_targets"]

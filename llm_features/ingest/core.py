@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from llm_features.atomic import write_json
 from llm_features.config import validate_config
 from llm_features.ids import stable_id
 from llm_features import attributes as attributes_mod
@@ -34,7 +35,7 @@ from llm_features.ingest.readers import (
     _canonical_encoding,
     check_delimiter,
 )
-from llm_features.ingest.split import SPLITS, SplitBoundaries, iso_us, parse_ratios, write_json_atomic
+from llm_features.ingest.split import SPLIT_CODES, SPLITS, SplitBoundaries, iso_us, parse_ratios
 from llm_features.parquet_io import utc_us, write_table_atomic
 from llm_features.workspace import Workspace
 
@@ -566,13 +567,13 @@ def build_canonical(
         raise IngestError(
             f"the recorded split (valid from {iso_us(split.valid_start_us)}, "
             f"test from {iso_us(split.test_start_us)}) leaves "
-            f"{'no training' if (split_codes == 0).sum() == 0 else 'no validation or test'} rows in this "
+            f"{'no training' if (split_codes == SPLIT_CODES['train']).sum() == 0 else 'no validation or test'} rows in this "
             f"data ({iso_us(int(ts.min()))} to {iso_us(int(ts.max()))}): "
             "is this workspace for another dataset?",
             file=split_path,
             fix="Use a fresh --data-dir, or pass --resplit to record new boundaries.",
         )
-    split_counts = {name: int((split_codes == k).sum()) for k, name in enumerate(SPLITS)}
+    split_counts = {name: int((split_codes == code).sum()) for name, code in SPLIT_CODES.items()}
     rating = inter["rating"].to_numpy(dtype=np.float32)
     interactions = pa.Table.from_arrays(
         [
@@ -737,7 +738,7 @@ def ingest(cfg: IngestConfig, workspace: Workspace | None = None) -> dict[str, A
     if split_payload is None:
         split_payload = canon.split.to_json(canon.split_counts, now, canon.interactions.num_rows)
     split_payload["counts"] = canon.split_counts
-    write_json_atomic(ws.split, split_payload)
+    write_json(ws.split, split_payload, sort_keys=False)
 
     recent: dict[str, Any] = {"cadence": cfg.recent_cadence, "n": cfg.recent_n, "parts": []}
     if cfg.recent_cadence != "none":
@@ -777,7 +778,7 @@ def ingest(cfg: IngestConfig, workspace: Workspace | None = None) -> dict[str, A
         "written_at": now,
         "skipped": False,
     }
-    write_json_atomic(ws.canonical / REPORT_NAME, report)
+    write_json(ws.canonical / REPORT_NAME, report, sort_keys=False)
     from llm_features.feast_sources import prepare_sources
 
     prepare_sources(ws)  # schema-only stand-ins, so `feast apply` / `materialize` can read every view

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,7 +14,9 @@ import numpy as np
 
 from llm_features.ingest.errors import IngestError
 
+# The splits, in time order; a split's code (0/1/2) is its position, as stored in the `split` column.
 SPLITS = ("train", "valid", "test")
+SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 
 
 def parse_ratios(spec: str) -> tuple[float, float, float]:
@@ -100,10 +101,3 @@ class SplitBoundaries:
                 file=path,
                 fix="Pass --resplit to compute and record it again.",
             ) from None
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
