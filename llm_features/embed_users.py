@@ -548,9 +548,7 @@ def embed_users(
     if cfg.every > 1 and cfg.cadence != "event":
         raise UserError(f"{cfg.every} applies to --cadence event only, not {cfg.cadence}", option="--every",
                         fix="Drop --every, or use --cadence event.")
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    device = resolve_device(cfg.device)  # under torchrun, cuda is this rank's GPU
     rank, world = init_from_env(device)
     configure_threads(cfg.num_threads)
     _, trained_fp, meta = read_checkpoint_config(cfg.checkpoint)

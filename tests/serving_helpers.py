@@ -1,5 +1,5 @@
 """Helpers for tests of the HTTP service: a uvicorn server on a free loopback port in a thread, and a
-tiny trained ranker for the synthetic workspace of ``tests/test_store.py``."""
+tiny trained ranker for the synthetic workspace of ``tests/store_data.py``."""
 
 from __future__ import annotations
 

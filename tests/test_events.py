@@ -34,7 +34,7 @@ from llm_features.recent import build_recent_behaviors, write_recent_behaviors
 from llm_features.store import apply_definitions, materialize_all, online_features, open_store
 from llm_features.workspace import Workspace
 from tests.test_embed_users import DAY, T0, TEXTS, make_checkpoint, make_rows
-from tests.test_store import copy_repo
+from tests.store_data import copy_repo
 
 RECENT_N = 4
 US = 1_000_000

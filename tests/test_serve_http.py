@@ -2,7 +2,7 @@
 
 A tiny +LLM ranker (interaction mode) is trained on synthetic rows whose user ids are shifted by 2,
 so store users 1 and 2 are online but unknown to its ``user_id`` vocabulary (like ML-1M's later
-users) and user 3 is known. The store is the synthetic workspace of ``tests/test_store.py``.
+users) and user 3 is known. The store is the synthetic workspace of ``tests/store_data.py``.
 Servers run in process (uvicorn in a thread on a free port) except one, started through the CLI
 with two workers.
 """
@@ -42,7 +42,7 @@ from ranker.synthetic import SYNTHETIC_ATTRIBUTES, SyntheticFeatureSource, synth
 from ranker.train import train
 from tests.serving_helpers import LiveServer, train_tiny_ranker
 from tests.bad_input import run_bad
-from tests.test_store import DIM, T2, _emb_table, copy_repo, make_fingerprint, write_synthetic_workspace
+from tests.store_data import DIM, T2, copy_repo, embedding_table, make_fingerprint, write_synthetic_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 ITEMS = [3, 17, 12, 999]  # 999: no item of the store
@@ -157,7 +157,7 @@ def test_item_inputs_are_reread_after_a_materialization(tmp_path):
     assert not scorer.refresh()  # nothing changed
     new = np.full((1, DIM), 3.0, np.float32)
     parquet_io.write_part(Workspace.at(ws.data).item_embeddings,
-                          _emb_table("item_id", "item_embedding", [17], new, [T2 + timedelta(days=400)]),
+                          embedding_table("item_id", "item_embedding", [17], new, [T2 + timedelta(days=400)]),
                           metadata={FINGERPRINT_METADATA_KEY: make_fingerprint().to_json()})
     materialize_all(open_store(ws.repo, ws.data))  # another process's materialization
     assert scorer.refresh()
