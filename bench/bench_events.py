@@ -36,6 +36,24 @@ def stats_ms(values: list[float]) -> dict[str, float]:
             "mean_ms": round(float(a.mean()), 2), "max_ms": round(float(a.max()), 2)}
 
 
+def markdown(out: dict, command: str) -> str:
+    """The results as a readable table (next to the JSON)."""
+    lines = ["# Fresh user embeddings: latency per event", "",
+             f"`{command}`; {out['device']}, {out['torch_threads']} torch thread(s), recent n={out['recent_n']}, "
+             f"online writes: {out['online_write']}, sqlite_wal={out['sqlite_wal']}; processor loaded in "
+             f"{out['load_seconds']} s.", "",
+             "| one event | calls | p50 ms | p90 ms | p99 ms | max ms |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for case in ("known_item", "new_item"):
+        for phase, st in (out.get(case) or {}).items():
+            label = f"{case.replace('_', ' ')}: {phase}"
+            lines.append(f"| {label} | {st['n']} | {st['p50_ms']} | {st['p90_ms']} | {st['p99_ms']} | {st['max_ms']} |")
+    batch = out.get("one_call_many_users") or {}
+    if batch:
+        lines += ["", f"One call with {batch['events']} events (one per user): {batch['seconds']} s "
+                      f"({batch['compute_seconds']} s in the deep layers)."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, required=True)
@@ -48,8 +66,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--feast-push", action="store_true", help="online writes through store.push (comparison)")
     ap.add_argument("--sqlite-wal", action="store_true", help="EventProcessor(sqlite_wal=True)")
-    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write the results as JSON here, and a markdown table next to it (.md)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the .md of an existing --out JSON")
     args = ap.parse_args()
+    command = "python bench/bench_events.py " + " ".join(sys.argv[1:])
+    if args.report_only:
+        out = json.loads(args.out.read_text())
+        args.out.with_suffix(".md").write_text(markdown(out, out.get("command", command)))
+        return
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -124,13 +149,14 @@ def main() -> None:
         "sqlite_wal": args.sqlite_wal, "load_seconds": round(load_s, 2),
         "known_item": {"total": stats_ms(total), **{k: stats_ms(v) for k, v in phases.items()}},
         "new_item": {"total": stats_ms(new_total), "compute": stats_ms(new_compute)} if new_total else None,
-        "one_call_many_users": batch,
+        "one_call_many_users": batch, "command": command,
     }
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+        args.out.with_suffix(".md").write_text(markdown(out, command))
     sys.stdout.flush()
     os._exit(0)  # skip duckdb's noisy interpreter-exit messages
 
