@@ -99,3 +99,42 @@ def test_quality_rows_read_the_issue_14_floors(tmp_path: Path) -> None:
     assert rows["ml-100k: +LLM minus id-only twin, test AUC"][5] == "met"
     assert rows["ml-1m: the weaker twin minus the best simple baseline, test AUC"][5] == "met"
     assert rows["ml-100k: the weaker twin minus the best simple baseline, test AUC"][5] == "**not met**"
+
+
+# ------------------------------------------------------------------- llmfeat bench: script options
+COMMON = {"source": "--source", "data_dir": "--data-dir", "quick": "--quick"}
+
+
+def _argparse_options(script: Path) -> set[str]:
+    """The option strings of every ``add_argument("--x", ...)`` call in a script."""
+    import ast
+
+    calls = [n for n in ast.walk(ast.parse(script.read_text())) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute) and n.func.attr == "add_argument"]
+    return {a.value for c in calls for a in c.args if isinstance(a, ast.Constant) and isinstance(a.value, str)}
+
+
+def test_script_options_declare_exactly_the_common_options_each_script_parses() -> None:
+    from llm_features.cli.bench import SCRIPT_OPTIONS
+
+    scripts = {p.stem: p for p in BENCH.glob("bench_*.py")}
+    assert set(SCRIPT_OPTIONS) == set(scripts), "one SCRIPT_OPTIONS row per bench/bench_*.py"
+    for name, script in scripts.items():
+        parsed = _argparse_options(script)
+        assert SCRIPT_OPTIONS[name] == {k for k, opt in COMMON.items() if opt in parsed}, name
+
+
+def test_script_args_pass_only_the_declared_options(tmp_path: Path) -> None:
+    import click
+    import pytest
+
+    from llm_features.cli.bench import script_args
+
+    src, ws = tmp_path / "ml-1m", tmp_path / "ws"
+    assert script_args(BENCH / "bench_finetune.py", src, True, ws) == [
+        "--source", str(src), "--data-dir", str(ws), "--quick"]
+    # bench_cost runs `llmfeat encode --data-dir ...` itself but takes no --data-dir
+    assert script_args(BENCH / "bench_cost.py", src, True, ws) == ["--quick"]
+    assert script_args(BENCH / "bench_ranker.py", src, True, None) == []
+    with pytest.raises(click.ClickException, match="bench_new.py has no row in SCRIPT_OPTIONS"):
+        script_args(tmp_path / "bench_new.py", src, False, ws)

@@ -22,13 +22,13 @@ def _rows(directory: Path) -> int:
 def test_demo_runs_end_to_end_and_second_run_only_checks(tmp_path):
     if not (ML100K / "u.data").exists():
         pytest.fail(f"ML-100K not found at {ML100K}: set LLMFEAT_ML100K")
-    from llm_features.cli.demo import DemoConfig, run_demo
+    from llm_features.pipeline import PipelineConfig, run_pipeline
 
     repo = tmp_path / "feast_repo"
     shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns("data"))
-    cfg = DemoConfig(source=ML100K, repo=repo, data_dir=tmp_path / "data", size="small", finetune_users=25,
+    cfg = PipelineConfig(source=ML100K, repo=repo, data_dir=tmp_path / "data", size="small", finetune_users=25,
                      num_candidates=20, progress=False)
-    first = run_demo(cfg)
+    first = run_pipeline(cfg)
     ws = tmp_path / "data"
     assert first["ingest"]["counts"]["interactions"] == 100_000
     assert first["encode"]["distinct_behaviors"] > 1000
@@ -39,7 +39,7 @@ def test_demo_runs_end_to_end_and_second_run_only_checks(tmp_path):
     assert all((ws / "plots" / f).exists() for f in ("training_curves.png", "ranker_auc.png"))
     counts = {d: _rows(ws / d) for d in ("atomic_behavior_embeddings", "item_embeddings", "user_embeddings")}
 
-    second = run_demo(cfg)
+    second = run_pipeline(cfg)
     assert second["ingest"]["skipped"]
     assert second["encode"]["texts_encoded"] == 0
     assert second["finetune"]["skipped"]

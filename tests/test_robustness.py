@@ -122,17 +122,17 @@ class Run:
         return self.root / "feast_repo"
 
     def config(self):
-        from llm_features.cli.demo import DemoConfig
+        from llm_features.pipeline import PipelineConfig
 
         if not self.repo.exists():
             shutil.copytree(REPO, self.repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
-        return DemoConfig(source=self.source, repo=self.repo, data_dir=self.data_dir, size="small",
+        return PipelineConfig(source=self.source, repo=self.repo, data_dir=self.data_dir, size="small",
                           finetune_users=FINETUNE_USERS, num_candidates=20, progress=False)
 
     def demo(self) -> dict:
-        from llm_features.cli.demo import run_demo
+        from llm_features.pipeline import run_pipeline
 
-        return run_demo(self.config())
+        return run_pipeline(self.config())
 
 
 @dataclass

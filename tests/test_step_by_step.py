@@ -1,7 +1,7 @@
 """The README's "Step by step" block is `make demo`, one command per stage.
 
 - fast: each command of the block, parsed as the command line parses it, gives the configuration the
-  demo builds for that stage (``llm_features.cli.demo.stage_configs``), field for field; and the demo
+  demo builds for that stage (``llm_features.pipeline.stage_configs``), field for field; and the demo
   departs from a stage's own defaults only where ``DEMO_ONLY`` says (and the block passes those);
 - end to end: the block, run as written (``--source`` pointed at a 40-user sample of ML-100K) in one
   directory, and ``llmfeat demo --source <the same>`` in another: the same files, the same tables,
@@ -113,7 +113,7 @@ def checkout_like(tmp_path, monkeypatch):
 
 
 def test_readme_block_builds_the_demos_stage_configs(checkout_like):
-    from llm_features.cli.demo import DEMO_ONLY, DemoConfig, stage_configs
+    from llm_features.pipeline import DEMO_ONLY, PipelineConfig, stage_configs
     from llm_features.workspace import resolve_data_dir
 
     commands = readme_commands()
@@ -122,7 +122,7 @@ def test_readme_block_builds_the_demos_stage_configs(checkout_like):
     source = next(c[c.index("--source") + 1] for c in commands if c[1] == "ingest")
     assert source == DEMO_SOURCE
     data_dir = resolve_data_dir("feast_repo", None)
-    demo = stage_configs(DemoConfig(source=Path(source)), data_dir)
+    demo = stage_configs(PipelineConfig(source=Path(source)), data_dir)
     keys = [_stage_key(c) for c in commands]
     # every stage the demo runs, in the demo's order, each once
     assert [k for k in keys if k] == list(demo), keys
@@ -141,14 +141,14 @@ def test_readme_block_builds_the_demos_stage_configs(checkout_like):
 
 def test_demo_departs_from_stage_defaults_only_where_declared(checkout_like):
     """Every stage default is the demo's, except DEMO_ONLY (and, with --size small, SMALL_ONLY)."""
-    from llm_features.cli.demo import DEMO_ONLY, SMALL_ONLY, DemoConfig, stage_configs
+    from llm_features.pipeline import DEMO_ONLY, SMALL_ONLY, PipelineConfig, stage_configs
     from llm_features.workspace import resolve_data_dir
 
     checkout_like("defaults")
     data_dir = resolve_data_dir("feast_repo", None)
     identity = {"source", "repo", "data_dir", "llm_features"}  # what a stage is run on, and which twin
     for size in ("default", "small"):
-        demo = stage_configs(DemoConfig(size=size), data_dir)
+        demo = stage_configs(PipelineConfig(size=size), data_dir)
         for key, cfg in demo.items():
             given = {f: getattr(cfg, f) for f in identity if hasattr(cfg, f)}
             if key == "evaluate_id_only":  # the id-only twin's checkpoint is named (README: --checkpoint)
@@ -161,7 +161,7 @@ def test_demo_departs_from_stage_defaults_only_where_declared(checkout_like):
             if size == "default":
                 assert diff == allowed, (key, diff)  # DEMO_ONLY names real departures only
     # outputs under the data dir, in the demo's layout
-    demo = stage_configs(DemoConfig(), data_dir)
+    demo = stage_configs(PipelineConfig(), data_dir)
     assert demo["finetune"].out == data_dir / "runs/finetune" == demo["embed_users"].checkpoint
     assert demo["ranker_llm"].out == data_dir / "runs/ranker_llm" == demo["evaluate_llm"].checkpoint
     assert demo["ranker_id_only"].out == data_dir / "runs/ranker_id_only"

@@ -33,15 +33,37 @@ def load_summarize(bench: Path):
     return module
 
 
+# The common options each benchmark script accepts (its argparse options that `llmfeat bench` fills in
+# from its own): "source" (--source), "data_dir" (--data-dir, when a workspace is known), "quick"
+# (--quick, with `llmfeat bench --quick`). A new bench_*.py gets a row here; tests/test_bench_summary.py
+# checks the table against every script's add_argument calls.
+SCRIPT_OPTIONS: dict[str, frozenset[str]] = {
+    "bench_cost": frozenset({"quick"}),
+    "bench_encode": frozenset({"source"}),
+    "bench_events": frozenset({"data_dir"}),
+    "bench_feast": frozenset({"data_dir"}),
+    "bench_finetune": frozenset({"source", "data_dir", "quick"}),
+    "bench_pit": frozenset({"source", "quick"}),
+    "bench_quality": frozenset({"source", "quick"}),
+    "bench_ranker": frozenset({"data_dir"}),
+    "bench_scale": frozenset({"quick"}),
+    "bench_serving": frozenset({"data_dir", "quick"}),
+    "bench_threads": frozenset({"quick"}),
+}
+
+
 def script_args(script: Path, source: Path, quick: bool, data_dir: Path | None = None) -> list[str]:
-    """The options this script understands: ``--source``, ``--data-dir`` and ``--quick`` where it declares them."""
-    text = script.read_text()
+    """The common options for ``script``, as :data:`SCRIPT_OPTIONS` declares them."""
+    accepts = SCRIPT_OPTIONS.get(script.stem)
+    if accepts is None:
+        raise click.ClickException(f"{script.name} has no row in SCRIPT_OPTIONS ({__file__}): add one naming "
+                                   "the common options it accepts (source, data_dir, quick), or frozenset()")
     args: list[str] = []
-    if '"--source"' in text:
+    if "source" in accepts:
         args += ["--source", str(source)]
-    if data_dir is not None and '"--data-dir"' in text:
+    if data_dir is not None and "data_dir" in accepts:
         args += ["--data-dir", str(data_dir)]
-    if quick and '"--quick"' in text:
+    if quick and "quick" in accepts:
         args.append("--quick")
     return args
 
@@ -80,8 +102,9 @@ def command(source: Path, data_dir: Path | None, quick: bool, summary_only: bool
         if data_dir is not None:
             data_dir = data_dir.resolve()
             click.echo(f"== workspace: {data_dir}")
+        args = {script: script_args(script, source, quick, data_dir) for script in scripts}  # all known first
         for script in scripts:
-            cmd = [sys.executable, str(script)] + script_args(script, source, quick, data_dir)
+            cmd = [sys.executable, str(script)] + args[script]
             click.echo(f"== {script.name}: {' '.join(cmd[2:]) or '(no options)'}")
             t0 = time.perf_counter()
             rc = subprocess.run(cmd, cwd=bench.parent, env={**os.environ, "HF_HUB_OFFLINE": "1",
