@@ -101,7 +101,7 @@ def exact_states(data_dir: Path, towers: list[Path]) -> pd.DataFrame:
     from llm_features.embed_users import compute_user_states
     from llm_features.finetune.checkpoint import load_finetuned
     from llm_features.finetune.data import load_finetune_data
-    from llm_features.finetune.train import make_packer
+    from llm_features.finetune.packing import make_packer
     from llm_features.ids import user_fold
 
     model, ft = load_finetuned(towers[0])

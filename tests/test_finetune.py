@@ -329,7 +329,8 @@ def test_finetune_writes_checkpoint_and_metrics(tiny_bert_dir, tiny_workspace, t
     # the checkpoint reloads into the same predictions
     model, cfg2 = load_finetuned(out)
     assert cfg2 == cfg
-    from llm_features.finetune.train import evaluate, make_packer, split_blocks
+    from llm_features.finetune.packing import make_packer
+    from llm_features.finetune.train import evaluate, split_blocks
 
     data = load_finetune_data(tiny_workspace, model.backbone.fingerprint, need_behavior_vectors=True)
     again = evaluate(model, make_packer(cfg, data, model.backbone), split_blocks(cfg, data, "test", cfg.eval_k),
@@ -424,7 +425,8 @@ def test_ema_weights_are_what_is_evaluated_and_saved(tiny_bert_dir, tiny_workspa
     a, b = np.load(tmp_path / "raw" / "test_predictions.npz"), np.load(out / "test_predictions.npz")
     assert (a["row"] == b["row"]).all() and not np.allclose(a["logit"], b["logit"])  # the average is evaluated
     model, _ = load_finetuned(out)  # and it is what the checkpoint holds
-    from llm_features.finetune.train import evaluate, make_packer, split_blocks
+    from llm_features.finetune.packing import make_packer
+    from llm_features.finetune.train import evaluate, split_blocks
 
     data = load_finetune_data(tiny_workspace, model.backbone.fingerprint, need_behavior_vectors=True)
     again = evaluate(model, make_packer(cfg, data, model.backbone), split_blocks(cfg, data, "test", cfg.eval_k),
