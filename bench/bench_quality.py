@@ -58,7 +58,8 @@ REPO = Path(__file__).resolve().parents[1]
 KEYS = ["user_id", "item_id", "event_timestamp"]
 # the tower every +LLM row reads: llmfeat finetune's defaults, leakage=isolated (exact DTI, so embed-users packs)
 TOWER = {"packing": "dti", "leakage": "isolated"}
-NON_SEMANTIC = {"out", "data_dir", "num_threads", "log_every", "save_every", "resume", "device", "eval_batch_size"}
+NON_SEMANTIC = {"out", "data_dir", "num_threads", "log_every", "save_every", "resume", "device", "eval_batch_size",
+                "measure_memory"}
 
 
 # ------------------------------------------------------------------------------------------ pipeline steps
