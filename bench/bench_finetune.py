@@ -130,12 +130,14 @@ def run_finetune(name: str, runs: Path, data_dir: Path, common: dict, extra: dic
             again (a killed benchmark resumes; the code must not have changed in between).
     """
     out = runs / name
-    opts = {**common, **extra}
+    # measure_memory: the training steps' own memory (train_rss_increase_mb), which this benchmark records
+    opts = {"measure_memory": True, **common, **extra}
     cmd = llmfeat() + ["finetune", "--data-dir", str(data_dir), "--out", str(out)]
     for k, v in opts.items():
         if v is None:
             continue
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
+        flag = f"--{k.replace('_', '-')}"
+        cmd += ([flag] if v else [f"--no-{flag[2:]}"]) if isinstance(v, bool) else [flag, str(v)]
     t0 = time.perf_counter()
     if reuse and _reusable(out, data_dir, opts):
         print(f"[bench_finetune] {name}: reusing the finished run in {out}", flush=True)

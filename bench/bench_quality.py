@@ -58,7 +58,8 @@ REPO = Path(__file__).resolve().parents[1]
 KEYS = ["user_id", "item_id", "event_timestamp"]
 # the tower every +LLM row reads: llmfeat finetune's defaults, leakage=isolated (exact DTI, so embed-users packs)
 TOWER = {"packing": "dti", "leakage": "isolated"}
-NON_SEMANTIC = {"out", "data_dir", "num_threads", "log_every", "save_every", "resume", "device", "eval_batch_size"}
+NON_SEMANTIC = {"out", "data_dir", "num_threads", "log_every", "save_every", "resume", "device", "eval_batch_size",
+                "measure_memory"}
 
 
 # ------------------------------------------------------------------------------------------ pipeline steps
@@ -101,7 +102,7 @@ def exact_states(data_dir: Path, towers: list[Path]) -> pd.DataFrame:
     from llm_features.embed_users import compute_user_states
     from llm_features.finetune.checkpoint import load_finetuned
     from llm_features.finetune.data import load_finetune_data
-    from llm_features.finetune.train import make_packer
+    from llm_features.finetune.packing import make_packer
     from llm_features.ids import user_fold
 
     model, ft = load_finetuned(towers[0])

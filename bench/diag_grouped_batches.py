@@ -9,8 +9,9 @@ function as the sliding window), the gap comes from the batches, not from the pa
     HF_HUB_OFFLINE=1 python bench/diag_grouped_batches.py --data-dir WS --out runs/diag_grouped_k32 \
         --k 32 -- --limit-users 200 --num-threads 1 --log-every 0
 
-Everything after ``--`` goes to ``llmfeat finetune`` (``--packing dti --targets-per-sequence 1`` are
-set here). Numbers, not assertions.
+Everything after ``--`` is an ``llmfeat finetune`` option (``--packing dti --targets-per-sequence 1``
+are set here). The run is :class:`~llm_features.finetune.train.FinetuneRecipe` with its batch-sampler
+seam overridden. Numbers, not assertions.
 """
 
 from __future__ import annotations
@@ -21,52 +22,59 @@ from pathlib import Path
 
 import numpy as np
 
+from llm_features.finetune.train import FinetuneRecipe
 
-def main() -> None:
+
+class GroupedBatchesRecipe(FinetuneRecipe):
+    """The recipe, with each training batch made of whole DTI blocks of ``group_k`` targets."""
+
+    def __init__(self, cfg, group_k: int, **kw) -> None:
+        super().__init__(cfg, **kw)
+        self.group_k = group_k
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        from llm_features.finetune.packing import batch_indices, make_blocks
+
+        blocks, hist, cfg = self.train_blocks, self.data.hist, self.cfg
+        rows = blocks.target_start
+        targets = np.zeros(len(hist), dtype=bool)
+        targets[rows] = True
+        dti = make_blocks(hist, targets, self.group_k, cfg.context_size)
+        rank = np.argsort(np.random.default_rng([cfg.seed, epoch]).permutation(len(dti)))  # DTI's shuffled order
+        block_of = np.searchsorted(dti.target_start, rows, side="right") - 1
+        order = np.lexsort((rows, rank[block_of]))
+        batches = [order[i] for i in batch_indices(blocks.num_targets[order], cfg.batch_size)]
+        user = hist.user_start[rows]
+        users = [len(np.unique(user[b])) for b in batches]
+        shuffled = [len(np.unique(user[b])) for b in super().epoch_batches(epoch)]
+        print(f"[diag] epoch {epoch}: {len(batches)} steps, {np.mean(users):.1f} users per step on average "
+              f"(random batches: {np.mean(shuffled):.1f})", file=sys.stderr, flush=True)
+        return batches
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--k", type=int, default=32, help="the DTI block size whose grouping is imitated")
     ap.add_argument("finetune_args", nargs=argparse.REMAINDER)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
-    import llm_features.finetune.train as T
-    from llm_features.finetune.packing import make_blocks
+    import click
 
-    state: dict = {}
-    random_batches, make_packer = T.epoch_batches, T.make_packer
+    from llm_features.config import dataclass_options
+    from llm_features.finetune.config import FinetuneConfig
 
-    def packer(cfg, data, backbone):
-        state["hist"], state["n"] = data.hist, cfg.context_size
-        return make_packer(cfg, data, backbone)
+    @click.command("diag_grouped_batches")
+    @dataclass_options(FinetuneConfig)
+    def command(cfg: FinetuneConfig) -> None:
+        m = GroupedBatchesRecipe(cfg, args.k).run()
+        click.echo(f"valid AUC {m['valid']['auc']:.4f} | test AUC {m['test']['auc']:.4f} "
+                   f"LogLoss {m['test']['logloss']:.4f} -> {cfg.out}")
 
-    def grouped_batches(blocks, targets_per_batch, seed, epoch):
-        if "train" not in state:  # the first call is the training split; evaluation never calls this
-            state["train"] = blocks
-        if blocks is not state["train"]:
-            return random_batches(blocks, targets_per_batch, seed, epoch)
-        rows = blocks.target_start
-        targets = np.zeros(len(state["hist"]), dtype=bool)
-        targets[rows] = True
-        dti = make_blocks(state["hist"], targets, args.k, state["n"])
-        rank = np.argsort(np.random.default_rng([seed, epoch]).permutation(len(dti)))  # DTI's shuffled order
-        block_of = np.searchsorted(dti.target_start, rows, side="right") - 1
-        order = np.lexsort((rows, rank[block_of]))
-        batches = [order[i] for i in T.batch_indices(blocks.num_targets[order], targets_per_batch)]
-        user = state["hist"].user_start[rows]
-        users = [len(np.unique(user[b])) for b in batches]
-        shuffled = [len(np.unique(user[b])) for b in random_batches(blocks, targets_per_batch, seed, epoch)]
-        print(f"[diag] epoch {epoch}: {len(batches)} steps, {np.mean(users):.1f} users per step on average "
-              f"(random batches: {np.mean(shuffled):.1f})", file=sys.stderr, flush=True)
-        return batches
-
-    T.epoch_batches, T.make_packer = grouped_batches, packer
     extra = [a for a in args.finetune_args if a != "--"]
-    sys.argv = ["llmfeat", "finetune", "--data-dir", str(args.data_dir), "--out", str(args.out),
-                "--packing", "dti", "--targets-per-sequence", "1", *extra]
-    from llm_features.cli import run
-
-    run()
+    command.main(["--data-dir", str(args.data_dir), "--out", str(args.out), "--packing", "dti",
+                  "--targets-per-sequence", "1", *extra], standalone_mode=True)
 
 
 if __name__ == "__main__":

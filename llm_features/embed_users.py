@@ -510,7 +510,7 @@ def final_user_states(
     rows a final query reads: a user's last ``context_size`` interactions (``llm_features.events``
     passes just those). Returns ``(user_ids, stamps in µs, [U, D] states)``.
     """
-    from llm_features.finetune.train import make_packer
+    from llm_features.finetune.packing import make_packer
 
     ext, final_rows = with_final_queries(data.hist)
     packer = make_packer(ft, FinetuneData(ext, data.behavior_table, data.item_table, data.behavior_texts),
@@ -626,7 +626,7 @@ def embed_users(
     log.info("embed-users: %d snapshots (%s cadence), %d already exported, %d to compute for %d users",
              len(snaps.row), cadence, int(done.sum()), int(todo.sum()), len(work_users))
 
-    from llm_features.finetune.train import make_packer
+    from llm_features.finetune.packing import make_packer
 
     packer = make_packer(ft, FinetuneData(ext, data.behavior_table, data.item_table, data.behavior_texts),
                          model.backbone)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -316,7 +317,8 @@ def test_load_finetune_data(tiny_workspace, backbones):
 def test_finetune_writes_checkpoint_and_metrics(tiny_bert_dir, tiny_workspace, tmp_path, granularity, packing,
                                                   lora):
     out = tmp_path / "ckpt"
-    cfg = _cfg(tiny_bert_dir, tiny_workspace, out, granularity=granularity, packing=packing, lora=lora, epochs=2)
+    cfg = _cfg(tiny_bert_dir, tiny_workspace, out, granularity=granularity, packing=packing, lora=lora, epochs=2,
+               measure_memory=True)
     m = finetune(cfg)
     assert {"auc", "logloss", "train_seconds", "targets_per_s", "peak_rss_mb", "valid", "test", "options"} <= set(m)
     assert 0 <= m["test"]["auc"] <= 1 and m["test"]["targets"] > 0 and m["train_targets"] > 0
@@ -329,7 +331,8 @@ def test_finetune_writes_checkpoint_and_metrics(tiny_bert_dir, tiny_workspace, t
     # the checkpoint reloads into the same predictions
     model, cfg2 = load_finetuned(out)
     assert cfg2 == cfg
-    from llm_features.finetune.train import evaluate, make_packer, split_blocks
+    from llm_features.finetune.packing import make_packer
+    from llm_features.finetune.train import evaluate, split_blocks
 
     data = load_finetune_data(tiny_workspace, model.backbone.fingerprint, need_behavior_vectors=True)
     again = evaluate(model, make_packer(cfg, data, model.backbone), split_blocks(cfg, data, "test", cfg.eval_k),
@@ -343,7 +346,7 @@ def test_finetune_writes_checkpoint_and_metrics(tiny_bert_dir, tiny_workspace, t
     from llm_features.finetune.train import split_targets
 
     assert set(pred["row"].tolist()) == set(np.flatnonzero(split_targets(cfg, data, "test")).tolist())
-    # speed and memory of the training steps alone
+    # speed and memory of the training steps alone (memory: with measure_memory)
     assert m["steady_targets_per_s"] > 0 and m["steady_steps"] == max(0, m["steps"] - 2)
     assert 0 < m["rss_before_train_mb"] <= m["train_peak_rss_mb"] <= m["peak_rss_mb"] + 1
     assert m["train_rss_increase_mb"] == pytest.approx(m["train_peak_rss_mb"] - m["rss_before_train_mb"])
@@ -424,7 +427,8 @@ def test_ema_weights_are_what_is_evaluated_and_saved(tiny_bert_dir, tiny_workspa
     a, b = np.load(tmp_path / "raw" / "test_predictions.npz"), np.load(out / "test_predictions.npz")
     assert (a["row"] == b["row"]).all() and not np.allclose(a["logit"], b["logit"])  # the average is evaluated
     model, _ = load_finetuned(out)  # and it is what the checkpoint holds
-    from llm_features.finetune.train import evaluate, make_packer, split_blocks
+    from llm_features.finetune.packing import make_packer
+    from llm_features.finetune.train import evaluate, split_blocks
 
     data = load_finetune_data(tiny_workspace, model.backbone.fingerprint, need_behavior_vectors=True)
     again = evaluate(model, make_packer(cfg, data, model.backbone), split_blocks(cfg, data, "test", cfg.eval_k),
@@ -461,6 +465,52 @@ def test_micro_batches_make_the_same_step(tiny_bert_dir, tiny_workspace, tmp_pat
     assert parts["loss_curve"] == pytest.approx(whole["loss_curve"], abs=1e-5)
     for split in ("valid", "test"):
         assert parts[split]["logloss"] == pytest.approx(whole[split]["logloss"], abs=1e-5)
+
+
+def test_recipe_seams_batch_sampler_and_packer(tiny_bert_dir, tiny_workspace, tmp_path):
+    """Diagnostics swap the training batches and the packer through the recipe's seams, not by patching."""
+    from llm_features.finetune.packing import make_packer
+    from llm_features.finetune.train import FinetuneRecipe, epoch_batches
+
+    sampled, packers = [], []
+
+    def two_batches(blocks, targets_per_batch, seed, epoch):
+        sampled.append((len(blocks), targets_per_batch, seed, epoch))
+        return epoch_batches(blocks, targets_per_batch, seed, epoch)[:2]
+
+    def packer(cfg, data, backbone):
+        packers.append(make_packer(cfg, data, backbone))
+        return packers[-1]
+
+    recipe = FinetuneRecipe(_cfg(tiny_bert_dir, tiny_workspace, tmp_path / "seams", epochs=2, seed=3),
+                            batch_sampler=two_batches, packer=packer)
+    m = recipe.run()
+    assert [s[1:] for s in sampled] == [(16, 3, 0), (16, 3, 1)] and sampled[0][0] > 0
+    assert m["steps"] == 4 and len(m["history"]) == 2 and len(packers) == 1
+    assert "train_rss_increase_mb" not in m and m["peak_rss_mb"] > 0  # the benchmarks' instrumentation is opt-in
+    assert recipe.model is None  # cleanup released the model
+
+
+def test_diag_grouped_batches_uses_the_recipe(tiny_bert_dir, tiny_workspace, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "diag_grouped_batches.py"
+    spec = importlib.util.spec_from_file_location("diag_grouped_batches", path)
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    out = tmp_path / "diag"
+    with pytest.raises(SystemExit) as exit_:
+        diag.main(["--data-dir", str(tiny_workspace), "--out", str(out), "--k", "4", "--",
+                   "--model", str(tiny_bert_dir), "--split-layer", "2", "--context-size", "4", "--batch-size", "16",
+                   "--eval-batch-size", "64", "--head-hidden", "16", "--log-every", "0", "--epochs", "1"])
+    assert exit_.value.code == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[diag] epoch 0:")]
+    assert len(lines) == 1, lines
+    grouped, shuffled = (float(x) for x in re.findall(r"\d+\.\d", lines[0]))  # users per step: ours, random
+    assert grouped < shuffled  # whole blocks of 4 targets of one user: fewer users per step
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["options"]["packing"] == "dti" and m["options"]["targets_per_sequence"] == 1 and m["steps"] > 0
 
 
 def test_cli(tiny_bert_dir, tiny_workspace, tmp_path):

@@ -6,7 +6,7 @@ Modules, in data-flow order:
 - :mod:`~llm_features.finetune.packing`: histories to sliding-window / DTI sequences, both granularities;
 - :mod:`~llm_features.finetune.data`: a workspace to histories and frozen tables;
 - :mod:`~llm_features.finetune.model`: context/query tokens, distance bias, CTR head;
-- :mod:`~llm_features.finetune.train`: the recipe (train, evaluate, checkpoint);
+- :mod:`~llm_features.finetune.train`: the recipe (:class:`FinetuneRecipe`: setup, train, evaluate, save, cleanup);
 - :mod:`~llm_features.finetune.checkpoint`: checkpoint files and :func:`load_finetuned`.
 """
 
@@ -22,11 +22,13 @@ from llm_features.finetune.packing import (
     UserHistories,
     batch_indices,
     make_blocks,
+    make_packer,
 )
-from llm_features.finetune.train import evaluate, finetune
+from llm_features.finetune.train import FinetuneRecipe, evaluate, finetune
 
 __all__ = [
-    "BehaviorPacker", "Blocks", "CTRHead", "DistanceBias", "FinetuneConfig", "FinetuneModel", "PackedBatch",
+    "BehaviorPacker", "Blocks", "CTRHead", "DistanceBias", "FinetuneConfig", "FinetuneModel", "FinetuneRecipe",
+    "PackedBatch",
     "SequenceLayout", "TokenPacker", "UserHistories", "allowed_attention", "attention_bias", "evaluate",
-    "finetune", "interaction_distance", "batch_indices", "load_finetuned", "make_blocks",
+    "finetune", "interaction_distance", "batch_indices", "load_finetuned", "make_blocks", "make_packer",
 ]

@@ -149,6 +149,12 @@ class FinetuneConfig(BackboneConfig):
     save_every: int = field(
         default=0, metadata={"help": "Also checkpoint every this many steps (0: per epoch).", "min": 0}
     )
+    measure_memory: bool = field(
+        default=False,
+        metadata={"help": "Also report the memory the training steps add over what loading left "
+                          "(train_rss_increase_mb, ...; for benchmarks: it collects garbage, trims malloc and resets "
+                          "the process's peak-RSS counter around training)."},
+    )
     resume: bool = field(
         default=False,
         metadata={"help": "Continue from the last complete checkpoint in --out (its resume/ set) if there is one."},

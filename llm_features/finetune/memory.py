@@ -20,6 +20,9 @@ On CUDA the same increase is read from the allocator (``max_memory_allocated`` m
 Resetting ``VmHWM`` also resets what ``getrusage`` reports as the process's peak, so the
 whole-process peak is kept here too (:meth:`TrainingMemory.process_peak_mb`).
 
+It is opt-in (``FinetuneConfig.measure_memory``, set by ``bench/bench_finetune.py`` and
+``bench/bench_cost.py``): other runs use :class:`ProcessPeakMemory`, which only reads counters.
+
 Example::
 
     mem = TrainingMemory(device)
@@ -157,4 +160,30 @@ class TrainingMemory:
         return out
 
 
-__all__ = ["TrainingMemory", "current_rss_mb", "peak_rss_mb"]
+class ProcessPeakMemory:
+    """What every run reports without ``--measure-memory``: the process's peak RSS (and, on CUDA, the
+    allocator's peak over the training steps), with none of :class:`TrainingMemory`'s intrusions
+    (``gc.collect``, ``malloc_trim``, ``/proc/self/clear_refs``). The same interface, no metrics of its own.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def start(self) -> None:
+        if self.device.type == "cuda":  # so that peak_cuda_mb is the training peak, as with TrainingMemory
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def pause(self) -> None:
+        pass
+
+    resume = stop = pause
+
+    def process_peak_mb(self) -> float:
+        return peak_rss_mb()
+
+    def metrics(self) -> dict[str, float | str | None]:
+        return {}
+
+
+__all__ = ["ProcessPeakMemory", "TrainingMemory", "current_rss_mb", "peak_rss_mb"]

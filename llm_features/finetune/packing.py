@@ -27,12 +27,18 @@ import bisect
 import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from llm_features.finetune.masks import SequenceLayout
+
+if TYPE_CHECKING:
+    from llm_features.backbone import Backbone
+    from llm_features.finetune.config import FinetuneConfig
+    from llm_features.finetune.data import FinetuneData
 
 
 # Feedback vocabulary: 0/1 = label (disliked/liked); 2 + r = rating r (r rounded, 0..10).
@@ -529,3 +535,12 @@ class TokenPacker:
             input_ids=torch.from_numpy(place(ids, self.pad_id)),
             embed_position_ids=torch.from_numpy(place(embed_pos, 0)),
         )
+
+
+def make_packer(cfg: FinetuneConfig, data: FinetuneData, backbone: Backbone) -> BehaviorPacker | TokenPacker:
+    """The packer of ``cfg.granularity`` over ``data``: cached behaviour vectors, or the behaviour texts
+    tokenized by ``backbone``. The fine-tuning recipe and ``embed-users`` pack with it."""
+    if cfg.granularity == "behavior":
+        return BehaviorPacker(data.hist, data.behavior_table, data.item_table)
+    return TokenPacker(data.hist, data.behavior_texts, data.item_table, backbone.tokenize,
+                       pad_id=int(backbone.tokenizer.pad_token_id))
