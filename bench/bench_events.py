@@ -5,11 +5,11 @@ dir) and times :meth:`EventProcessor.process` end to end: validation, the deep l
 last n behaviours, the offline part files and the online writes. ``--new-items`` events carry an item
 the data dir has never seen (its text is encoded through the shallow layers first).
 
-It WRITES into the data dir (part files, the online store): run it on a copy, never on a data dir
-that serves anything::
+Pushing events writes part files and online rows, so by default the script works on a temporary copy
+of ``--data-dir`` (removed afterwards) and leaves the data dir as it was; ``--in-place`` writes into
+the data dir itself (never use it on a data dir that serves anything)::
 
-    cp -a /work/serve1m /work/tmp_events_1m
-    python bench/bench_events.py --data-dir /work/tmp_events_1m --events 200 --new-items 50 --threads 1
+    python bench/bench_events.py --data-dir feast_repo/data --events 200 --new-items 50 --threads 1
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,6 +71,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None,
                     help="write the results as JSON here, and a markdown table next to it (.md)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md of an existing --out JSON")
+    ap.add_argument("--in-place", action="store_true",
+                    help="push into --data-dir itself instead of a temporary copy of it")
     args = ap.parse_args()
     command = "python bench/bench_events.py " + " ".join(sys.argv[1:])
     if args.report_only:
@@ -87,9 +91,19 @@ def main() -> None:
     from llm_features.events import EventProcessor
     from llm_features.workspace import Workspace
 
-    ws = Workspace.at(args.data_dir)
-    if Path(args.data_dir).resolve() == Path("/work/serve1m").resolve():
-        sys.exit("refusing to write into /work/serve1m: run on a copy")
+    if not Path(args.data_dir).is_dir():
+        sys.exit(f"--data-dir {args.data_dir}: no such directory (run the main job first: make demo)")
+    with tempfile.TemporaryDirectory(prefix="bench_events_") as scratch:
+        data_dir = Path(args.data_dir)
+        if not args.in_place:
+            data_dir = Path(scratch) / "data"
+            shutil.copytree(args.data_dir, data_dir, symlinks=True)
+        run(args, command, Workspace.at(data_dir), EventProcessor)
+    sys.stdout.flush()
+    os._exit(0)  # skip duckdb's noisy interpreter-exit messages (after the copy is removed)
+
+
+def run(args: argparse.Namespace, command: str, ws, EventProcessor) -> None:
     t0 = time.perf_counter()
     proc = EventProcessor(data_dir=ws.root, checkpoint=args.checkpoint, repo=args.repo, device=args.device,
                           num_threads=args.threads, sqlite_wal=args.sqlite_wal)
@@ -141,7 +155,7 @@ def main() -> None:
     import torch
 
     out = {
-        "data_dir": str(ws.root), "checkpoint": str(proc.checkpoint), "device": str(proc.device),
+        "data_dir": str(args.data_dir), "in_place": bool(args.in_place), "checkpoint": str(proc.checkpoint), "device": str(proc.device),
         "torch_threads": torch.get_num_threads(), "context_size": proc.context_size,
         "recent_n": proc.recent_n,
         "cadence": proc.identity["cadence"], "granularity": proc.ft.granularity, "online_write":
@@ -157,8 +171,6 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
         args.out.with_suffix(".md").write_text(markdown(out, command))
-    sys.stdout.flush()
-    os._exit(0)  # skip duckdb's noisy interpreter-exit messages
 
 
 if __name__ == "__main__":
