@@ -99,6 +99,12 @@ def _is_feast_store(store: Any) -> bool:
     return type(store).__module__.split(".")[0] == "feast"
 
 
+def _has_values(data: dict[str, Any] | None) -> bool:
+    """Whether an ``online_read`` row holds any value: SQLite answers ``None`` for an absent entity,
+    Redis a dict of empty ``ValueProto``s (an HMGET of a missing hash)."""
+    return data is not None and any(v.WhichOneof("val") is not None for v in data.values())
+
+
 class OnlineRows:
     """Feature values of one entity kind read straight from the store's ``online_read``.
 
@@ -146,8 +152,10 @@ class OnlineRows:
         found = np.zeros(len(keys), bool)
         out: dict[str, list[Any]] = {}
         for fv, features, types in self._views:
-            rows = self._provider.online_read(self._config, fv, keys, features) if keys else []
-            found |= np.fromiter((data is not None for _, data in rows), bool, count=len(keys))
+            # a copy: Feast's Redis online_read appends its timestamp field to the list it is given, so
+            # passing ours would grow it (and every later read) by one field per call
+            rows = self._provider.online_read(self._config, fv, keys, list(features)) if keys else []
+            found |= np.fromiter((_has_values(data) for _, data in rows), bool, count=len(keys))
             for feature, vtype in zip(features, types):
                 out[feature] = [None if data is None or feature not in data
                                 else feast_value_type_to_python_type(data[feature], vtype) for _, data in rows]

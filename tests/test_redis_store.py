@@ -147,6 +147,23 @@ def test_redis_online_features_equal_sqlite(redis_conn, tmp_path, monkeypatch):
         assert got["behavior_embedding"][2] is None
         np.testing.assert_array_equal(np.asarray(got["behavior_embedding"][0], np.float32), syn.behaviors[101])
 
+        # the service's direct reader (ranker.online.OnlineRows) asks for the same fields on every call:
+        # Feast's Redis online_read appends a timestamp field to the list it is given
+        from ranker.online import OnlineRows
+
+        reader = OnlineRows(redis_store, ["item_embeddings:item_embedding"], "item_id")
+        asked: list[list[str]] = []
+        read = reader._provider.online_read
+        monkeypatch.setattr(reader._provider, "online_read",
+                            lambda config, fv, keys, features: asked.append(list(features)) or read(
+                                config, fv, keys, features))
+        for _ in range(3):
+            values, found = reader.read([3, 17, 999])
+            assert found.tolist() == [True, True, False]
+            np.testing.assert_array_equal(np.asarray(values["item_embedding"][:2], np.float32),
+                                          np.stack([syn.items[3], syn.items[17]]))
+        assert asked == [["item_embedding"]] * 3
+
         # the rows really are in Redis: one hash per entity key, and none left once the keys are deleted
         assert len(_project_keys(client, project)) == 20 + 3 + 3  # one hash per item, user and behaviour
         _drop_project_keys(redis_store)
