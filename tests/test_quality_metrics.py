@@ -200,3 +200,16 @@ def test_seed_summary(monkeypatch: pytest.MonkeyPatch) -> None:
     assert qm._t975(40) == 1.96
     with pytest.raises(ValueError):
         qm.seed_summary([])
+
+
+def test_fresh_label_feature_scores_below_chance_per_user_with_independent_labels():
+    """bench/diag_per_user_freshness.py: with no dynamics, a feature over the user's own recent labels
+    orders that user's window below chance, and the same feature frozen at the window start at chance."""
+    spec = importlib.util.spec_from_file_location("diag_per_user_freshness", BENCH / "diag_per_user_freshness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.simulate(users=400, history=40, test_rows=12, window=10, seed=0)
+    assert out["fresh_per_user_auc"] < 0.45
+    assert out["frozen_at_window_start_per_user_auc"] == pytest.approx(0.5)
+    assert out["true_rate_per_user_auc"] == pytest.approx(0.5)
+    assert out["fresh_pooled_auc"] > 0.6  # it still separates users
