@@ -204,7 +204,15 @@ def dataclass_options(cls: type[T]) -> Callable[[Callable[..., Any]], Callable[.
                     values[f.name] = v
                     from_cli.add(f.name)
             where = str(config_file) if config_file else None
+            for name in required_fields:
+                if values.get(name) is None:
+                    raise UserError("is required", option=_flag(name),
+                                    fix=f"Give {_flag(name)} on the command line or `{name}:` in a --config file.")
             return fn(*args, cfg=build_config(cls, values, where, frozenset(from_cli)), **kwargs)
+
+        # no default: required, from the command line or the --config file (so not click's required=True)
+        required_fields = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
 
         opts = []
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]

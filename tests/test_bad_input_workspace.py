@@ -428,7 +428,7 @@ def test_repo_without_feature_store_yaml(tmp_path, command):
 
 
 def test_lookup_without_user_id(repo, applied):
-    run_bad(["feast", "lookup", "--repo", repo, "--data-dir", applied], expect=r"--user-id is required",
+    run_bad(["feast", "lookup", "--repo", repo, "--data-dir", applied], expect=r"--user-id: is required",
             unchanged=[applied])
 
 

@@ -95,3 +95,25 @@ def test_llmfeat_usage_errors_exit_1():
 
     r = CliRunner().invoke(main, ["encode", "--no-such-option"])
     assert r.exit_code == 1 and "No such option" in r.output
+
+
+@dataclass
+class NeedsIdConfig:
+    user_id: int
+    size: int = 3
+
+
+@click.command()
+@dataclass_options(NeedsIdConfig)
+def needs_id(cfg: NeedsIdConfig) -> None:
+    click.echo(json.dumps({"user_id": cfg.user_id, "size": cfg.size}))
+
+
+def test_a_field_without_default_is_required_from_the_command_line_or_the_file(tmp_path):
+    r = CliRunner().invoke(needs_id, ["--size", "4"])
+    assert r.exit_code == 1 and "--user-id: is required" in r.output and "--config" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)  # a clean error, no traceback
+    conf = tmp_path / "c.yaml"
+    conf.write_text("user_id: 42\n")
+    assert json.loads(CliRunner().invoke(needs_id, ["--config", str(conf)]).output) == {"user_id": 42, "size": 3}
+    assert json.loads(CliRunner().invoke(needs_id, ["--user-id", "7"]).output) == {"user_id": 7, "size": 3}

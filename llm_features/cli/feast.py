@@ -133,8 +133,6 @@ def lookup_cmd(cfg: FeastLookupConfig) -> None:
     """Print the online features of one user and some items."""
     from llm_features.store import check_materialized, online_features, open_store
 
-    if cfg.user_id is None:
-        raise click.UsageError("--user-id is required")
     store = open_store(cfg.repo, cfg.data_dir, cfg.feature_store_yaml, must_exist=True)
     check_materialized(store, cfg.service)
     feats = online_features(store, cfg.user_id, list(cfg.item_ids) or [0], cfg.service)
