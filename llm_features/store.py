@@ -153,6 +153,32 @@ def _local_registry(config, data: Path) -> Path | None:
     return Path(path) if "://" not in path and Path(path).parent == data else None
 
 
+def _check_registry(config, repo: Path, data: Path, local: Path | None, fs_yaml_file, must_exist: bool) -> None:
+    """Refuse a local registry :func:`open_store` cannot use: an old SQL file under a file registry, and
+    for readers (``must_exist``) a missing or empty registry or one of another project."""
+    from llm_features.feast_registry import is_sql_registry_file, old_sql_registry_error
+
+    yaml_opt = f" --feature-store-yaml {fs_yaml_file}" if fs_yaml_file is not None else ""
+    apply_hint = (f"Run `llmfeat feast apply --data-dir {data}{yaml_opt}` and "
+                  f"`llmfeat feast materialize --data-dir {data}{yaml_opt}`.")
+    if must_exist and local is not None and not local.exists():
+        raise MissingInputError("the data dir has no Feast registry", file=data, option="--data-dir", fix=apply_hint)
+    reg_type = getattr(config.registry, "registry_type", "file")
+    if local is not None and reg_type == "file" and is_sql_registry_file(local):
+        raise old_sql_registry_error(local)
+    if not must_exist or local is None:
+        return
+    # feast's SQL registry records a project it does not hold when it opens: refuse before that
+    projects = _registered_projects(local, reg_type)
+    if projects is not None and config.project not in projects:
+        if not projects:
+            raise MissingInputError("the data dir's Feast registry is empty", file=local, option="--data-dir",
+                                    fix=apply_hint)
+        raise UserError(
+            f"the Feast registry holds project(s) {', '.join(projects)}, not {config.project!r} (the project "
+            f"of {repo}/feature_store.yaml)", file=local, option="--data-dir", fix=apply_hint)
+
+
 def open_store(
     repo_path: str | os.PathLike = DEFAULT_REPO,
     data_dir: str | os.PathLike | None = None,
@@ -180,40 +206,20 @@ def open_store(
             fix="Pass the data dir that `llmfeat ingest` wrote (or run it first).",
         )
     config = load_config(repo, data, fs_yaml_file)
-    cli_registry = repo / "data" / "registry.db"
     local = _local_registry(config, data)
-    yaml_opt = f" --feature-store-yaml {fs_yaml_file}" if fs_yaml_file is not None else ""
-    apply_hint = (f"Run `llmfeat feast apply --data-dir {data}{yaml_opt}` and "
-                  f"`llmfeat feast materialize --data-dir {data}{yaml_opt}`.")
-    if must_exist and local is not None and not local.exists():
-        raise MissingInputError("the data dir has no Feast registry", file=data, option="--data-dir", fix=apply_hint)
-    from llm_features.feast_registry import is_sql_registry_file, old_sql_registry_error
-
-    reg_type = getattr(config.registry, "registry_type", "file")
-    if local is not None and reg_type == "file" and is_sql_registry_file(local):
-        raise old_sql_registry_error(local)
-    if must_exist and local is not None:
-        # feast's SQL registry records a project it does not hold when it opens: refuse before that
-        projects = _registered_projects(local, reg_type)
-        if projects is not None and config.project not in projects:
-            if not projects:
-                raise MissingInputError("the data dir's Feast registry is empty", file=local, option="--data-dir",
-                                        fix=apply_hint)
-            raise UserError(
-                f"the Feast registry holds project(s) {', '.join(projects)}, not {config.project!r} (the project "
-                f"of {repo}/feature_store.yaml)", file=local, option="--data-dir", fix=apply_hint)
+    _check_registry(config, repo, data, local, fs_yaml_file, must_exist)
     if (
         local is not None
         and fs_yaml_file is None
         and repo == Path(repo_path).resolve()  # not the packaged repo a plain `feast_repo` fell back to
         and data != (repo / "data").resolve()
-        and cli_registry.exists()
+        and (repo / "data" / "registry.db").exists()
         and not local.exists()
     ):
         log.warning(
             "data dir %s has no Feast registry yet, but %s exists: the plain feast CLI keeps its registry in "
             "%s/data. Run `llmfeat feast apply --data-dir %s` to register this data dir.",
-            data, cli_registry, repo, data,
+            data, repo / "data" / "registry.db", repo, data,
         )
     others = _other_online_stores(config, local) if local is not None and local.exists() else []
     if not others:
