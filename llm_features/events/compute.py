@@ -18,6 +18,7 @@ import torch
 
 from llm_features.events.history import _Rows
 from llm_features.events.parsing import Event
+from llm_features.events.plan import _Plan
 from llm_features.ids import normalize_text, stable_id
 
 
@@ -56,7 +57,7 @@ class _Compute:
     """Encoding and the deep layers (a mixin of :class:`~llm_features.events.EventProcessor`: its
     backbone, model, checkpoint config ``ft``, histories and encoded vectors)."""
 
-    def _encode_new_texts(self, plan) -> _NewTexts:
+    def _encode_new_texts(self, plan: _Plan) -> _NewTexts:
         """Texts never encoded: behaviours of the events, and the items without an item_embeddings row."""
         events, new_text = plan.events, plan.new_text
         first_seen: dict[int, int] = {}
@@ -79,7 +80,7 @@ class _Compute:
         vectors = {**{k: self.vectors[k] for k in item_key.values() if k in self.vectors}, **encoded}
         return _NewTexts(new_behaviors, new_items, first_seen, item_first, item_key, encoded, vectors)
 
-    def _fresh_rows(self, plan, encoded: dict[int, np.ndarray]) -> _FreshRows:
+    def _fresh_rows(self, plan: _Plan, encoded: dict[int, np.ndarray]) -> _FreshRows:
         """The users' new rows: deep layers over the last n behaviours (embed-users' code path)."""
         rows_of = {uid: self._rows_with(uid, evs, plan) for uid, evs in plan.by_user.items()}
         request_texts = dict(plan.behavior)  # token level: the texts the deep layers read
@@ -91,7 +92,7 @@ class _Compute:
     def _item_text(self, item: int, new_text: dict[int, str]) -> str:
         return new_text[item] if item in new_text else self.item_text[item]
 
-    def _rows_with(self, uid: int, evs: list[Event], plan) -> _Rows:
+    def _rows_with(self, uid: int, evs: list[Event], plan: _Plan) -> _Rows:
         """The user's last interactions (enough for the deep layers and the recent list) plus the new ones."""
         bid = plan.behavior_of
         new = _Rows(np.array([e.time_us for e in evs], np.int64),
@@ -103,7 +104,8 @@ class _Compute:
         return both.take(slice(max(0, len(both) - k), None))
 
     def _user_states(self, rows_of: dict[int, _Rows], vectors: Mapping[int, np.ndarray],
-                     texts_of: Mapping[int, str]):
+                     texts_of: Mapping[int, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(user ids, stamps, states): each user's final state over the last n rows of ``rows_of``."""
         from llm_features.embed_users import final_user_states
         from llm_features.finetune.data import FinetuneData
         from llm_features.finetune.packing import UserHistories, feedback_index
@@ -127,6 +129,7 @@ class _Compute:
         return final_user_states(self.model, self.ft, data, context_size=n, device=self.device)
 
     def _recent_rows(self, rows_of: dict[int, _Rows]) -> pa.Table:
+        """Each user's final recent-behaviour row over the last ``recent_n`` rows of ``rows_of``."""
         from llm_features.recent import build_recent_behaviors
 
         n = int(self.recent_n)

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from llm_features.events.compute import _FreshRows, _NewTexts
 from llm_features.events.parsing import US_PER_S, _iso
+from llm_features.events.plan import _Plan
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY
 from llm_features.parquet_io import utc_us, write_part
 
@@ -50,7 +52,7 @@ class _OfflineWrites:
         h = hashlib.sha256(sink.getvalue())
         return f"{PUSH_PREFIX}-{kind}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{h.hexdigest()[:16]}"
 
-    def _log_events(self, plan) -> Path:
+    def _log_events(self, plan: _Plan) -> Path:
         """The events log part (``events/``), announced to other processors and applied to the histories."""
         events, new_text = plan.events, plan.new_text
         log_table = pa.table({
@@ -71,7 +73,7 @@ class _OfflineWrites:
         self._apply_log(log_table)
         return part
 
-    def _encoded_tables(self, new) -> tuple[pa.Table, pa.Table]:
+    def _encoded_tables(self, new: _NewTexts) -> tuple[pa.Table, pa.Table]:
         """The keys and stamps of the new ``atomic_behavior_embeddings`` and ``item_embeddings`` rows."""
         behaviors_t = pa.table({
             "behavior_id": pa.array(new.behaviors, pa.int64()),
@@ -85,7 +87,7 @@ class _OfflineWrites:
         })
         return behaviors_t, items_t
 
-    def _write_encoded(self, new, behaviors_t: pa.Table, items_t: pa.Table) -> list[Path]:
+    def _write_encoded(self, new: _NewTexts, behaviors_t: pa.Table, items_t: pa.Table) -> list[Path]:
         """The rows ``llmfeat encode`` would write for the new texts; then they count as encoded here."""
         from llm_features.encode import _write_rows
 
@@ -100,7 +102,7 @@ class _OfflineWrites:
         self.encoded_items.update(new.items)
         return list(paths)
 
-    def _write_user_rows(self, fresh) -> tuple[pa.Table, Path]:
+    def _write_user_rows(self, fresh: _FreshRows) -> tuple[pa.Table, Path]:
         """The users' new ``user_embeddings`` rows, with the metadata embed-users writes (and each user's
         stamp and interaction count)."""
         from llm_features.embed_users import CHECKPOINT_METADATA_KEY, _part_table

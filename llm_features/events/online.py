@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 
 from llm_features.errors import UserError
+from llm_features.events.compute import _NewTexts
 from llm_features.parquet_io import embedding_array
 
 log = logging.getLogger("llm_features.events")  # one logger for the package, as when it was one module
@@ -65,7 +66,7 @@ class _OnlineWrites:
         conn.execute("PRAGMA synchronous=NORMAL")
         log.info("events: SQLite online store %s in journal mode %s, synchronous=NORMAL", online.path, mode)
 
-    def _push_online(self, new, behaviors_t: pa.Table, items_t: pa.Table, users_t: pa.Table,
+    def _push_online(self, new: _NewTexts, behaviors_t: pa.Table, items_t: pa.Table, users_t: pa.Table,
                      recent: pa.Table | None) -> None:
         """The rows of one push (new behaviours and items, then users and their recent lists), online."""
         if new.behaviors:
