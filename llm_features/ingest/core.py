@@ -32,7 +32,7 @@ from llm_features.ingest.readers import (
     Loaded,
     SourceFile,
     TimeBounds,
-    _canonical_encoding,
+    canonical_encoding,
     check_delimiter,
 )
 from llm_features.ingest.split import SPLIT_CODES, SPLITS, SplitBoundaries, iso_us, parse_ratios
@@ -303,7 +303,7 @@ def check_options(cfg: IngestConfig) -> TimeBounds:
     parse_mapping(cfg.map)
     check_declared(cfg.user_attribute, cfg.item_attribute)
     if cfg.encoding is not None:
-        _canonical_encoding(cfg.encoding)
+        canonical_encoding(cfg.encoding)
     check_delimiter(cfg.delimiter)
     return TimeBounds.make(cfg.min_timestamp, cfg.allow_future)
 
