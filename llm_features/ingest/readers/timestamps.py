@@ -112,27 +112,17 @@ def check_time_range(
     value = f"timestamp {shorten(values.iloc[i])!r} ({us_to_iso(us[i])}{read_as})"
     or_unit = " or --timestamp-unit" if unit_option else ""
     if early[i]:
-        raise src.error(
-            f"{value} is before {bounds.min_iso}{more}",
-            line=int(lines[i]),
-            column=column,
-            fix=f"Zero, negative and such early times are not plausible event times: fix the value{or_unit}, "
-            "or pass --min-timestamp to accept earlier times.",
-        )
-    if bounds.allow_future or us[i] > LATEST_US or not np.isfinite(us[i]):
-        raise src.error(
-            f"{value} is after {us_to_iso(min(bounds.max_us, LATEST_US))}{more}",
-            line=int(lines[i]),
-            column=column,
-            fix=f"Fix the value{or_unit}.",
-        )
-    raise src.error(
-        f"{value} is in the future (after {us_to_iso(bounds.max_us)}, now + 1 day){more}",
-        line=int(lines[i]),
-        column=column,
-        fix=f"Future rows would become the online values: fix the value{or_unit}, or "
-        "pass --allow-future to keep them.",
-    )
+        problem = f"{value} is before {bounds.min_iso}{more}"
+        fix = (f"Zero, negative and such early times are not plausible event times: fix the value{or_unit}, "
+               "or pass --min-timestamp to accept earlier times.")
+    elif bounds.allow_future or us[i] > LATEST_US or not np.isfinite(us[i]):
+        problem = f"{value} is after {us_to_iso(min(bounds.max_us, LATEST_US))}{more}"
+        fix = f"Fix the value{or_unit}."
+    else:
+        problem = f"{value} is in the future (after {us_to_iso(bounds.max_us)}, now + 1 day){more}"
+        fix = (f"Future rows would become the online values: fix the value{or_unit}, or "
+               "pass --allow-future to keep them.")
+    raise src.error(problem, line=int(lines[i]), column=column, fix=fix)
 
 
 def epoch_to_us(
