@@ -1,4 +1,4 @@
-"""Generic ingest: the user and item attribute columns kept, declared or inferred.
+"""Generic ingest: the user and item attribute columns kept, declared or inferred, and their values read.
 
 ``--user-attribute`` / ``--item-attribute`` (repeatable) take ``[NAME=]COLUMN[:TYPE[:ARG]]``:
 

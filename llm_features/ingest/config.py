@@ -1,4 +1,4 @@
-"""The options of ``llmfeat ingest``: one dataclass, which the CLI, a config file and the Python call share."""
+"""The options of ``llmfeat ingest``: one dataclass, shared by the CLI, a config file and the Python call."""
 
 from __future__ import annotations
 

@@ -20,7 +20,13 @@ from llm_features.ingest.formats import check_options, detect_format, load
 from llm_features.ingest.labels import parse_label_rule
 from llm_features.ingest.report import format_summary, ingest_report
 from llm_features.ingest.split import parse_ratios, recorded_split
-from llm_features.ingest.stamp import INGEST_VERSION, REPORT_NAME, input_fingerprint, read_report, unchanged_report
+from llm_features.ingest.stamp import (
+    INGEST_VERSION,
+    REPORT_NAME,
+    input_fingerprint,
+    read_report,
+    unchanged_report,
+)
 from llm_features.parquet_io import write_table_atomic
 from llm_features.workspace import Workspace
 
@@ -73,8 +79,8 @@ def ingest(cfg: IngestConfig, workspace: Workspace | None = None) -> dict[str, A
                                      split_payload, now)
     recent = _write_recent(ws, canon, cfg)
     report = ingest_report(
-        fmt=fmt, fingerprint=fingerprint, files=files, loaded=loaded, canon=canon, split_payload=split_payload,
-        split_reused=recorded is not None, recent=recent, ws=ws,
+        fmt=fmt, fingerprint=fingerprint, files=files, loaded=loaded, canon=canon,
+        split_payload=split_payload, split_reused=recorded is not None, recent=recent, ws=ws,
         seconds=round(time.perf_counter() - started, 3), written_at=now,
     )
     write_json(ws.canonical / REPORT_NAME, report, sort_keys=False)

@@ -1,4 +1,4 @@
-"""The input side of ingest: which format the inputs are, every option checked, and the adapter that reads them."""
+"""The input side of ingest: which format the inputs are, the options checked, the adapter that reads them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from llm_features.config import validate_config
 from llm_features.ingest.attributes import check_declared
 from llm_features.ingest.config import IngestConfig
 from llm_features.ingest.errors import IngestError
-from llm_features.ingest.generic import load_generic, parse_mapping
+from llm_features.ingest.generic import load_generic
+from llm_features.ingest.generic_columns import parse_mapping
 from llm_features.ingest.labels import parse_label_rule
 from llm_features.ingest.movielens import load_ml1m, load_ml100k
 from llm_features.ingest.readers import Loaded, TimeBounds, canonical_encoding, check_delimiter

@@ -170,8 +170,10 @@ def _read_log(run: _GenericRead, src: SourceFile, k: int) -> pd.DataFrame:
     if bcol:
         part["behavior_text"] = text_column(src, raw, [bcol], "behaviour text")
     if run.items is None:
-        tcols = _item_text_columns(run, cols, "no item text column and no --items file",
-                                   "Pass --item-text-column COLUMN (comma-separate several), or --items FILE.")
+        tcols = _item_text_columns(
+            run, cols, "no item text column and no --items file",
+            "Pass --item-text-column COLUMN (comma-separate several), or --items FILE.",
+        )
         part["item_text"] = text_column(src, raw, tcols, "item text")
         _title_and_genres(cols, part)
     for entity, table in (("user", run.users), ("item", run.items)):
@@ -201,7 +203,7 @@ def _item_rows(
 def _user_rows(
     run: _GenericRead, inter: pd.DataFrame, sources: list[SourceFile]
 ) -> tuple[SourceFile | None, pd.DataFrame | None]:
-    """The user rows and their file: ``--users``, else the log where user attributes are declared, else none."""
+    """The user rows and their file: ``--users``, else the log (where user attributes are declared)."""
     if run.users is not None:
         return _read_user_table(run, Path(run.users))
     if run.specs["user"]:
@@ -212,9 +214,9 @@ def _genres_attribute(run: _GenericRead, items_df: pd.DataFrame) -> None:
     """The canonical genres column, where read, becomes the multi attribute ``item_genres`` (the first)."""
     if "genres" in items_df.columns:
         items_df["item_genres"] = items_df.pop("genres")
+        origin = "declared" if "genres" in run.mapping else "canonical name"
         run.attrs["item"].insert(0, Attribute("item_genres", "multi", "item", sep="|",
-                                              source=run.mapping.get("genres", "genres"),
-                                              origin="declared" if "genres" in run.mapping else "canonical name"))
+                                              source=run.mapping.get("genres", "genres"), origin=origin))
 
 def _item_text_columns(run: _GenericRead, cols: Columns, problem: str, fix: str) -> list[str]:
     """The item text column(s): the named ones, else ``item_text`` or ``title``; each must exist."""
@@ -255,8 +257,8 @@ def _read_item_table(run: _GenericRead, path: Path) -> tuple[SourceFile, pd.Data
         }
     )
     used = {cols.col("item_id"), *tcols, *_title_and_genres(cols, items_df)}
-    table_attributes(isrc, raw, items_df, "item", run.specs["item"], run.attrs, run.skipped, used, run.mapping,
-                     run.infer and not run.specs["item"], run.declared)
+    table_attributes(isrc, raw, items_df, "item", run.specs["item"], run.attrs, run.skipped, used,
+                     run.mapping, run.infer and not run.specs["item"], run.declared)
     return isrc, items_df
 
 
@@ -296,7 +298,8 @@ def _read_user_table(run: _GenericRead, path: Path) -> tuple[SourceFile, pd.Data
         if acol is None or a in {sp.name for sp in run.specs["user"]}:
             continue
         used.add(acol)
-        run.attrs["user"].append(Attribute(a, "categorical", "user", prefix=2 if a == "zip" else None, source=acol,
+        run.attrs["user"].append(Attribute(a, "categorical", "user", prefix=2 if a == "zip" else None,
+                                           source=acol,
                                            origin="declared" if a in run.mapping else "canonical name"))
         if a == "age":
             v = to_float(usrc, raw, acol)
@@ -305,8 +308,8 @@ def _read_user_table(run: _GenericRead, path: Path) -> tuple[SourceFile, pd.Data
         else:
             s = raw[acol].astype("string").str.strip()
             users_df[a] = s.mask(s == "")
-    table_attributes(usrc, raw, users_df, "user", run.specs["user"], run.attrs, run.skipped, used, run.mapping,
-                     run.infer and not run.specs["user"], run.declared)
+    table_attributes(usrc, raw, users_df, "user", run.specs["user"], run.attrs, run.skipped, used,
+                     run.mapping, run.infer and not run.specs["user"], run.declared)
     return usrc, users_df
 
 

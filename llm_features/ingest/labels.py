@@ -34,6 +34,7 @@ def parse_label_rule(rule: str) -> tuple[str, str, float]:
 
 
 def apply_label(loaded: Loaded, inter: pd.DataFrame, cfg: IngestConfig) -> str:
+    """Set ``inter["label"]`` (unless a label column was read) and return where it comes from."""
     if "label" in inter.columns:
         return f"column {cfg.label_column or (loaded.column_names or {}).get('label', 'label')}"
     col, op, thr = parse_label_rule(cfg.label_rule)

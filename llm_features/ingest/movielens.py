@@ -132,7 +132,7 @@ def _ratings(
 
 
 def _with_texts(src: SourceFile, movies: pd.DataFrame, title_column: str) -> pd.DataFrame:
-    """Every movie titled; its item text (:func:`movielens_text`) and its genres as the item_genres attribute."""
+    """Every movie titled; its item text (:func:`movielens_text`); its genres, the item_genres attribute."""
     _require_titles(src, movies, title_column)
     movies["item_text"] = pd.Series(
         [movielens_text(t, g) for t, g in zip(movies["title"], movies["genres"])],
@@ -156,7 +156,12 @@ def _require_titles(src: SourceFile, movies: pd.DataFrame, column: str) -> None:
 
 
 def _users(
-    path: Path, read: _MovieLensRead, sep: str, names: list[str], roles: tuple[str, ...], coded_occupation: bool
+    path: Path,
+    read: _MovieLensRead,
+    sep: str,
+    names: list[str],
+    roles: tuple[str, ...],
+    coded_occupation: bool,
 ) -> tuple[SourceFile, pd.DataFrame]:
     """A users file: ``names`` its columns in file order, ``roles`` the columns of user id, gender,
     age, occupation (an integer code where ``coded_occupation``, else a name) and zip code."""
@@ -169,7 +174,9 @@ def _users(
             "gender": raw[gender].str.strip(),
             "age": to_int64(usrc, raw, age, fix=_FIX_LINE),
             "occupation": (
-                to_int64(usrc, raw, occupation, fix=_FIX_LINE) if coded_occupation else raw[occupation].str.strip()
+                to_int64(usrc, raw, occupation, fix=_FIX_LINE)
+                if coded_occupation
+                else raw[occupation].str.strip()
             ),
             "zip": raw[zip_code].str.strip(),
             "_line": raw["_line"].to_numpy(),
@@ -255,7 +262,8 @@ def load_ml100k(
     read = _MovieLensRead.make(encoding)
     rnames = ["user id", "item id", "rating", "timestamp"]
     ratings = _ratings(
-        _files(source, interactions, "u.data", "interactions"), "\t", read, rnames, time_bounds or TimeBounds.make()
+        _files(source, interactions, "u.data", "interactions"), "\t", read, rnames,
+        time_bounds or TimeBounds.make(),
     )
     movies = _ml100k_movies(_files(source, items, "u.item", "items")[0], read)
     users_read = _users(_files(source, users, "u.user", "users")[0], read, "|",

@@ -1,4 +1,4 @@
-"""What ingest reports: ``ingest_report.json`` (counts, label, split, attributes, outputs) and the lines the CLI prints."""
+"""What ingest reports: ``ingest_report.json`` (counts, label, split, attributes, outputs) and its summary."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def ingest_report(
     seconds: float,
     written_at: str,
 ) -> dict[str, Any]:
-    """The report of a run that wrote the tables (``files``: the inputs as :func:`input_fingerprint` lists them)."""
+    """The report of a run that wrote the tables; ``files``: the inputs, as the fingerprint lists them."""
     n = canon.interactions.num_rows
     blank = {str(Path(k).resolve()): v for k, v in (loaded.blank_lines or {}).items()}
     event_us = canon.interactions.column("event_timestamp").cast(pa.int64()).to_numpy()

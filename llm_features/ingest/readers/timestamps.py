@@ -204,7 +204,13 @@ def to_timestamp_us(
 
 
 def _datetimes_us(
-    src: SourceFile, lines: np.ndarray, dt: pd.Series, s: pd.Series, name: str, bounds: TimeBounds, problem: str
+    src: SourceFile,
+    lines: np.ndarray,
+    dt: pd.Series,
+    s: pd.Series,
+    name: str,
+    bounds: TimeBounds,
+    problem: str,
 ) -> np.ndarray:
     """Parsed UTC times (NaT where ``problem``) as int64 µs, range-checked."""
     bad = dt.isna().to_numpy()
