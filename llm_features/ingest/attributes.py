@@ -1,4 +1,4 @@
-"""Generic ingest: the user and item attribute columns kept, declared or inferred.
+"""Generic ingest: the user and item attribute columns kept, declared or inferred, and their values read.
 
 ``--user-attribute`` / ``--item-attribute`` (repeatable) take ``[NAME=]COLUMN[:TYPE[:ARG]]``:
 
@@ -192,3 +192,117 @@ def parse_values(src: SourceFile, frame: pd.DataFrame, col: str, kind: str, sep:
     if len(present) and present.str.fullmatch(_INT_TEXT.pattern).all():
         return pd.Series(pd.array([None if e else int(v) for v, e in zip(st, empty)], dtype="Int64"))
     return pd.Series([None if e else str(v) for v, e in zip(st, empty)], dtype=object)
+
+
+def declared_values(
+    src: SourceFile, raw: pd.DataFrame, spec: AttributeSpec, entity: str, where: str, kind: str | None = None
+) -> tuple[str, pd.Series]:
+    """A declared attribute's kind and values; a missing column is an error naming the file."""
+    if spec.column not in raw.columns:
+        cols = ", ".join(c for c in raw.columns if c != "_line")
+        whence = (f"the --{entity}s table" if where != "--interactions"
+                  else f"the interaction log when there is no --{entity}s table")
+        raise src.error(
+            f"no column '{spec.column}' (given by --{entity}-attribute {spec.spec}); the columns are: {cols}",
+            column=spec.column,
+            fix=f"Name a column of this file ({entity} attributes are read from {whence}).",
+        )
+    kind = kind or spec.kind or infer_kind(raw[spec.column])[0] or "categorical"
+    return kind, parse_values(src, raw, spec.column, kind, spec.sep)
+
+
+def table_attributes(
+    src: SourceFile,
+    raw: pd.DataFrame,
+    out: pd.DataFrame,
+    entity: str,
+    specs: list[AttributeSpec],
+    attrs: dict[str, list[Attribute]],
+    skipped: dict[str, list[dict[str, str]]],
+    used: set[str],
+    mapping: dict[str, str],
+    infer: bool,
+    declared_names: set[str],
+) -> None:
+    """Declared attributes of a --users / --items table, then (``infer``) every other column (under a
+    name no declared or earlier attribute has)."""
+    for spec in specs:
+        kind, values = declared_values(src, raw, spec, entity, f"--{entity}s")
+        out[spec.name] = values.set_axis(out.index)
+        attrs[entity].append(Attribute(spec.name, kind, entity, prefix=spec.prefix,
+                                       sep=spec.sep if kind == "multi" else None, source=spec.column))
+        used.add(spec.column)
+    if not infer:
+        return
+    taken = {a.name for es in attrs.values() for a in es} | declared_names
+    for col in raw.columns:
+        if col == "_line" or col in used or col in mapping.values():
+            continue
+        kind, why = infer_kind(raw[col])
+        name = sanitize(col)
+        if kind is not None and (name in RESERVED or name in taken):
+            kind, why = None, f"the name {name!r} is taken (declare it as NEW_NAME={col})"
+        if kind is None:
+            skipped[entity].append({"column": col, "why": why})
+            continue
+        out[name] = parse_values(src, raw, col, kind).set_axis(out.index)
+        attrs[entity].append(Attribute(name, kind, entity, sep="|" if kind == "multi" else None, source=col,
+                                       origin="inferred"))
+        taken.add(name)
+
+
+def log_attributes(
+    inter: pd.DataFrame,
+    sources: list[SourceFile],
+    out: pd.DataFrame,
+    entity: str,
+    specs: list[AttributeSpec],
+    kinds: dict[tuple[str, str], str],
+    attrs: dict[str, list[Attribute]],
+) -> None:
+    """Declared attributes read from the interaction log: one value per user (item); a value that
+    changes between two rows of the same user (item) is an error naming both."""
+    key = f"{entity}_id"
+    for spec in specs:
+        col = f"__{entity}__{spec.name}"
+        kind = kinds[(entity, spec.name)]
+        cells = inter[col]
+        if kind == "multi":
+            norm = cells.map(lambda v: tuple(v) if len(v) else None)
+        else:
+            norm = cells.map(lambda v: None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v))
+                             else v)
+        frame = pd.DataFrame({"k": inter[key].to_numpy(), "v": norm.to_numpy(dtype=object),
+                              "_src": inter["_src"].to_numpy(), "_line": inter["_line"].to_numpy()})
+        frame = frame[frame["v"].notna()].sort_values(["k", "_src", "_line"], kind="stable")
+        first = frame.drop_duplicates("k")
+        firsts = first.set_index("k")["v"]
+        differs = frame["v"].to_numpy() != firsts.reindex(frame["k"].to_numpy()).to_numpy()
+        if differs.any():
+            row = frame.iloc[int(np.flatnonzero(differs)[0])]
+            ref = first[first["k"] == row["k"]].iloc[0]
+            s1, s2 = sources[int(ref["_src"])], sources[int(row["_src"])]
+            other = f"{s2.row_word} {int(row['_line'])}"
+            if s1 is not s2:
+                other = f"{s2.path}, {other}"
+            raise s1.error(
+                f"{entity} attribute '{spec.name}' changes for {entity} {row['k']}: {ref['v']!r} here, "
+                f"{row['v']!r} at {other}",
+                line=int(ref["_line"]),
+                column=spec.column,
+                fix=f"An attribute read from the log needs one value per {entity}: give a --{entity}s table, "
+                "or fix the rows.",
+            )
+        values = [None if v is None or (isinstance(v, float) and np.isnan(v)) else v
+                  for v in firsts.reindex(out[key].to_numpy())]
+        if kind == "multi":
+            out[spec.name] = [list(v) if v is not None else [] for v in values]
+        elif kind == "numeric":
+            out[spec.name] = np.array([np.nan if v is None else float(v) for v in values], np.float64)
+        elif all(isinstance(v, (int, np.integer)) for v in values if v is not None):
+            out[spec.name] = pd.array(values, dtype="Int64")
+        else:
+            out[spec.name] = pd.Series(values, dtype=object).to_numpy()
+        attrs[entity].append(Attribute(spec.name, kind, entity, prefix=spec.prefix,
+                                       sep=spec.sep if kind == "multi" else None, source=spec.column))
+

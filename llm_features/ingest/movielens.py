@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,12 +63,26 @@ def movielens_text(title: str, genres: Sequence[str]) -> str:
     return f"{t} | {', '.join(gs)}" if gs else t
 
 
-def _movie_texts(items: pd.DataFrame) -> pd.Series:
-    return pd.Series(
-        [movielens_text(t, g) for t, g in zip(items["title"], items["genres"])],
-        index=items.index,
-        dtype=object,
-    )
+@dataclass
+class _MovieLensRead:
+    """How one MovieLens directory is read: its encoding (the given one, else Latin-1, the original
+    one) and the blank lines skipped in each file read so far."""
+
+    encoding: str
+    explicit: bool  # False: Latin-1 by default, so a UTF-8 file is refused rather than misread
+    blank: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, encoding: str | None) -> _MovieLensRead:
+        return cls(encoding, True) if encoding else cls("latin-1", False)
+
+    def text(self, path: Path) -> str:
+        return read_text(path, self.encoding, explicit=self.explicit)
+
+    def table(self, src: SourceFile, sep: str, names: list[str]) -> pd.DataFrame:
+        """A ``sep``-separated file of ``names`` (every field a string, plus ``_line``)."""
+        raw, self.blank[str(src.path)] = split_delimited(src, self.text(src.path), sep, names)
+        return raw
 
 
 def _fix_for(flag: str, name: str) -> str:
@@ -85,24 +100,19 @@ def _files(source: Path | None, given: tuple[Path, ...] | Path | None, default: 
 
 
 def _ratings(
-    paths: list[Path],
-    sep: str,
-    encoding: str,
-    explicit: bool,
-    names: list[str],
-    blank: dict[str, int],
-    bounds: TimeBounds,
+    paths: list[Path], sep: str, read: _MovieLensRead, names: list[str], bounds: TimeBounds
 ) -> tuple[pd.DataFrame, list[SourceFile]]:
+    """The ratings files (``names``: user, item, rating, epoch seconds) as one frame of interactions."""
     frames, sources = [], []
     for k, p in enumerate(paths):
         src = SourceFile(p)
         sources.append(src)
-        text = read_text(p, encoding, explicit=explicit)
+        text = read.text(p)
         raw = fast_numeric(text, sep, names, float_columns=(names[2],))
         if raw is None:
-            raw, blank[str(p)] = split_delimited(src, text, sep, names)
+            raw, read.blank[str(p)] = split_delimited(src, text, sep, names)
         else:
-            blank[str(p)] = 0
+            read.blank[str(p)] = 0
         frames.append(
             pd.DataFrame(
                 {
@@ -121,6 +131,86 @@ def _ratings(
     return pd.concat(frames, ignore_index=True), sources
 
 
+def _with_texts(src: SourceFile, movies: pd.DataFrame, title_column: str) -> pd.DataFrame:
+    """Every movie titled; its item text (:func:`movielens_text`); its genres, the item_genres attribute."""
+    _require_titles(src, movies, title_column)
+    movies["item_text"] = pd.Series(
+        [movielens_text(t, g) for t, g in zip(movies["title"], movies["genres"])],
+        index=movies.index,
+        dtype=object,
+    )
+    movies["item_genres"] = movies["genres"]
+    return movies
+
+
+def _require_titles(src: SourceFile, movies: pd.DataFrame, column: str) -> None:
+    empty = (movies["title"] == "").to_numpy()
+    if empty.any():
+        i = int(np.flatnonzero(empty)[0])
+        raise src.error(
+            f"empty title for item {movies['item_id'].iloc[i]}",
+            line=int(movies["_line"].iloc[i]),
+            column=column,
+            fix="Fill in the title, or remove the item and its ratings.",
+        )
+
+
+def _users(
+    path: Path,
+    read: _MovieLensRead,
+    sep: str,
+    names: list[str],
+    roles: tuple[str, ...],
+    coded_occupation: bool,
+) -> tuple[SourceFile, pd.DataFrame]:
+    """A users file: ``names`` its columns in file order, ``roles`` the columns of user id, gender,
+    age, occupation (an integer code where ``coded_occupation``, else a name) and zip code."""
+    usrc = SourceFile(path)
+    raw = read.table(usrc, sep, names)
+    uid, gender, age, occupation, zip_code = roles
+    users_df = pd.DataFrame(
+        {
+            "user_id": to_int64(usrc, raw, uid, fix=_FIX_LINE),
+            "gender": raw[gender].str.strip(),
+            "age": to_int64(usrc, raw, age, fix=_FIX_LINE),
+            "occupation": (
+                to_int64(usrc, raw, occupation, fix=_FIX_LINE)
+                if coded_occupation
+                else raw[occupation].str.strip()
+            ),
+            "zip": raw[zip_code].str.strip(),
+            "_line": raw["_line"].to_numpy(),
+        }
+    )
+    return usrc, users_df
+
+
+def _loaded(
+    fmt: str,
+    ratings: tuple[pd.DataFrame, list[SourceFile]],
+    movies: tuple[SourceFile, pd.DataFrame],
+    users: tuple[SourceFile, pd.DataFrame],
+    read: _MovieLensRead,
+    rating_names: list[str],
+    title_column: str,
+) -> Loaded:
+    """What a MovieLens adapter hands on; its attributes are MovieLens's own (:data:`ATTRIBUTES`)."""
+    (inter, sources), (msrc, movies_df), (usrc, users_df) = ratings, movies, users
+    return Loaded(
+        fmt,
+        inter,
+        sources,
+        items=movies_df,
+        users=users_df,
+        items_src=msrc,
+        users_src=usrc,
+        blank_lines=read.blank,
+        attributes={entity: list(attrs) for entity, attrs in ATTRIBUTES.items()},
+        column_names=dict(zip(("user_id", "item_id", "rating", "event_timestamp"), rating_names))
+        | {"item_text": title_column},
+    )
+
+
 def load_ml1m(
     source: Path | None,
     *,
@@ -131,19 +221,24 @@ def load_ml1m(
     time_bounds: TimeBounds | None = None,
 ) -> Loaded:
     """ML-1M: ``ratings.dat``, ``movies.dat``, ``users.dat`` (``::``-separated, Latin-1)."""
-    enc, explicit = (encoding, True) if encoding else ("latin-1", False)
-    blank: dict[str, int] = {}
+    read = _MovieLensRead.make(encoding)
     rnames = ["UserID", "MovieID", "Rating", "Timestamp"]
-    inter, sources = _ratings(
-        _files(source, interactions, "ratings.dat", "interactions"), "::", enc, explicit, rnames, blank,
+    ratings = _ratings(
+        _files(source, interactions, "ratings.dat", "interactions"), "::", read, rnames,
         time_bounds or TimeBounds.make(),
     )
 
-    mpath = _files(source, items, "movies.dat", "items")[0]
+    movies = _ml1m_movies(_files(source, items, "movies.dat", "items")[0], read)
+    names = ["UserID", "Gender", "Age", "Occupation", "Zip"]
+    users_read = _users(_files(source, users, "users.dat", "users")[0], read, "::", names, tuple(names),
+                        coded_occupation=True)
+    return _loaded("ml-1m", ratings, movies, users_read, read, rnames, "Title")
+
+
+def _ml1m_movies(mpath: Path, read: _MovieLensRead) -> tuple[SourceFile, pd.DataFrame]:
+    """``movies.dat``: id, title and ``|``-separated genres."""
     msrc = SourceFile(mpath)
-    raw, blank[str(mpath)] = split_delimited(
-        msrc, read_text(mpath, enc, explicit=explicit), "::", ["MovieID", "Title", "Genres"]
-    )
+    raw = read.table(msrc, "::", ["MovieID", "Title", "Genres"])
     movies = pd.DataFrame(
         {
             "item_id": to_int64(msrc, raw, "MovieID", fix=_FIX_LINE),
@@ -152,44 +247,7 @@ def load_ml1m(
             "_line": raw["_line"].to_numpy(),
         }
     )
-    _require_titles(msrc, movies, "Title")
-    movies["item_text"] = _movie_texts(movies)
-    movies["item_genres"] = movies["genres"]
-
-    upath = _files(source, users, "users.dat", "users")[0]
-    usrc = SourceFile(upath)
-    raw, blank[str(upath)] = split_delimited(
-        usrc, read_text(upath, enc, explicit=explicit), "::", ["UserID", "Gender", "Age", "Occupation", "Zip"]
-    )
-    users_df = pd.DataFrame(
-        {
-            "user_id": to_int64(usrc, raw, "UserID", fix=_FIX_LINE),
-            "gender": raw["Gender"].str.strip(),
-            "age": to_int64(usrc, raw, "Age", fix=_FIX_LINE),
-            "occupation": to_int64(usrc, raw, "Occupation", fix=_FIX_LINE),
-            "zip": raw["Zip"].str.strip(),
-            "_line": raw["_line"].to_numpy(),
-        }
-    )
-    return Loaded(
-        "ml-1m",
-        inter,
-        sources,
-        items=movies,
-        users=users_df,
-        items_src=msrc,
-        users_src=usrc,
-        blank_lines=blank,
-        attributes={entity: list(attrs) for entity, attrs in ATTRIBUTES.items()},
-        column_names={
-            "user_id": "UserID",
-            "item_id": "MovieID",
-            "rating": "Rating",
-            "event_timestamp": "Timestamp",
-            "item_text": "Title",
-        },
-    )
-
+    return msrc, _with_texts(msrc, movies, "Title")
 
 def load_ml100k(
     source: Path | None,
@@ -201,26 +259,30 @@ def load_ml100k(
     time_bounds: TimeBounds | None = None,
 ) -> Loaded:
     """ML-100K: ``u.data`` (tab), ``u.item`` (``|``, Latin-1, 19 genre flags), ``u.user`` (``|``)."""
-    enc, explicit = (encoding, True) if encoding else ("latin-1", False)
-    blank: dict[str, int] = {}
+    read = _MovieLensRead.make(encoding)
     rnames = ["user id", "item id", "rating", "timestamp"]
-    inter, sources = _ratings(
-        _files(source, interactions, "u.data", "interactions"), "\t", enc, explicit, rnames, blank,
+    ratings = _ratings(
+        _files(source, interactions, "u.data", "interactions"), "\t", read, rnames,
         time_bounds or TimeBounds.make(),
     )
+    movies = _ml100k_movies(_files(source, items, "u.item", "items")[0], read)
+    users_read = _users(_files(source, users, "u.user", "users")[0], read, "|",
+                        ["user id", "age", "gender", "occupation", "zip code"],
+                        ("user id", "gender", "age", "occupation", "zip code"), coded_occupation=False)
+    return _loaded("ml-100k", ratings, movies, users_read, read, rnames, "movie title")
 
+
+def _ml100k_movies(ipath: Path, read: _MovieLensRead) -> tuple[SourceFile, pd.DataFrame]:
+    """``u.item``: id, title, release date and 19 genre flags (named by ``u.genre`` where it lists 19)."""
     genre_names = ML100K_GENRES
-    ipath = _files(source, items, "u.item", "items")[0]
     gpath = ipath.parent / "u.genre"
     if gpath.is_file():
-        graw, _ = split_delimited(
-            SourceFile(gpath), read_text(gpath, enc, explicit=explicit), "|", ["genre", "index"]
-        )
+        graw, _ = split_delimited(SourceFile(gpath), read.text(gpath), "|", ["genre", "index"])
         if len(graw) == len(ML100K_GENRES):
             genre_names = [g.strip() for g in graw["genre"]]
     isrc = SourceFile(ipath)
-    names = ["movie id", "movie title", "release date", "video release date", "IMDb URL", *genre_names]
-    raw, blank[str(ipath)] = split_delimited(isrc, read_text(ipath, enc, explicit=explicit), "|", names)
+    raw = read.table(isrc, "|", ["movie id", "movie title", "release date", "video release date", "IMDb URL",
+                                 *genre_names])
     flags = (
         np.stack([to_int64(isrc, raw, g, fix=_FIX_LINE) for g in genre_names], axis=1)
         if len(raw)
@@ -235,55 +297,4 @@ def load_ml100k(
             "_line": raw["_line"].to_numpy(),
         }
     )
-    _require_titles(isrc, movies, "movie title")
-    movies["item_text"] = _movie_texts(movies)
-    movies["item_genres"] = movies["genres"]
-
-    upath = _files(source, users, "u.user", "users")[0]
-    usrc = SourceFile(upath)
-    raw, blank[str(upath)] = split_delimited(
-        usrc,
-        read_text(upath, enc, explicit=explicit),
-        "|",
-        ["user id", "age", "gender", "occupation", "zip code"],
-    )
-    users_df = pd.DataFrame(
-        {
-            "user_id": to_int64(usrc, raw, "user id", fix=_FIX_LINE),
-            "gender": raw["gender"].str.strip(),
-            "age": to_int64(usrc, raw, "age", fix=_FIX_LINE),
-            "occupation": raw["occupation"].str.strip(),
-            "zip": raw["zip code"].str.strip(),
-            "_line": raw["_line"].to_numpy(),
-        }
-    )
-    return Loaded(
-        "ml-100k",
-        inter,
-        sources,
-        items=movies,
-        users=users_df,
-        items_src=isrc,
-        users_src=usrc,
-        blank_lines=blank,
-        attributes={entity: list(attrs) for entity, attrs in ATTRIBUTES.items()},
-        column_names={
-            "user_id": "user id",
-            "item_id": "item id",
-            "rating": "rating",
-            "event_timestamp": "timestamp",
-            "item_text": "movie title",
-        },
-    )
-
-
-def _require_titles(src: SourceFile, movies: pd.DataFrame, column: str) -> None:
-    empty = (movies["title"] == "").to_numpy()
-    if empty.any():
-        i = int(np.flatnonzero(empty)[0])
-        raise src.error(
-            f"empty title for item {movies['item_id'].iloc[i]}",
-            line=int(movies["_line"].iloc[i]),
-            column=column,
-            fix="Fill in the title, or remove the item and its ratings.",
-        )
+    return isrc, _with_texts(isrc, movies, "movie title")

@@ -101,3 +101,47 @@ class SplitBoundaries:
                 file=path,
                 fix="Pass --resplit to compute and record it again.",
             ) from None
+
+
+def recorded_split(
+    path: Path, ratios: tuple[float, float, float], resplit: bool
+) -> tuple[SplitBoundaries | None, dict[str, Any] | None]:
+    """The boundaries ``split.json`` records and its whole content, or ``(None, None)`` where there is
+    none or ``resplit``; recorded ratios other than ``ratios`` are an error."""
+    if not path.exists() or resplit:
+        return None, None
+    recorded = SplitBoundaries.from_json(path)
+    if not np.allclose(recorded.ratios, ratios):
+        raise IngestError(
+            f"the recorded split has ratios {list(recorded.ratios)} but --split-ratios is {list(ratios)}",
+            file=path,
+            fix="Keep the recorded ratios, or pass --resplit to record new boundaries.",
+        )
+    return recorded, json.loads(path.read_text())
+
+
+def _degenerate(codes: np.ndarray) -> bool:
+    return bool((codes == 0).sum() == 0 or (codes > 0).sum() == 0)
+
+
+def assign_split(
+    ts: np.ndarray, ratios: tuple[float, float, float], recorded: SplitBoundaries | None, path: Path | None
+) -> tuple[SplitBoundaries, np.ndarray]:
+    """The boundaries (``recorded``, else fresh ones of ``ratios``) and the split code of each time.
+
+    Recorded boundaries that leave no training rows, or no validation and test rows, where fresh
+    ones would not are refused: the workspace is likely another dataset's."""
+    fresh = SplitBoundaries.compute(ts, ratios)
+    split = fresh if recorded is None else recorded
+    split_codes = split.assign(ts)
+    if split is not fresh and _degenerate(split_codes) and not _degenerate(fresh.assign(ts)):
+        raise IngestError(
+            f"the recorded split (valid from {iso_us(split.valid_start_us)}, "
+            f"test from {iso_us(split.test_start_us)}) leaves "
+            f"{'no training' if (split_codes == SPLIT_CODES['train']).sum() == 0 else 'no validation or test'} rows in this "
+            f"data ({iso_us(int(ts.min()))} to {iso_us(int(ts.max()))}): "
+            "is this workspace for another dataset?",
+            file=path,
+            fix="Use a fresh --data-dir, or pass --resplit to record new boundaries.",
+        )
+    return split, split_codes
