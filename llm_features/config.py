@@ -39,6 +39,27 @@ from llm_features.errors import UserError
 
 T = TypeVar("T")
 
+# The options every stage shares, declared once: each command's config uses these fields.
+DATA_DIR_HELP = "Workspace data directory (default: $LLMFEAT_DATA_DIR, else the repo's data/, feast_repo/data)."
+DEVICE_HELP = "Where the model runs: cpu, cuda, cuda:N, or auto (cuda when available)."
+THREADS_HELP = ("CPU threads for torch (default: the cores this process may use that other processes are not "
+                "keeping busy, at least 1; logged).")
+
+
+def data_dir_field() -> Any:
+    """The ``--data-dir`` option (None: :func:`llm_features.workspace.resolve_data_dir` decides)."""
+    return dataclasses.field(default=None, metadata={"help": DATA_DIR_HELP})
+
+
+def device_field(default: str = "auto") -> Any:
+    """The ``--device`` option (resolved by :func:`llm_features.devices.resolve_device`)."""
+    return dataclasses.field(default=default, metadata={"help": DEVICE_HELP})
+
+
+def threads_field(default: int | None = None, help: str = THREADS_HELP) -> Any:
+    """A torch intra-op thread count option (None: :mod:`llm_features.threads` picks and logs it)."""
+    return dataclasses.field(default=default, metadata={"help": help, "min": 1})
+
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     origin = get_origin(tp)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from llm_features.atomic import write_json, write_text
+from llm_features.config import data_dir_field
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,7 @@ class PipelineConfig:
     source: Path = field(default=Path("../shared/data/ml-1m"), metadata={
         "help": "MovieLens directory (ml-1m or ml-100k layout)."})
     repo: Path = field(default=Path("feast_repo"), metadata={"help": "The Feast feature repository."})
-    data_dir: Path | None = field(default=None, metadata={
-        "help": "Workspace directory (default: $LLMFEAT_DATA_DIR or <repo>/data)."})
+    data_dir: Path | None = data_dir_field()
     size: Literal["default", "small"] = field(default="default", metadata={
         "help": "small: a few minutes (fewer fine-tuning users, ranker rows and epochs) for a first look."})
     finetune_users: int | None = field(default=None, metadata={

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from llm_features.config import data_dir_field, threads_field
 from llm_features.errors import UserError
 
 FEATURE_SERVICE_LLM = "ranker_llm"
 FEATURE_SERVICE_ID_ONLY = "ranker_id_only"
-THREADS_HELP = ("torch intra-op threads (default: the cores this process may use that other processes are "
-                "not keeping busy, at least 1; logged).")
 
 
 def default_checkpoint(repo: Path, data_dir: Path | None, llm_features: bool = True) -> Path:
@@ -135,9 +134,7 @@ class TrainConfig(ModelConfig):
     """``llmfeat ranker train``: Feast point-in-time rows of the train split in, a checkpoint out."""
 
     repo: Path = field(default=Path("feast_repo"), metadata={"help": "Feast repository (feature_store.yaml)."})
-    data_dir: Path | None = field(
-        default=None, metadata={"help": "Workspace data directory; default $LLMFEAT_DATA_DIR or <repo>/data."}
-    )
+    data_dir: Path | None = data_dir_field()
     out: Path | None = field(default=None, metadata={
         "help": "Checkpoint directory to write (default: <data_dir>/runs/ranker_llm, with --no-llm-features "
                 "<data_dir>/runs/ranker_id_only, as in llmfeat demo)."})
@@ -189,7 +186,7 @@ class TrainConfig(ModelConfig):
     sharding: Literal["auto", "table_wise", "column_wise", "data_parallel"] = field(
         default="auto", metadata={"help": "Table sharding under torchrun (ignored in a single process)."}
     )
-    threads: int | None = field(default=None, metadata={"min": 1, "help": THREADS_HELP})
+    threads: int | None = threads_field()
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self) -> None:
@@ -213,7 +210,7 @@ class EvaluateConfig:
         "help": "Directory written by ranker train (default: <data_dir>/runs/ranker_llm)."})
     split: Literal["train", "valid", "test"] = field(default="test", metadata={"help": "Split to evaluate."})
     repo: Path = field(default=Path("feast_repo"), metadata={"help": "Feast repository (feature_store.yaml)."})
-    data_dir: Path | None = field(default=None, metadata={"help": "Workspace data directory."})
+    data_dir: Path | None = data_dir_field()
     out: Path | None = field(
         default=None, metadata={"help": "Where metrics.json goes; default <checkpoint>/eval-<split>."}
     )
@@ -222,7 +219,7 @@ class EvaluateConfig:
         "help": "Entity rows per get_historical_features call."})
     max_rows: int | None = field(default=None, metadata={"min": 1,
         "help": "Evaluate only the first N rows of the split."})
-    threads: int | None = field(default=None, metadata={"min": 1, "help": THREADS_HELP})
+    threads: int | None = threads_field()
 
     def __post_init__(self) -> None:
         if self.checkpoint is None:
@@ -240,7 +237,7 @@ class ScoreConfig:
         default=(), metadata={"help": "Candidate item ids: repeat the option or give a comma-separated list."}
     )
     repo: Path = field(default=Path("feast_repo"), metadata={"help": "Feast repository (feature_store.yaml)."})
-    data_dir: Path | None = field(default=None, metadata={"help": "Workspace data directory."})
+    data_dir: Path | None = data_dir_field()
     top_k: int | None = field(default=None, metadata={"min": 1, "help": "Print only the best K items."})
     out: Path | None = field(
         default=None, metadata={"help": "Where metrics.json goes; default <checkpoint>/score."}
@@ -269,7 +266,7 @@ class ServeConfig:
     ranker: Path | None = field(default=None, metadata={
         "help": "Directory written by ranker train (default: <data_dir>/runs/ranker_llm)."})
     repo: Path = field(default=Path("feast_repo"), metadata={"help": "Feast repository (feature_store.yaml)."})
-    data_dir: Path | None = field(default=None, metadata={"help": "Workspace data directory."})
+    data_dir: Path | None = data_dir_field()
     feature_store_yaml: Path | None = field(default=None, metadata={
         "help": "Another configuration of the repo to serve from, e.g. production/feature_store.redis.yaml "
                 "(relative to the repo; default feature_store.yaml)."})

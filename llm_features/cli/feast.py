@@ -17,14 +17,10 @@ from typing import Literal, Optional
 import click
 import numpy as np
 
-from llm_features.config import dataclass_options
+from llm_features.config import data_dir_field, dataclass_options
 
 _REPO_HELP = ("the Feast feature repository (the directory with feature_store.yaml); feast_repo is ./feast_repo "
               "where there is one, else the repository packaged with llmfeat")
-_DATA_HELP = (
-    "data directory with the parquet tables, registry and online store "
-    "[default: $LLMFEAT_DATA_DIR or <repo>/data]"
-)
 _YAML_HELP = ("another configuration of the repository, relative to it, e.g. "
               "production/feature_store.redis_local.yaml [default: feature_store.yaml]")
 
@@ -32,14 +28,14 @@ _YAML_HELP = ("another configuration of the repository, relative to it, e.g. "
 @dataclass
 class FeastApplyConfig:
     repo: Path = field(default=Path("feast_repo"), metadata={"help": _REPO_HELP})
-    data_dir: Optional[Path] = field(default=None, metadata={"help": _DATA_HELP})
+    data_dir: Optional[Path] = data_dir_field()
     feature_store_yaml: Optional[Path] = field(default=None, metadata={"help": _YAML_HELP})
 
 
 @dataclass
 class FeastMaterializeConfig:
     repo: Path = field(default=Path("feast_repo"), metadata={"help": _REPO_HELP})
-    data_dir: Optional[Path] = field(default=None, metadata={"help": _DATA_HELP})
+    data_dir: Optional[Path] = data_dir_field()
     feature_store_yaml: Optional[Path] = field(default=None, metadata={"help": _YAML_HELP})
     views: tuple[str, ...] = field(
         default=(), metadata={"help": "feature views to materialise (repeat the option) [default: all]"}
@@ -62,7 +58,7 @@ class FeastLookupConfig:
         default="ranker_llm", metadata={"help": "feature service"}
     )
     repo: Path = field(default=Path("feast_repo"), metadata={"help": _REPO_HELP})
-    data_dir: Optional[Path] = field(default=None, metadata={"help": _DATA_HELP})
+    data_dir: Optional[Path] = data_dir_field()
     feature_store_yaml: Optional[Path] = field(default=None, metadata={"help": _YAML_HELP})
 
 

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 import click
 
-from llm_features.config import dataclass_options
+from llm_features.config import data_dir_field, dataclass_options
 
 
 @dataclass
@@ -17,8 +17,7 @@ class PushEventsConfig:
         "help": "The events: a .jsonl file (one JSON object per line) or a .csv file with a header; "
                 "fields user_id, item_id, timestamp (ISO-8601 or epoch seconds), label (0/1), and optionally "
                 "rating, item_text (required for an item the data dir does not know), behavior_text."})
-    data_dir: Optional[Path] = field(default=None, metadata={
-        "help": "Workspace data directory (default: $LLMFEAT_DATA_DIR or <repo>/data)."})
+    data_dir: Optional[Path] = data_dir_field()
     checkpoint: Optional[Path] = field(default=None, metadata={
         "help": "The fine-tuned checkpoint embed-users exported with (default: <data_dir>/runs/finetune)."})
     repo: Path = field(default=Path("feast_repo"), metadata={

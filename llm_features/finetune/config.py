@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from llm_features.backbone import BackboneConfig
-from llm_features.config import validate_config
+from llm_features.config import data_dir_field, device_field, threads_field, validate_config
 from llm_features.errors import UserError
 
 
@@ -19,9 +19,7 @@ class FinetuneConfig(BackboneConfig):
     encoded the workspace's atomic behaviour and item embeddings.
     """
 
-    data_dir: Path | None = field(
-        default=None, metadata={"help": "Workspace data directory (default: $LLMFEAT_DATA_DIR or feast_repo/data)."}
-    )
+    data_dir: Path | None = data_dir_field()
     out: Path | None = field(default=None, metadata={
         "help": "Checkpoint directory to write (default: <data_dir>/runs/finetune, as in llmfeat demo)."})
     granularity: Literal["behavior", "token"] = field(
@@ -137,13 +135,8 @@ class FinetuneConfig(BackboneConfig):
     )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank.", "min": 1})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha.", "min": 1})
-    device: str = field(
-        default="auto", metadata={"help": "cpu, cuda, cuda:1, ... (auto: cuda if available)."}
-    )
-    num_threads: int | None = field(
-        default=None, metadata={"help": "CPU threads for torch (default: the cores this process may use that "
-                                        "other processes are not keeping busy, at least 1; logged).", "min": 1}
-    )
+    device: str = device_field()
+    num_threads: int | None = threads_field()
     log_every: int = field(default=50, metadata={"help": "Log the training loss every this many steps.",
         "min": 0})
     save_every: int = field(

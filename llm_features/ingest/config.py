@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from llm_features.config import data_dir_field
 from llm_features.ingest.readers import DEFAULT_MIN_TIMESTAMP
 
 
@@ -153,10 +154,7 @@ class IngestConfig:
         },
     )
     force: bool = field(default=False, metadata={"help": "Redo the ingest even if the inputs are unchanged."})
-    data_dir: Path | None = field(
-        default=None,
-        metadata={"help": "Workspace data directory (default: $LLMFEAT_DATA_DIR or feast_repo/data)."},
-    )
+    data_dir: Path | None = data_dir_field()
 
     def __post_init__(self) -> None:  # config files give strings
         self.interactions = tuple(Path(p) for p in self.interactions)
