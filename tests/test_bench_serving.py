@@ -153,16 +153,8 @@ def test_running_server_waits_for_health_and_stops_it(tmp_path):
 # End to end (slow): a shop log -> ingest, feast materialize, the id-only ranker -> bench --quick
 
 
-def _serve_available() -> bool:
-    from llm_features.cli import COMMANDS
-
-    return "serve" in COMMANDS
-
-
 @pytest.mark.slow
 @pytest.mark.integration
-@pytest.mark.skipif(not _serve_available(), reason="needs `llmfeat serve` (issue 18, the serve branch): it runs "
-                                                     "by itself once that command is in llm_features.cli")
 def test_bench_serving_quick_end_to_end(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
