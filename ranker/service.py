@@ -69,8 +69,8 @@ from ranker.service_requests import (
 
 __all__ = [  # the request checks and metrics live in ranker.service_requests / ranker.service_metrics
     "CONFIG_ENV", "INT64", "LATENCY_BUCKETS", "MULTIPROC_ENV", "TOKEN_ENV", "BadRequest", "EventsHandler",
-    "ServiceMetrics", "app_from_env", "candidate_request", "create_app", "default_events_handler", "events_token",
-    "load_ranker", "parse_json", "read_body", "serve",
+    "ServiceMetrics", "app_from_env", "candidate_request", "create_app", "default_events_handler",
+    "events_token", "load_ranker", "parse_json", "read_body", "serve",
 ]
 
 log = logging.getLogger(__name__)
@@ -253,13 +253,13 @@ class Endpoints:
         probs = self.score(user_id, item_ids)
         order = np.argsort(-probs, kind="stable")[:top_k]
         values = probs.tolist()
-        return json_response({"user_id": user_id,
-                              "items": [{"item_id": item_ids[i], "score": values[i]} for i in order.tolist()]})
+        items = [{"item_id": item_ids[i], "score": values[i]} for i in order.tolist()]
+        return json_response({"user_id": user_id, "items": items})
 
     async def health_endpoint(self, request: Any) -> Any:
         if self.scorer.fault:
-            return json_response({**self.health, "status": "error", "error": self.scorer.fault, "pid": os.getpid()},
-                                 503)
+            fault = {"status": "error", "error": self.scorer.fault, "pid": os.getpid()}
+            return json_response({**self.health, **fault}, 503)
         return json_response({**self.health, "item_inputs": self.scorer.table.items, "pid": os.getpid()})
 
     async def metrics_endpoint(self, request: Any) -> Any:

@@ -34,30 +34,15 @@ from ranker.features.encoder import FeatureEncoder
 from ranker.features.missing import MissingFeatures
 from ranker.features.raw import RawRows, extract, infer_frame_attributes
 from ranker.features.encoded import EncodedRows, Vocabulary
-from ranker.features.spec import (
-    ALWAYS_ON,
-    ID_FEATURES,
-    INT_MISSING,
-    ITEM_EMBEDDING,
-    ITEM_ID,
-    LABEL,
-    LLM_COLUMNS,
-    NOT_ATTRIBUTES,
-    NUMERIC_FEATURES,
-    RECENT_ITEM_IDS,
-    RECENT_ITEMS_FEATURE,
-    RECENT_LABELS,
-    USER_EMBEDDING,
-    USER_ID,
-    SparseFeature,
-    feature_columns,
-    legacy_attributes,
-    sparse_features,
-)
+from ranker.features.spec import (ALWAYS_ON, ID_FEATURES, INT_MISSING, ITEM_EMBEDDING, ITEM_ID, LABEL, LLM_COLUMNS,
+                                   NOT_ATTRIBUTES, NUMERIC_FEATURES, RECENT_ITEM_IDS, RECENT_ITEMS_FEATURE,
+                                   RECENT_LABELS, USER_EMBEDDING, USER_ID, SparseFeature, feature_columns,
+                                   legacy_attributes, sparse_features)
 
 __all__ = [
-    "ALWAYS_ON", "ID_FEATURES", "INT_MISSING", "ITEM_EMBEDDING", "ITEM_ID", "LABEL", "LLM_COLUMNS", "NOT_ATTRIBUTES",
-    "NUMERIC_FEATURES", "RECENT_ITEM_IDS", "RECENT_ITEMS_FEATURE", "RECENT_LABELS", "USER_EMBEDDING", "USER_ID",
+    "ALWAYS_ON", "ID_FEATURES", "INT_MISSING", "ITEM_EMBEDDING", "ITEM_ID", "LABEL", "LLM_COLUMNS",
+    "NOT_ATTRIBUTES", "NUMERIC_FEATURES", "RECENT_ITEM_IDS", "RECENT_ITEMS_FEATURE", "RECENT_LABELS",
+    "USER_EMBEDDING", "USER_ID",
     "EncodedRows", "FeatureEncoder", "MissingFeatures", "RawRows", "SparseFeature", "Vocabulary", "extract",
     "feature_columns", "infer_frame_attributes", "legacy_attributes", "sparse_features",
 ]

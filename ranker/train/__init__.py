@@ -28,22 +28,16 @@ from ranker.train.checkpoint import (
     resolve_tower,
     save_checkpoint,
 )
-from ranker.train.evaluation import METRICS_FILE, PREDICTIONS_FILE, binary_metrics, evaluate, evaluate_rows, predict
+from ranker.train.evaluation import (METRICS_FILE, PREDICTIONS_FILE, binary_metrics, evaluate, evaluate_rows,
+                                     predict)
 from ranker.train.recipe import train
-from ranker.train.sources import (
-    ENTITY_COLUMNS,
-    FeatureSource,
-    PrefetchedSource,
-    feast_source,
-    fetch_rows,
-    load_entities,
-    service_attributes,
-    workspace_for,
-)
+from ranker.train.sources import (ENTITY_COLUMNS, FeatureSource, PrefetchedSource, feast_source, fetch_rows,
+                                  load_entities, service_attributes, workspace_for)
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CONFIG_FILE", "ENTITY_COLUMNS", "METRICS_FILE", "PREDICTIONS_FILE", "WEIGHTS_FILE",
-    "FeatureSource", "PrefetchedSource", "binary_metrics", "evaluate", "evaluate_rows", "feast_source", "fetch_rows",
-    "load_checkpoint", "load_entities", "predict", "resolve_tower", "save_checkpoint", "service_attributes", "train",
+    "FeatureSource", "PrefetchedSource", "binary_metrics", "evaluate", "evaluate_rows", "feast_source",
+    "fetch_rows", "load_checkpoint", "load_entities", "predict", "resolve_tower", "save_checkpoint",
+    "service_attributes", "train",
     "workspace_for",
 ]

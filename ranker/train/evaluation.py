@@ -14,20 +14,12 @@ from llm_features.atomic import atomic_path, write_json
 from llm_features.config import validate_config
 from llm_features.metrics import log_loss_from_probs, mean_per_user_auc, roc_auc
 from llm_features.threads import configure_threads
-from llm_features.workspace import MissingInputError
 from ranker.config import EvaluateConfig
 from ranker.features import LABEL, EncodedRows, FeatureEncoder, MissingFeatures
 from ranker.model import RankingModel
 from ranker.train.checkpoint import load_checkpoint
-from ranker.train.sources import (
-    ENTITY_COLUMNS,
-    FeatureSource,
-    PrefetchedSource,
-    fetch_rows,
-    feast_source,
-    load_entities,
-    workspace_for,
-)
+from ranker.train.sources import (ENTITY_COLUMNS, FeatureSource, PrefetchedSource, existing_workspace, fetch_rows,
+                                  in_fetch_order, load_entities, workspace_source)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.parquet"
@@ -65,8 +57,7 @@ def evaluate_rows(
     (``user_id, item_id, event_timestamp, label, logit``), so that slices and paired comparisons
     of two checkpoints need no second run.
     """
-    # fetch_rows sorts each chunk by these keys: sorting the entities first keeps row i = entity i
-    entities = entities.sort_values(PrefetchedSource.KEYS + [LABEL], kind="stable", ignore_index=True)
+    entities = in_fetch_order(entities)
     missing = MissingFeatures()
     rows = encoder.index(fetch_rows(entities, source, encoder.model, chunk_rows, encoder.attributes), missing)
     missing.warn("ranker evaluate")
@@ -91,10 +82,7 @@ def evaluate(cfg: EvaluateConfig, entities: pd.DataFrame | None = None,
     configure_threads(cfg.threads)
     model, encoder, payload = load_checkpoint(cfg.checkpoint)
     if entities is None or source is None:
-        ws = workspace_for(cfg.repo, cfg.data_dir)
-        if not ws.root.is_dir():
-            raise MissingInputError("the data dir does not exist", file=ws.root, option="--data-dir",
-                                    fix="Pass the data dir that `llmfeat ingest` wrote (or run it first).")
+        ws = existing_workspace(cfg.repo, cfg.data_dir)
         fp = ws.read_fingerprint() if payload.get("fingerprint") else None
         if fp is not None:
             fp.require_same(payload["fingerprint"], lambda trained, here: (
@@ -105,10 +93,7 @@ def evaluate(cfg: EvaluateConfig, entities: pd.DataFrame | None = None,
     else:
         entities = entities[entities["split"] == cfg.split][ENTITY_COLUMNS].reset_index(drop=True)
     if source is None:
-        from llm_features.store import open_store
-
-        store = open_store(cfg.repo, ws.root, must_exist=True)
-        source = feast_source(store, payload["feature_service"], set(encoder.source_columns))
+        source = workspace_source(cfg.repo, ws, payload["feature_service"], set(encoder.source_columns))
     out = cfg.out or (cfg.checkpoint / f"eval-{cfg.split}")
     metrics = {
         "split": cfg.split,

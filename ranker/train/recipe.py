@@ -18,23 +18,15 @@ import torch.distributed as dist
 from llm_features.atomic import json_default, write_json
 from llm_features.config import validate_config
 from llm_features.threads import configure_threads
-from llm_features.workspace import MissingInputError
 from ranker.config import ModelConfig, TrainConfig
-from ranker.features import LABEL, EncodedRows, FeatureEncoder, MissingFeatures, RawRows, feature_columns
+from ranker.features import EncodedRows, FeatureEncoder, MissingFeatures, RawRows, feature_columns
 from ranker.model import RankingModel
 from ranker.train.checkpoint import resolve_tower, save_checkpoint
 from ranker.train.distributed import train_distributed, unshard_to_checkpoint
 from ranker.train.evaluation import METRICS_FILE, binary_metrics, evaluate_rows, predict
 from ranker.train.loop import train_local
-from ranker.train.sources import (
-    ENTITY_COLUMNS,
-    FeatureSource,
-    PrefetchedSource,
-    feast_source,
-    fetch_rows,
-    load_entities,
-    workspace_for,
-)
+from ranker.train.sources import (ENTITY_COLUMNS, FeatureSource, existing_workspace, fetch_rows, in_fetch_order,
+                                  load_entities, workspace_source)
 
 log = logging.getLogger("ranker.train")  # the package's logger: what callers filter on
 
@@ -76,14 +68,14 @@ def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSourc
     model_cfg = cfg.model_config()
     started = time.perf_counter()
 
-    ws = _workspace(cfg) if entities is None or source is None else None
+    ws = existing_workspace(cfg.repo, cfg.data_dir) if entities is None or source is None else None
     # every input is checked before the (long) point-in-time join
     tower = None
     if model_cfg.llm_features and model_cfg.llm_mode == "score":
         tower = resolve_tower(cfg.tower, ws)
     train_entities = _split_entities(entities, ws, "train", cfg.max_train_rows)
     if source is None:
-        source = _feast_source_of(cfg, ws, model_cfg)
+        source = workspace_source(cfg.repo, ws, model_cfg.feature_service, feature_columns(model_cfg))
     shard = train_entities.iloc[rank::world]  # each rank joins only its own rows
     t0 = time.perf_counter()
     raw = fetch_rows(shard, source, model_cfg, cfg.chunk_rows)
@@ -124,29 +116,13 @@ def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSourc
     return metrics
 
 
-def _workspace(cfg: TrainConfig):
-    """The workspace of ``cfg`` (entity rows, Feast store), refused when its data dir does not exist."""
-    ws = workspace_for(cfg.repo, cfg.data_dir)
-    if not ws.root.is_dir():
-        raise MissingInputError("the data dir does not exist", file=ws.root, option="--data-dir",
-                                fix="Pass the data dir that `llmfeat ingest` wrote (or run it first).")
-    return ws
-
-
-def _split_entities(entities: pd.DataFrame | None, ws, split: str, max_rows: int | None = None) -> pd.DataFrame:
-    """The entity rows of ``split`` (the last ``max_rows``): of the given ``entities``, else the workspace's."""
+def _split_entities(entities: pd.DataFrame | None, ws, split: str,
+                    max_rows: int | None = None) -> pd.DataFrame:
+    """The entity rows of ``split`` (the last ``max_rows``): of ``entities`` if given, else the workspace's."""
     if entities is not None:
         df = entities[entities["split"] == split][ENTITY_COLUMNS].reset_index(drop=True)
         return df.iloc[-max_rows:] if max_rows is not None and len(df) > max_rows else df
     return load_entities(ws.interactions, split, max_rows, last=True)
-
-
-def _feast_source_of(cfg: TrainConfig, ws, model_cfg: ModelConfig) -> FeatureSource:
-    """Feast ``get_historical_features`` over the model's feature service, in the workspace's store."""
-    from llm_features.store import open_store
-
-    store = open_store(cfg.repo, ws.root, must_exist=True)
-    return feast_source(store, model_cfg.feature_service, feature_columns(model_cfg))
 
 
 def _fit_encoder(raw: RawRows, model_cfg: ModelConfig, world: int) -> FeatureEncoder:
@@ -167,13 +143,13 @@ class _ValidSplit:
     entities: pd.DataFrame | None
     rows: EncodedRows | None = None
 
-    def encode_for_early_stopping(self, source: FeatureSource, encoder: FeatureEncoder, chunk_rows: int) -> None:
+    def encode_for_early_stopping(self, source: FeatureSource, encoder: FeatureEncoder,
+                                  chunk_rows: int) -> None:
         if self.entities is None or not len(self.entities):
             return
-        # fetch_rows sorts each chunk by these keys: sorted entities keep row i = entity i (for users)
-        self.entities = self.entities.sort_values(PrefetchedSource.KEYS + [LABEL], kind="stable",
-                                                  ignore_index=True)
-        self.rows = encoder.index(fetch_rows(self.entities, source, encoder.model, chunk_rows, encoder.attributes))
+        self.entities = in_fetch_order(self.entities)  # row i = entity i (for the per-user AUC)
+        raw = fetch_rows(self.entities, source, encoder.model, chunk_rows, encoder.attributes)
+        self.rows = encoder.index(raw)
         self.rows.users = self.entities["user_id"].to_numpy()
 
     def metrics(self, model: RankingModel, encoder: FeatureEncoder, source: FeatureSource,

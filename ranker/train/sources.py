@@ -34,6 +34,28 @@ def workspace_for(repo: Path, data_dir: Path | None):
     return Workspace.at(resolve_data_dir(repo, data_dir))
 
 
+def existing_workspace(repo: Path, data_dir: Path | None):
+    """:func:`workspace_for`, refused when its data dir does not exist."""
+    ws = workspace_for(repo, data_dir)
+    if not ws.root.is_dir():
+        raise MissingInputError("the data dir does not exist", file=ws.root, option="--data-dir",
+                                fix="Pass the data dir that `llmfeat ingest` wrote (or run it first).")
+    return ws
+
+
+def workspace_source(repo: Path, ws, service_name: str, columns: set[str]) -> FeatureSource:
+    """:func:`feast_source` over the feature service ``service_name`` of the workspace's Feast store."""
+    from llm_features.store import open_store
+
+    store = open_store(repo, ws.root, must_exist=True)
+    return feast_source(store, service_name, columns)
+
+
+def in_fetch_order(entities: pd.DataFrame) -> pd.DataFrame:
+    """``entities`` sorted as :func:`fetch_rows` sorts each chunk, so that its row i is entity row i."""
+    return entities.sort_values(PrefetchedSource.KEYS + [LABEL], kind="stable", ignore_index=True)
+
+
 def load_entities(interactions: Path, split: str, max_rows: int | None = None, last: bool = False) -> pd.DataFrame:
     """The labelled interactions of ``split`` as a Feast entity DataFrame."""
     if not interactions.exists():
