@@ -107,39 +107,14 @@ def extract(frame: pd.DataFrame | dict[str, Any], cfg: ModelConfig, with_labels:
     n = len(columns[USER_ID]) if USER_ID in columns else len(columns[ITEM_ID])
     attrs = list(attributes) if attributes is not None else infer_frame_attributes(columns, cfg)
 
-    recent_offsets, recent_values = _int_bags(columns.get(RECENT_ITEM_IDS), n, cfg.max_recent_items)
-    lengths = np.diff(recent_offsets).astype(np.float32)
-    has_history = np.ones(n, np.float32)
-    has_history[recent_values[recent_offsets[:-1]] == INT_MISSING] = 0.0
-    lengths *= has_history
-    pos_rate = _positive_rate(columns.get(RECENT_LABELS), n, cfg.max_recent_items)
-    numeric = [np.log1p(lengths) / math.log1p(max(cfg.max_recent_items, 1)), pos_rate * has_history, has_history]
-    for name in cfg.extra_numeric:
-        cells = columns.get(name)
-        values = np.zeros(n) if cells is None else pd.to_numeric(pd.Series(np.asarray(cells)), errors="coerce").to_numpy()
-        numeric.append(np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0))
-    numeric = np.stack(numeric, axis=1).astype(np.float32)
-
+    recent = _int_bags(columns.get(RECENT_ITEM_IDS), n, cfg.max_recent_items)
+    numeric = _numeric_block(columns, n, cfg, recent)
     llm: dict[str, np.ndarray] = {}
     llm_missing: dict[str, np.ndarray] = {}
     if cfg.llm_features:
         for col in cfg.llm_inputs:
             llm[col], llm_missing[col] = _vectors(columns.get(col), n, col)
-
-    sparse: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}
-    for feat in sparse_features(attrs):
-        col = columns.get(feat.column)
-        if feat.name == "recent_item_ids":
-            if cfg.use_recent_items:
-                sparse[feat.name] = (recent_offsets, recent_values)
-        elif feat.kind == "int":
-            sparse[feat.name] = (None, _ints(col, n))
-        elif col is None:
-            continue  # absent column: left out (training) or every row unknown (serving, see index)
-        elif feat.multi:
-            sparse[feat.name] = _str_bags(col, n)
-        else:
-            sparse[feat.name] = (None, _categories(col, feat.prefix))
+    sparse = _sparse_values(columns, n, cfg, attrs, recent)
     attr_numeric: dict[str, np.ndarray] = {}
     for a in attrs:
         if a.kind == "numeric" and columns.get(a.name) is not None:
@@ -155,6 +130,41 @@ def extract(frame: pd.DataFrame | dict[str, Any], cfg: ModelConfig, with_labels:
     return RawRows(numeric, llm, llm_missing, sparse, labels, attrs, attr_numeric)
 
 
+def _numeric_block(columns: Any, n: int, cfg: ModelConfig, recent: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """``[N, 3 + len(extra_numeric)]`` float32: ``NUMERIC_FEATURES`` from the recent items (bags of
+    ``recent``: offsets, values) and their labels, then the ``extra_numeric`` columns (0 where missing)."""
+    recent_offsets, recent_values = recent
+    lengths = np.diff(recent_offsets).astype(np.float32)
+    has_history = np.ones(n, np.float32)
+    has_history[recent_values[recent_offsets[:-1]] == INT_MISSING] = 0.0
+    lengths *= has_history
+    pos_rate = _positive_rate(columns.get(RECENT_LABELS), n, cfg.max_recent_items)
+    numeric = [np.log1p(lengths) / math.log1p(max(cfg.max_recent_items, 1)), pos_rate * has_history, has_history]
+    for name in cfg.extra_numeric:
+        cells = columns.get(name)
+        values = np.zeros(n) if cells is None else pd.to_numeric(pd.Series(np.asarray(cells)), errors="coerce").to_numpy()
+        numeric.append(np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0))
+    return np.stack(numeric, axis=1).astype(np.float32)
+
+
+def _sparse_values(columns: Any, n: int, cfg: ModelConfig, attrs: list[Attribute],
+                   recent: tuple[np.ndarray, np.ndarray]) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
+    """The raw values of every sparse feature of ``attrs`` the frame has a column for (ids always)."""
+    sparse: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}
+    for feat in sparse_features(attrs):
+        col = columns.get(feat.column)
+        if feat.name == "recent_item_ids":
+            if cfg.use_recent_items:
+                sparse[feat.name] = recent
+        elif feat.kind == "int":
+            sparse[feat.name] = (None, _ints(col, n))
+        elif col is None:
+            continue  # absent column: left out (training) or every row unknown (serving, see index)
+        elif feat.multi:
+            sparse[feat.name] = _str_bags(col, n)
+        else:
+            sparse[feat.name] = (None, _categories(col, feat.prefix))
+    return sparse
 
 
 def infer_frame_attributes(columns: Any, cfg: ModelConfig) -> list[Attribute]:
