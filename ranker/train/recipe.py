@@ -61,6 +61,7 @@ def train(
 
 
 def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSource | None) -> dict[str, Any]:
+    """:func:`train` inside its process group; the steps keep their order (and with it the use of the RNGs)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     configure_threads(cfg.threads)
@@ -105,7 +106,7 @@ def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSourc
     run = _Run(world, len(train_entities), fetch_seconds, time.perf_counter() - t0, losses, samples, history)
     metrics = _train_metrics(cfg, encoder, run, train_missing)
     if rank == 0:
-        model = _save_checkpoint(cfg, ws, world, model, encoder)
+        model = _save_run_checkpoint(cfg, ws, world, model, encoder)
         if (valid_metrics := valid.metrics(model, encoder, source, cfg.chunk_rows)) is not None:
             metrics["valid"] = valid_metrics
         metrics["total_seconds"] = round(time.perf_counter() - started, 3)
@@ -198,7 +199,7 @@ def _train_metrics(cfg: TrainConfig, encoder: FeatureEncoder, run: _Run,
     }
 
 
-def _save_checkpoint(cfg: TrainConfig, ws, world: int, model: RankingModel | None,
+def _save_run_checkpoint(cfg: TrainConfig, ws, world: int, model: RankingModel | None,
                      encoder: FeatureEncoder) -> RankingModel:
     """Rank 0: the checkpoint in ``cfg.out`` (under ``torchrun`` rebuilt from the sharded one); the
     unsharded model back, for the valid metrics."""
