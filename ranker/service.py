@@ -56,6 +56,22 @@ from llm_features.errors import UserError
 from ranker.config import ServeConfig
 from ranker.online import StoreChanged
 from ranker.serve import Ranker
+from ranker.service_metrics import LATENCY_BUCKETS, MULTIPROC_ENV, ServiceMetrics
+from ranker.service_requests import (
+    INT64,
+    BadRequest,
+    candidate_request,
+    int_field,
+    json_response,
+    parse_json,
+    read_body,
+)
+
+__all__ = [  # the request checks and metrics live in ranker.service_requests / ranker.service_metrics
+    "CONFIG_ENV", "INT64", "LATENCY_BUCKETS", "MULTIPROC_ENV", "TOKEN_ENV", "BadRequest", "EventsHandler",
+    "ServiceMetrics", "app_from_env", "candidate_request", "create_app", "default_events_handler",
+    "events_token", "load_ranker", "parse_json", "read_body", "serve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,25 +79,12 @@ TOKEN_ENV = "LLMFEAT_SERVE_TOKEN"
 """The bearer token of ``POST /events`` (never an option: command lines are visible to every user)."""
 CONFIG_ENV = "LLMFEAT_SERVE_CONFIG"
 """The :class:`ServeConfig` (JSON) that ``llmfeat serve --workers N`` hands to each worker process."""
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-INT64 = (-(2**63), 2**63)
 
 EventsHandler = Callable[[Any], Any]
 """``handler(body)`` for ``POST /events``: the parsed JSON body in, a JSON-able result out (None:
 ``{"status": "ok"}``). A coroutine function is awaited; a plain function runs in a thread, so a
 slow write does not hold up scoring. A ``ValueError`` (``UserError``) it raises is the client's
 fault: 422 with its message."""
-
-
-class BadRequest(Exception):
-    """A request the service refuses: its status and a message for the client."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,138 +142,6 @@ def default_events_handler(ranker: Ranker, cfg: ServeConfig) -> EventsHandler:
 
 
 # ------------------------------------------------------------------------------------------------
-# Metrics
-
-
-class ServiceMetrics:
-    """The Prometheus metrics of one app, in its own registry (two apps in one process do not clash).
-
-    ``shared``: the app is one of several worker processes; ``exposition`` then adds up every
-    worker's values from ``$PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode).
-    """
-
-    PREFIX = "llmfeat_serve_"
-
-    def __init__(self, shared: bool = False) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
-
-        self.shared = shared
-        self.registry = CollectorRegistry()
-        r, p = self.registry, self.PREFIX
-        self.requests = Counter(f"{p}requests", "HTTP requests by endpoint and status code.",
-                                ["endpoint", "status"], registry=r)
-        self.latency = Histogram(f"{p}request_seconds",
-                                 "Time from the request's arrival in the app to its response, by endpoint.",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.rows = Counter(f"{p}candidates", "Candidate rows scored (/score and /rank).", registry=r)
-        self.missing = Counter(
-            f"{p}missing_features",
-            "Candidate rows scored with a default, by key: unknown_<sparse feature> (not in the store or not seen "
-            "in training: the OOV row), missing_<column> (no value: learned missing vector + flag).",
-            ["feature"], registry=r)
-        self.cold_users = Counter(f"{p}cold_users",
-                                  "Scoring requests for a user the online store has no row for.", registry=r)
-
-    def exposition(self) -> bytes:
-        from prometheus_client import CollectorRegistry, generate_latest
-
-        if not self.shared:
-            return generate_latest(self.registry)
-        from prometheus_client import multiprocess
-
-        # every worker's files; feast's own metrics may share the directory: only ours
-        collector = multiprocess.MultiProcessCollector(None, os.environ[MULTIPROC_ENV])
-        registry = CollectorRegistry()
-        registry.register(_Prefixed(collector, self.PREFIX))
-        return generate_latest(registry)
-
-
-class _Prefixed:
-    """A collector's metric families whose names start with ``prefix``."""
-
-    def __init__(self, collector: Any, prefix: str) -> None:
-        self.collector, self.prefix = collector, prefix
-
-    def collect(self) -> list[Any]:
-        return [m for m in self.collector.collect() if m.name.startswith(self.prefix)]
-
-
-# ------------------------------------------------------------------------------------------------
-# Requests
-
-
-async def read_body(request: Any, limit: int) -> bytes:
-    """The request body, refused (413) once it is known to pass ``limit`` bytes: from its
-    Content-Length before reading, else while streaming."""
-    length = request.headers.get("content-length")
-    too_large = f"more than the limit of {limit} bytes (--max-body-bytes)"
-    if length is not None:
-        if not length.isdigit():
-            raise BadRequest(400, f"Content-Length {length!r} is not a number of bytes")
-        if int(length) > limit:
-            raise BadRequest(413, f"the body has {length} bytes, {too_large}", {"connection": "close"})
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BadRequest(413, f"the body has {too_large}", {"connection": "close"})
-    return bytes(body)
-
-
-def parse_json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except UnicodeDecodeError:
-        raise BadRequest(400, "malformed JSON: the body is not UTF-8 text") from None
-    except ValueError as e:
-        raise BadRequest(400, f"malformed JSON: {e}") from None
-
-
-def _int(value: Any, where: str) -> int:
-    # JSON true/false parse as bool (an int subclass) and 1.0 as float: neither is an id
-    if type(value) is not int:
-        raise BadRequest(422, f"{where}: expected an integer, got {json.dumps(value)}")
-    if not INT64[0] <= value < INT64[1]:
-        raise BadRequest(422, f"{where}: {value} is outside the 64-bit integer range of the ids")
-    return value
-
-
-def candidate_request(data: Any, max_candidates: int, optional: tuple[str, ...] = ()) -> tuple[int, list[int]]:
-    """``(user_id, item_ids)`` of a ``/score`` or ``/rank`` body (422 naming what is wrong)."""
-    example = '{"user_id": 42, "item_ids": [1, 2, 3]}'
-    if not isinstance(data, dict):
-        raise BadRequest(422, f"the body must be a JSON object like {example}")
-    allowed = ("user_id", "item_ids", *optional)
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise BadRequest(422, f"unknown field(s) {', '.join(map(repr, unknown))}; the fields are "
-                              f"{', '.join(allowed)}")
-    missing = [k for k in ("user_id", "item_ids") if k not in data]
-    if missing:
-        raise BadRequest(422, f"missing field(s) {', '.join(missing)}, as in {example}")
-    user_id = _int(data["user_id"], "user_id")
-    items = data["item_ids"]
-    if not isinstance(items, list):
-        raise BadRequest(422, f"item_ids: expected a list of integer ids, got {json.dumps(items)[:80]}")
-    if not items:
-        raise BadRequest(422, "item_ids is empty: give at least one candidate")
-    if len(items) > max_candidates:
-        raise BadRequest(422, f"item_ids has {len(items)} candidates, more than the limit of {max_candidates} "
-                              "(--max-candidates)")
-    for pos, item in enumerate(items):
-        if type(item) is not int or not INT64[0] <= item < INT64[1]:
-            _int(item, f"item_ids[{pos}]")
-    return user_id, items
-
-
-def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
-    from starlette.responses import Response
-
-    return Response(json.dumps(payload, separators=(",", ":")).encode(), status_code=status,
-                    headers=headers, media_type="application/json")
-
-
-# ------------------------------------------------------------------------------------------------
 # The app
 
 
@@ -294,104 +165,131 @@ def create_app(
     """
     import torch
     from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.routing import Route
 
     token = events_token(cfg)
     torch.set_num_threads(cfg.threads)
     ranker = ranker or load_ranker(cfg)
-    scorer = ranker.scorer  # reads the item inputs now, not in the first request
-    scorer.refresh_seconds = cfg.refresh_seconds
+    ranker.scorer.refresh_seconds = cfg.refresh_seconds  # reads the item inputs now, not in the first request
     metrics = ServiceMetrics(shared=cfg.workers > 1)
     if token is not None and events_handler is None:
         events_handler = default_events_handler(ranker, cfg)
-    health = {"status": "ok", "model_fingerprint": ranker.fingerprint, "feature_service": ranker.feature_service,
-              "ranker": str(ranker.checkpoint), "events": token is not None}
+    endpoints = Endpoints(cfg, ranker, metrics, token, events_handler)
+    app = Starlette(routes=endpoints.routes(), lifespan=endpoints.lifespan,
+                    exception_handlers={404: endpoints.http_error, 405: endpoints.http_error})
+    app.state.ranker = ranker
+    app.state.metrics = metrics
+    return app
 
-    def endpoint(name: str) -> Callable[[Callable[[Any], Awaitable[Any]]], Callable[[Any], Awaitable[Any]]]:
+
+Handler = Callable[[Any], Awaitable[Any]]
+"""A Starlette request handler: the request in, its response out."""
+
+
+class Endpoints:
+    """The request handlers of one app and what they share: the ranker's scorer, the metrics, the
+    events handler and its token (None: ``POST /events`` is off)."""
+
+    def __init__(self, cfg: ServeConfig, ranker: Ranker, metrics: ServiceMetrics, token: str | None,
+                 events_handler: EventsHandler | None) -> None:
+        self.cfg, self.metrics, self.token, self.events_handler = cfg, metrics, token, events_handler
+        self.scorer = ranker.scorer
+        self.health = {"status": "ok", "model_fingerprint": ranker.fingerprint,
+                       "feature_service": ranker.feature_service, "ranker": str(ranker.checkpoint),
+                       "events": token is not None}
+
+    def routes(self) -> list[Any]:
+        from starlette.routing import Route
+
+        return [
+            Route("/score", self.counted("/score", self.score_endpoint), methods=["POST"]),
+            Route("/rank", self.counted("/rank", self.rank_endpoint), methods=["POST"]),
+            Route("/health", self.counted("/health", self.health_endpoint), methods=["GET"]),
+            Route("/metrics", self.counted("/metrics", self.metrics_endpoint), methods=["GET"]),
+            Route("/events", self.counted("/events", self.events_endpoint), methods=["POST"]),
+        ]
+
+    def counted(self, name: str, fn: Handler) -> Handler:
         """Count and time ``fn``; a :class:`BadRequest` becomes its JSON error, anything else a 500."""
 
-        def wrap(fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
-            async def handle(request: Any) -> Any:
-                t0 = time.perf_counter()
-                try:
-                    response = await fn(request)
-                except BadRequest as e:
-                    response = _json({"error": e.message}, e.status, e.headers)
-                except StoreChanged as e:  # the store was re-encoded under the service: not its fault
-                    response = _json({"error": str(e)}, 503)
-                except Exception:  # noqa: BLE001 - a bug: logged with its traceback, the client gets a 500
-                    log.exception("%s %s failed", request.method, request.url.path)
-                    response = _json({"error": "internal error (logged by the server)"}, 500)
-                metrics.requests.labels(name, str(response.status_code)).inc()
-                metrics.latency.labels(name).observe(time.perf_counter() - t0)
-                return response
-            return handle
-        return wrap
+        async def handle(request: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                response = await fn(request)
+            except BadRequest as e:
+                response = json_response({"error": e.message}, e.status, e.headers)
+            except StoreChanged as e:  # the store was re-encoded under the service: not its fault
+                response = json_response({"error": str(e)}, 503)
+            except Exception:  # noqa: BLE001 - a bug: logged with its traceback, the client gets a 500
+                log.exception("%s %s failed", request.method, request.url.path)
+                response = json_response({"error": "internal error (logged by the server)"}, 500)
+            self.metrics.requests.labels(name, str(response.status_code)).inc()
+            self.metrics.latency.labels(name).observe(time.perf_counter() - t0)
+            return response
 
-    def score(user_id: int, item_ids: list[int]) -> np.ndarray:
-        probs, stats, known = scorer.score(user_id, item_ids)
-        metrics.rows.inc(len(item_ids))
+        return handle
+
+    def score(self, user_id: int, item_ids: list[int]) -> np.ndarray:
+        """Click probabilities ``[len(item_ids)]``, counted in the metrics."""
+        probs, stats, known = self.scorer.score(user_id, item_ids)
+        self.metrics.rows.inc(len(item_ids))
         for key, count in stats.counts.items():
             if key != "rows" and count:
-                metrics.missing.labels(key).inc(count)
+                self.metrics.missing.labels(key).inc(count)
         if not known:
-            metrics.cold_users.inc()
+            self.metrics.cold_users.inc()
         return probs
 
-    @endpoint("/score")
-    async def score_endpoint(request: Any) -> Any:
-        user_id, item_ids = candidate_request(parse_json(await read_body(request, cfg.max_body_bytes)),
-                                              cfg.max_candidates)
-        return _json({"user_id": user_id, "scores": score(user_id, item_ids).tolist()})
+    async def score_endpoint(self, request: Any) -> Any:
+        user_id, item_ids = candidate_request(parse_json(await read_body(request, self.cfg.max_body_bytes)),
+                                              self.cfg.max_candidates)
+        return json_response({"user_id": user_id, "scores": self.score(user_id, item_ids).tolist()})
 
-    @endpoint("/rank")
-    async def rank_endpoint(request: Any) -> Any:
-        data = parse_json(await read_body(request, cfg.max_body_bytes))
-        user_id, item_ids = candidate_request(data, cfg.max_candidates, optional=("top_k",))
+    async def rank_endpoint(self, request: Any) -> Any:
+        data = parse_json(await read_body(request, self.cfg.max_body_bytes))
+        user_id, item_ids = candidate_request(data, self.cfg.max_candidates, optional=("top_k",))
         top_k = data.get("top_k")
-        if top_k is not None and _int(top_k, "top_k") < 0:
+        if top_k is not None and int_field(top_k, "top_k") < 0:
             raise BadRequest(422, f"top_k: must be 0 or more, got {top_k}")
-        probs = score(user_id, item_ids)
+        probs = self.score(user_id, item_ids)
         order = np.argsort(-probs, kind="stable")[:top_k]
         values = probs.tolist()
-        return _json({"user_id": user_id,
-                      "items": [{"item_id": item_ids[i], "score": values[i]} for i in order.tolist()]})
+        items = [{"item_id": item_ids[i], "score": values[i]} for i in order.tolist()]
+        return json_response({"user_id": user_id, "items": items})
 
-    @endpoint("/health")
-    async def health_endpoint(request: Any) -> Any:
-        if scorer.fault:
-            return _json({**health, "status": "error", "error": scorer.fault, "pid": os.getpid()}, 503)
-        return _json({**health, "item_inputs": scorer.table.items, "pid": os.getpid()})
+    async def health_endpoint(self, request: Any) -> Any:
+        if self.scorer.fault:
+            fault = {"status": "error", "error": self.scorer.fault, "pid": os.getpid()}
+            return json_response({**self.health, **fault}, 503)
+        return json_response({**self.health, "item_inputs": self.scorer.table.items, "pid": os.getpid()})
 
-    @endpoint("/metrics")
-    async def metrics_endpoint(request: Any) -> Any:
+    async def metrics_endpoint(self, request: Any) -> Any:
         from prometheus_client import CONTENT_TYPE_LATEST
         from starlette.responses import Response
 
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @endpoint("/events")
-    async def events_endpoint(request: Any) -> Any:
-        if token is None:
+    async def events_endpoint(self, request: Any) -> Any:
+        from starlette.concurrency import run_in_threadpool
+
+        if self.token is None:
             raise BadRequest(404, "POST /events is off: start llmfeat serve with --enable-events")
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
             raise BadRequest(401, "POST /events needs `Authorization: Bearer <token>` with the service's token",
                              {"www-authenticate": "Bearer"})
-        body = parse_json(await read_body(request, cfg.max_body_bytes))
+        body = parse_json(await read_body(request, self.cfg.max_body_bytes))
         try:
-            if inspect.iscoroutinefunction(events_handler):
-                result = await events_handler(body)
+            if inspect.iscoroutinefunction(self.events_handler):
+                result = await self.events_handler(body)
             else:
-                result = await run_in_threadpool(events_handler, body)
+                result = await run_in_threadpool(self.events_handler, body)
         except BadRequest:
             raise
         except ValueError as e:  # UserError too: the event was bad
             raise BadRequest(422, str(e)) from None
-        return _json({"status": "ok"} if result is None else result)
+        return json_response({"status": "ok"} if result is None else result)
 
-    async def http_error(request: Any, exc: Any) -> Any:
+    async def http_error(self, request: Any, exc: Any) -> Any:
         """Starlette's 404 (no such path) and 405 (wrong method) as JSON errors."""
         status = getattr(exc, "status_code", 404)
         if status == 405:
@@ -399,28 +297,17 @@ def create_app(
         else:
             message = (f"no endpoint {request.url.path}: the endpoints are POST /score, POST /rank, GET /health, "
                        "GET /metrics, POST /events")
-        metrics.requests.labels("other", str(status)).inc()
-        return _json({"error": message}, status, getattr(exc, "headers", None))
+        self.metrics.requests.labels("other", str(status)).inc()
+        return json_response({"error": message}, status, getattr(exc, "headers", None))
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Any):
-        scorer.start_refresh_thread()
+    async def lifespan(self, app: Any):
+        """Re-reads the item inputs in a background thread while the app runs."""
+        self.scorer.start_refresh_thread()
         try:
             yield
         finally:
-            await asyncio.get_running_loop().run_in_executor(None, scorer.stop_refresh_thread)
-
-    routes = [
-        Route("/score", score_endpoint, methods=["POST"]),
-        Route("/rank", rank_endpoint, methods=["POST"]),
-        Route("/health", health_endpoint, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-        Route("/events", events_endpoint, methods=["POST"]),
-    ]
-    app = Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error}, lifespan=lifespan)
-    app.state.ranker = ranker
-    app.state.metrics = metrics
-    return app
+            await asyncio.get_running_loop().run_in_executor(None, self.scorer.stop_refresh_thread)
 
 
 def app_from_env() -> Any:
