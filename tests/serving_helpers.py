@@ -59,7 +59,7 @@ def train_tiny_ranker(out: Path, fingerprint: str, dim: int = 8) -> Path:
     import torch
 
     from ranker.config import TrainConfig
-    from ranker.synthetic import SyntheticFeatureSource, synthetic_rows
+    from tests.synthetic_rows import SyntheticFeatureSource, synthetic_rows
     from ranker.train import train
 
     torch.set_num_threads(1)

@@ -272,7 +272,7 @@ def checkpoint(tmp_path_factory) -> Path:
     import torch
 
     from ranker.config import TrainConfig
-    from ranker.synthetic import SyntheticFeatureSource, synthetic_rows
+    from tests.synthetic_rows import SyntheticFeatureSource, synthetic_rows
     from ranker.train import train
 
     torch.set_num_threads(1)

@@ -213,7 +213,7 @@ def test_point_in_time_read_sees_the_pushed_row_only_from_its_stamp(base, served
 def test_ranker_score_changes_after_an_event(base, served, tmp_path):
     from ranker.config import TrainConfig
     from ranker.serve import Ranker
-    from ranker.synthetic import SyntheticFeatureSource, synthetic_rows
+    from tests.synthetic_rows import SyntheticFeatureSource, synthetic_rows
     from ranker.train import train
 
     torch.manual_seed(0)
@@ -238,7 +238,7 @@ def test_http_events_update_the_served_score(base, tmp_path, monkeypatch):
     from ranker.config import ServeConfig, TrainConfig
     from ranker.serve import Ranker
     from ranker.service import TOKEN_ENV, create_app
-    from ranker.synthetic import SyntheticFeatureSource, synthetic_rows
+    from tests.synthetic_rows import SyntheticFeatureSource, synthetic_rows
     from ranker.train import train
     from tests.serving_helpers import LiveServer
 

@@ -16,7 +16,7 @@ from ranker.config import EvaluateConfig, ModelConfig, TrainConfig
 from ranker.features import FeatureEncoder, MissingFeatures, Vocabulary, extract
 from ranker.model import RankingModel, RankingTrain
 from ranker.serve import Ranker
-from ranker.synthetic import SYNTHETIC_ATTRIBUTES, SyntheticFeatureSource, synthetic_rows
+from tests.synthetic_rows import SYNTHETIC_ATTRIBUTES, SyntheticFeatureSource, synthetic_rows
 from ranker.train import METRICS_FILE, evaluate, load_checkpoint, predict, train
 
 DIM = 8

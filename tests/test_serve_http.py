@@ -38,7 +38,7 @@ from ranker.model import RankingModel
 from ranker.online import OnlineRows
 from ranker.serve import Ranker
 from ranker.service import TOKEN_ENV, create_app
-from ranker.synthetic import SYNTHETIC_ATTRIBUTES, SyntheticFeatureSource, synthetic_rows
+from tests.synthetic_rows import SYNTHETIC_ATTRIBUTES, SyntheticFeatureSource, synthetic_rows
 from ranker.train import train
 from tests.serving_helpers import LiveServer, train_tiny_ranker
 from tests.bad_input import run_bad

@@ -1,6 +1,6 @@
 """Synthetic feature rows shaped like Feast's ``get_historical_features`` output.
 
-For tests, examples and quick experiments without a feature store: labels carry a planted
+For the tests (a ranker without a feature store): labels carry a planted
 signal (``sigmoid(signal * cos(u, v) + item_bias)`` over hidden user and item vectors) and the "LLM"
 embeddings are noisy views of those vectors, so a model that reads them beats one that does not.
 """
