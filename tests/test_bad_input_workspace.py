@@ -64,8 +64,8 @@ from llm_features.fingerprint import FINGERPRINT_METADATA_KEY
 from llm_features.workspace import Workspace
 from tests.bad_input import run_bad, snapshot
 from tests.store_data import DIM, T2, embedding_table, copy_repo, make_fingerprint, write_synthetic_workspace
+from tests.datasets import ML100K
 
-ML_100K = Path("/work/shared/data/ml-100k")
 LOCK_FILE = ".llmfeat.lock"  # llm_features.workspace.LOCK_FILE
 
 
@@ -156,7 +156,7 @@ WRITERS = {
 def test_second_writer_is_refused_naming_the_holder(repo, tmp_path, command):
     data = tmp_path / "data"
     write_synthetic_workspace(data)
-    args = [a.format(tmp=tmp_path, data=data, repo=repo, ml=ML_100K) for a in WRITERS[command]]
+    args = [a.format(tmp=tmp_path, data=data, repo=repo, ml=ML100K) for a in WRITERS[command]]
     with hold_lock(data, "llmfeat encode --part-size 4096"):
         run_bad(args, expect=rf"{re.escape(str(data.resolve()))}: the data dir is in use by pid {os.getpid()} "
                              r"\(llmfeat encode --part-size 4096, since \d{4}-\d\d-\d\dT.*\)\. Wait for it",

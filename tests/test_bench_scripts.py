@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-ML100K = Path(os.environ.get("LLMFEAT_ML100K", "/work/shared/data/ml-100k"))
+from tests.datasets import ML100K, require_ml100k
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 pytestmark = pytest.mark.slow
@@ -18,8 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def bench_dirs(tmp_path_factory):
-    if not (ML100K / "u.data").exists():
-        pytest.fail(f"ML-100K not found at {ML100K}: set LLMFEAT_ML100K")
+    require_ml100k()
     root = tmp_path_factory.mktemp("bench")
     return root / "runs", root / "results"
 

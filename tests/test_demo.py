@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-ML100K = Path(os.environ.get("LLMFEAT_ML100K", "/work/shared/data/ml-100k"))
+from tests.datasets import ML100K, require_ml100k
+
 REPO = Path(__file__).resolve().parents[1] / "feast_repo"
 
 pytestmark = pytest.mark.integration
@@ -20,8 +20,7 @@ def _rows(directory: Path) -> int:
 
 
 def test_demo_runs_end_to_end_and_second_run_only_checks(tmp_path):
-    if not (ML100K / "u.data").exists():
-        pytest.fail(f"ML-100K not found at {ML100K}: set LLMFEAT_ML100K")
+    require_ml100k()
     from llm_features.pipeline import PipelineConfig, run_pipeline
 
     repo = tmp_path / "feast_repo"

@@ -18,7 +18,6 @@ about half a minute on 2 cores. Bad attribute declarations are refused with the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +29,9 @@ import pytest
 
 from llm_features.ids import stable_id
 from tests.bad_input import run_bad
+from tests.datasets import ML100K, require_ml100k
 
 ROOT = Path(__file__).resolve().parents[1]
-ML100K = Path(os.environ.get("LLMFEAT_ML100K", "/work/shared/data/ml-100k"))
 T0 = pd.Timestamp("2024-01-01T00:00:00Z")
 MOVIELENS_SPARSE = ["user_id", "item_id", "gender", "age", "occupation", "zip_prefix", "item_genres",
                     "recent_item_ids"]  # the ranker's features on MovieLens, before and after
@@ -179,8 +178,8 @@ def pipeline(root: Path, tiny_bert_dir: Path, ingest_kw: dict) -> Run:
 @pytest.fixture(scope="module", params=list(SHAPES))
 def run(request, tmp_path_factory, tiny_bert_dir) -> tuple[str, Run]:
     shape = request.param
-    if shape == "ml100k" and not (ML100K / "u.data").exists():
-        pytest.fail(f"ML-100K not found at {ML100K}: set LLMFEAT_ML100K")
+    if shape == "ml100k":
+        require_ml100k()
     root = tmp_path_factory.mktemp(shape)
     src = root / "src"
     src.mkdir()
@@ -301,8 +300,7 @@ def test_both_twins_train_on_the_data_features_and_serve(run):
 
 def test_ml100k_adapter_gives_the_same_ranker_features(tmp_path):
     """The MovieLens adapter declares its attributes through the same mechanism: same features."""
-    if not (ML100K / "u.data").exists():
-        pytest.fail(f"ML-100K not found at {ML100K}: set LLMFEAT_ML100K")
+    require_ml100k()
     from llm_features.attributes import read_attributes
     from llm_features.ingest import IngestConfig, ingest
     from ranker.config import ModelConfig

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,8 @@ from llm_features.ids import stable_id
 from llm_features.ingest import IngestConfig, IngestError, ingest, movielens_text
 from llm_features.workspace import Workspace
 
-ML100K = Path(os.environ.get("LLMFEAT_ML100K", "/work/shared/data/ml-100k"))
-ML1M = Path(os.environ.get("LLMFEAT_ML1M", "/work/shared/data/ml-1m"))
+from tests.datasets import ML100K, ML1M, require_ml100k, require_ml1m
+
 
 MOVIES = [
     "1::Toy Story (1995)::Animation|Children's|Comedy",
@@ -386,8 +385,8 @@ def test_rerun_is_noop_and_changes_are_picked_up(tmp_path):
 # ----------------------------------------------------------------------------- real data
 
 
-@pytest.mark.skipif(not (ML100K / "u.data").exists(), reason="ML-100K not available")
 def test_real_ml100k(tmp_path):
+    require_ml100k()
     report, ws = run(tmp_path, source=ML100K)
     assert report["counts"]["interactions"] == 100_000 and report["counts"]["items"] == 1682
     assert report["counts"]["users"] == 943
@@ -396,8 +395,8 @@ def test_real_ml100k(tmp_path):
     assert sum(c.values()) == 100_000 and abs(c["train"] - 80_000) < 100
 
 
-@pytest.mark.skipif(not (ML1M / "ratings.dat").exists(), reason="ML-1M not available")
 def test_real_ml1m(tmp_path):
+    require_ml1m()
     report, ws = run(tmp_path, source=ML1M)
     assert report["counts"]["interactions"] == 487_650
     assert round(report["label"]["positive_rate"], 3) == 0.572

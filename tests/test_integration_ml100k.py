@@ -3,7 +3,6 @@ exactly the vectors the model computes directly."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -12,16 +11,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-ML100K = Path(os.environ.get("LLMFEAT_ML100K", "/work/shared/data/ml-100k"))
+from tests.datasets import ML100K, require_ml100k
+
 REPO = Path(__file__).resolve().parents[1] / "feast_repo"
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not (ML100K / "u.data").exists(), reason=f"ML-100K not found at {ML100K}"),
-]
+pytestmark = pytest.mark.integration
 
 
 def test_ml100k_ingest_encode_feast_roundtrip(tmp_path):
+    require_ml100k()
     from llm_features.backbone import Backbone, BackboneConfig
     from llm_features.encode import EncodeConfig, encode
     from llm_features.ingest.core import IngestConfig, ingest

@@ -18,7 +18,6 @@ the full ML-100K.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -30,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-ML100K = Path(os.environ.get("LLMFEAT_ML100K", "/work/shared/data/ml-100k"))
+from tests.datasets import ML100K, require_ml100k
+
 REPO = Path(__file__).resolve().parents[1] / "feast_repo"
 
 pytestmark = pytest.mark.integration
@@ -71,8 +71,7 @@ class Slice:
 
 @pytest.fixture(scope="module")
 def ml100k() -> Slice:
-    if not (ML100K / "u.data").exists():
-        pytest.fail(f"ML-100K not found at {ML100K}: set LLMFEAT_ML100K")
+    require_ml100k()
     lines = [line for line in (ML100K / "u.data").read_text().splitlines() if line.strip()]
     day = [int(line.split("\t")[3]) // DAY_S for line in lines]
     last = max(day)

@@ -45,9 +45,9 @@ from llm_features.offline_sources import (
     parquet_source,
     spark_session_defaults,
 )
+from tests.datasets import ML100K, require_ml100k
 from tests.store_data import copy_repo, write_synthetic_workspace
 
-ML100K = Path(os.environ.get("LLMFEAT_ML100K", "/work/shared/data/ml-100k"))
 SPARK_YAML = "production/feature_store.spark_local.yaml"
 KEYS = ["user_id", "item_id", "event_timestamp"]
 
@@ -226,9 +226,7 @@ def test_spark_session_defaults():
 def ml100k_both(tmp_path_factory, tiny_bert_dir):
     """The same ML-100K workspace applied, fetched and materialised with DuckDB and with Spark."""
     require_spark()
-    if not (ML100K / "u.data").exists():
-        msg = f"ML-100K not found at {ML100K} (set LLMFEAT_ML100K)"
-        pytest.fail(msg) if _in_ci() else pytest.skip(msg)
+    require_ml100k()
     import torch
 
     from llm_features.backbone import Backbone, BackboneConfig

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shlex
 import shutil
 from pathlib import Path
@@ -27,9 +26,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from tests.datasets import ML100K, require_ml100k
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-ML100K = Path(os.environ.get("LLMFEAT_ML100K", "/work/shared/data/ml-100k"))
 DEMO_SOURCE = "../shared/data/ml-1m"  # what the block (and `make demo`) reads
 
 # command -> demo stage key; the ranker twins and their evaluations are told apart by their options
@@ -170,8 +170,7 @@ def test_demo_departs_from_stage_defaults_only_where_declared(checkout_like):
 # ---------------------------------------------------------------------------------------- end to end
 def ml100k_sample(dest: Path, users: int = 40, keep_items: int = 10) -> Path:
     """ML-100K's first ``users`` users: their ratings, their items (and items 1..keep_items), the genres."""
-    if not (ML100K / "u.data").exists():
-        pytest.fail(f"ML-100K not found at {ML100K}: set LLMFEAT_ML100K")
+    require_ml100k()
     dest.mkdir(parents=True)
     ratings = [line for line in (ML100K / "u.data").read_text().splitlines() if int(line.split("\t")[0]) <= users]
     (dest / "u.data").write_text("\n".join(ratings) + "\n")
