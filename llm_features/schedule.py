@@ -48,7 +48,7 @@ class SnapshotSchedule:
 
     @property
     def label(self) -> str:
-        """The cadence as part names and metadata record it: ``event``, ``event<every>``, ``day``, ``last``."""
+        """The cadence as part names and metadata record it: ``event``, ``event<k>``, ``day``, ``last``."""
         return self.cadence if self.every == 1 or self.cadence != "event" else f"event{self.every}"
 
     def stamps(self, ts: np.ndarray) -> np.ndarray:
@@ -62,13 +62,13 @@ class SnapshotSchedule:
         return last_ts + US_PER_S
 
     def kept(self, opens: np.ndarray, user_start: np.ndarray) -> np.ndarray:
-        """``[N]`` which of the snapshot-opening rows ``opens`` ``every`` keeps.
+        """``[N]`` which snapshot-opening rows ``opens`` to keep (``every`` thins cadence ``event`` only).
 
         ``user_start[i]`` is the first row of row ``i``'s user. A user's opening rows are numbered
         ``0, 1, 2, ...`` (``0``: its first time, with no history); ``1..every`` and then the
         multiples of ``every`` are kept.
         """
-        if self.every == 1:
+        if self.every == 1 or self.cadence != "event":
             return opens
         count = np.cumsum(opens)
         idx = count - count[user_start]  # 0 at the user's first interaction time
