@@ -324,6 +324,38 @@ def _write_report(ws: Workspace, stats: EncodeStats) -> Path:
 
 
 # --------------------------------------------------------------------------- the stage
+@dataclass
+class _Work:
+    """What is left to encode once the parts already written are accounted for."""
+
+    behaviors: pa.Table
+    """Behaviour rows without a vector of this fingerprint yet."""
+    items: pa.Table
+    """Item rows without a current vector (none yet, or one of an older text)."""
+    text_of: dict[int, str]
+    """Text key -> text, over every distinct behaviour and item text."""
+    needed: set[int]
+    """Text keys still without a vector."""
+    done_behaviors: set[int]
+    stale_items: list[int]
+
+
+@dataclass
+class _Progress:
+    """Counts written rows and parts into ``stats`` and tells ``on_part`` of each part."""
+
+    stats: EncodeStats
+    on_part: Callable[[Path], None] | None
+
+    def record(self, paths: list[Path], nb: int, ni: int) -> None:
+        self.stats.behavior_rows_written += nb
+        self.stats.item_rows_written += ni
+        self.stats.parts_written += len(paths)
+        for p in paths:
+            if self.on_part is not None:
+                self.on_part(p)
+
+
 def encode(
     cfg: EncodeConfig,
     *,
@@ -340,8 +372,6 @@ def encode(
     Returns:
         :class:`EncodeStats`; the same numbers are written to ``<data_dir>/encode_report.json``.
     """
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     validate_config(cfg)
     device = resolve_device(cfg.device)
@@ -351,6 +381,25 @@ def encode(
     texts = _read_texts(ws)
     bb = backbone or Backbone.load(cfg.backbone_config(), device=device)
     fp = bb.fingerprint
+    work = _plan(ws, fp, texts, rank, world)
+    stats = _initial_stats(fp, texts, work)
+    progress = _Progress(stats, on_part)
+    # Items whose text a finished behaviour part already holds (e.g. a run killed between the two writes).
+    reused = _stored_vectors(ws.atomic_behavior_embeddings, (work.needed & work.done_behaviors))
+    if reused and rank == 0:
+        progress.record(*_write_rows(ws, fp, reused, work.behaviors.slice(0, 0), work.items))
+    todo = sorted(work.needed - reused.keys())
+    encode_t0 = time.perf_counter()
+    _encode_parts(cfg, bb, ws, work, todo, progress, rank=rank, world=world)
+    stats.encode_seconds = time.perf_counter() - encode_t0
+    stats.seconds = time.perf_counter() - t0
+    _finish(ws, stats, rank=rank, world=world)
+    log.debug(stats.summary())
+    return stats
+
+
+def _plan(ws: Workspace, fp: ModelFingerprint, texts: _Texts, rank: int, world: int) -> _Work:
+    """What the parts of fingerprint ``fp`` lack; rank 0 drops the vectors of changed item texts."""
     done_behaviors = _existing_ids(ws.atomic_behavior_embeddings, "behavior_id", fp)
     done_items, stale_parts = _stale_items(ws.item_embeddings, fp, texts.items)
     stale_items = sorted({i for ids in stale_parts.values() for i in ids})
@@ -368,44 +417,41 @@ def encode(
     text_of = dict(zip(texts.items["text_key"].to_pylist(), texts.items["item_text"].to_pylist()))
     behavior_ids = texts.behaviors["behavior_id"].to_pylist()
     text_of.update(zip(behavior_ids, texts.behaviors["behavior_text"].to_pylist()))
-    behavior_keys = set(behavior_ids)
-    item_keys = set(texts.items["text_key"].to_pylist())
     needed = set(behaviors["behavior_id"].to_pylist()) | set(items["text_key"].to_pylist())
+    return _Work(behaviors, items, text_of, needed, done_behaviors, stale_items)
 
-    stats = EncodeStats(
+
+def _initial_stats(fp: ModelFingerprint, texts: _Texts, work: _Work) -> EncodeStats:
+    """What the run saw, before it encodes anything."""
+    behavior_keys = set(texts.behaviors["behavior_id"].to_pylist())
+    item_keys = set(texts.items["text_key"].to_pylist())
+    return EncodeStats(
         fingerprint=fp.digest,
         occurrences=texts.occurrences,
         distinct_behaviors=len(behavior_keys),
         dedup_ratio=texts.occurrences / max(len(behavior_keys), 1),
         distinct_items=texts.items.num_rows,
-        distinct_texts=len(text_of),
+        distinct_texts=len(work.text_of),
         shared_item_texts=len(item_keys & behavior_keys),
-        already_encoded=len(text_of) - len(needed),
-        stale_items=len(stale_items),
+        already_encoded=len(work.text_of) - len(work.needed),
+        stale_items=len(work.stale_items),
         texts_encoded=0, real_tokens=0, padded_tokens=0,
         behavior_rows_written=0, item_rows_written=0, parts_written=0, seconds=0.0, encode_seconds=0.0,
     )
 
-    def record(paths: list[Path], nb: int, ni: int) -> None:
-        stats.behavior_rows_written += nb
-        stats.item_rows_written += ni
-        stats.parts_written += len(paths)
-        for p in paths:
-            if on_part is not None:
-                on_part(p)
 
-    # Items whose text a finished behaviour part already holds (e.g. a run killed between the two writes).
-    reused = _stored_vectors(ws.atomic_behavior_embeddings, (needed & done_behaviors))
-    if reused and rank == 0:
-        record(*_write_rows(ws, fp, reused, behaviors.slice(0, 0), items))
-    todo = sorted(needed - reused.keys())
+def _encode_parts(cfg: EncodeConfig, bb: Backbone, ws: Workspace, work: _Work, todo: list[int],
+                  progress: _Progress, *, rank: int, world: int) -> None:
+    """Encode this rank's share of ``todo`` in parts of ``cfg.part_size`` texts, each written when done."""
+    from tqdm.auto import tqdm
+
+    stats = progress.stats
 
     def on_batch(n: int, real: int, padded: int) -> None:
         stats.real_tokens += real
         stats.padded_tokens += padded
         bar.update(n)
 
-    encode_t0 = time.perf_counter()
     # part c is rank c % world's: the same part files as one process writes (see llm_features.distributed)
     mine = [start for c, start in enumerate(range(0, len(todo), cfg.part_size)) if c % world == rank]
     total = sum(len(todo[start : start + cfg.part_size]) for start in mine)
@@ -415,12 +461,15 @@ def encode(
         for start in mine:
             keys = todo[start : start + cfg.part_size]
             # the normalised text: the vector then does not depend on which spelling was seen first
-            batch_texts = [normalize_text(text_of[k]) for k in keys]
+            batch_texts = [normalize_text(work.text_of[k]) for k in keys]
             vectors = bb.encode_texts(batch_texts, batch_size=cfg.batch_size, on_batch=on_batch)
             stats.texts_encoded += len(keys)
-            record(*_write_rows(ws, fp, dict(zip(keys, vectors.numpy())), behaviors, items))
-    stats.encode_seconds = time.perf_counter() - encode_t0
-    stats.seconds = time.perf_counter() - t0
+            progress.record(*_write_rows(ws, bb.fingerprint, dict(zip(keys, vectors.numpy())), work.behaviors,
+                                         work.items))
+
+
+def _finish(ws: Workspace, stats: EncodeStats, *, rank: int, world: int) -> None:
+    """Sum the ranks' counts (times: the slowest rank's) and write the report."""
     if world > 1:
         summed = ("texts_encoded", "real_tokens", "padded_tokens", "behavior_rows_written", "item_rows_written",
                   "parts_written", "encode_seconds", "seconds")
@@ -431,5 +480,3 @@ def encode(
     if rank == 0:
         _write_report(ws, stats)
     barrier(world)
-    log.debug(stats.summary())
-    return stats
