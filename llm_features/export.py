@@ -185,11 +185,14 @@ def _check_inputs(cfg: ExportConfig) -> tuple[Path, Path, Path, Any, Any, dict[s
 
 
 # ---------------------------------------------------------------------------------------------------- pieces
+def _layer_prefix(family: str) -> str:
+    """The state-dict prefix of a Hugging Face base model's layer list (``decoder`` or ``encoder`` family)."""
+    return "layers" if family == "decoder" else "encoder.layer"
+
+
 def _layers_of(base: nn.Module, family: str) -> tuple[str, nn.ModuleList]:
     """(state-dict prefix, layer list) of a Hugging Face base model, laid out as :class:`Backbone` expects."""
-    if family == "decoder":
-        return "layers", base.layers
-    return "encoder.layer", base.encoder.layer
+    return _layer_prefix(family), (base.layers if family == "decoder" else base.encoder.layer)
 
 
 def deep_layer_state(deep: nn.Module, split: int, prefix: str) -> dict[str, Tensor]:
@@ -349,7 +352,7 @@ def lora_adapter_model(model, base_dir: Path, ft) -> nn.Module:
     from peft import get_peft_model
 
     bb = model.backbone
-    prefix = "layers" if bb.family == "decoder" else "encoder.layer"
+    prefix = _layer_prefix(bb.family)
     trained = {k.removeprefix("backbone.deep."): v for k, v in model.trainable_state_dict().items()
                if k.startswith("backbone.deep.")}
     peft_cfg = copy.deepcopy(bb.deep.peft_config["default"])
@@ -388,70 +391,23 @@ def export(cfg: ExportConfig) -> ExportReport:
         UserError: a missing or unreadable checkpoint, a missing base model, ``--format adapter`` for a
             checkpoint without LoRA, or an ``--out`` that is not empty (without ``overwrite``).
     """
-    from llm_features.finetune.checkpoint import load_finetuned
-
     ckpt, out, base_dir, ft, fp, meta = _check_inputs(cfg)
     fmt = cfg.format if cfg.format != "auto" else ("both" if ft.lora else "full")
+    model, ft = _load_checkpoint(ckpt)
+    tmp, umask = _staging_dir(out)
     try:
-        model, ft = load_finetuned(ckpt, device="cpu")
-    except UserError:
-        raise
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load the checkpoint ({type(e).__name__}: {e})", file=ckpt,
-                        option="--checkpoint") from None
-    bb = model.backbone
-    prefix = "layers" if bb.family == "decoder" else "encoder.layer"
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
-    try:
-        full_dir = tmp if fmt in ("full", "both") else None
-        adapter_dir = tmp / ADAPTER_DIR if fmt == "both" else (tmp if fmt == "adapter" else None)
-        deep_state: dict[str, Tensor] = {}
-        if ft.lora:
-            pm = lora_adapter_model(model, base_dir, ft)
-            if adapter_dir is not None:
-                _save_quietly(pm, adapter_dir)
-            n_deep = sum(1 for n in pm.state_dict() if "lora_" in n)
-            if full_dir is not None:  # the merged deep layers, as peft merges them
-                merged = pm.merge_and_unload()
-                _, layers = _layers_of(merged, bb.family)
-                for i in range(bb.split_layer, bb.num_layers):
-                    deep_state.update({f"{prefix}.{i}.{k}": v for k, v in layers[i].state_dict().items()})
-                if bb.family == "decoder" and getattr(merged, "norm", None) is not None:
-                    deep_state.update({f"norm.{k}": v for k, v in merged.norm.state_dict().items()})
-                del merged, layers
-            del pm
-        else:
-            deep_state = deep_layer_state(bb.deep, bb.split_layer, prefix)
-            n_deep = len(deep_state)
-
+        staged = _Layout(tmp, fmt)
+        deep_state, n_deep = _deep_state(model, base_dir, ft, staged)
         architecture = "PeftModel(AutoModel)"
-        if full_dir is not None:
-            hf = _load_hf(base_dir, ft, full_architecture=True)
-            architecture = type(hf).__name__
-            base = hf.base_model
-            missing, unexpected = base.load_state_dict(deep_state, strict=False)
-            if unexpected:
-                raise RuntimeError(f"deep-layer tensors the base model does not have: {unexpected[:3]}")
-            not_loaded = sorted(set(deep_state) & set(missing))
-            if not_loaded:
-                raise RuntimeError(f"deep-layer tensors not loaded: {not_loaded[:3]}")
-            _save_quietly(hf, full_dir)
-            bb.tokenizer.save_pretrained(full_dir)
-            del hf
-        if adapter_dir is not None and adapter_dir != full_dir:
-            bb.tokenizer.save_pretrained(adapter_dir)
-
+        if staged.full_dir is not None:
+            architecture = _write_full_model(base_dir, ft, deep_state, staged.full_dir,
+                                             model.backbone.tokenizer)
+        if staged.adapter_dir is not None and staged.adapter_dir != staged.full_dir:
+            model.backbone.tokenizer.save_pretrained(staged.adapter_dir)
         tensors = head_tensors(model)
-        rel_full = "." if full_dir is not None else None
-        rel_adapter = None if adapter_dir is None else ("." if adapter_dir == tmp else ADAPTER_DIR)
-        payload = head_metadata(model, ft, fp, meta, ckpt, base_dir, architecture, tensors, rel_full,
-                                rel_adapter)
-        for d in {p for p in (full_dir, adapter_dir) if p is not None}:
+        payload = head_metadata(model, ft, fp, meta, ckpt, base_dir, architecture, tensors,
+                                *staged.relative())
+        for d in staged.dirs():
             save_file(tensors, str(d / HEAD_WEIGHTS), metadata={"format": "pt"})
             (d / HEAD_META).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
         for f in tmp.rglob("*"):  # some writers (safetensors) leave their files private; the export is not
@@ -460,17 +416,107 @@ def export(cfg: ExportConfig) -> ExportReport:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    report = ExportReport(
-        out=out,
-        full_model=out if fmt in ("full", "both") else None,
-        adapter=out / ADAPTER_DIR if fmt == "both" else (out if fmt == "adapter" else None),
-        architecture=architecture,
-        deep_tensors=n_deep,
-        lora=bool(ft.lora),
-        head_tensors=sorted(tensors),
-    )
+    done = _Layout(out, fmt)
+    report = ExportReport(out=out, full_model=done.full_dir, adapter=done.adapter_dir,
+                          architecture=architecture, deep_tensors=n_deep, lora=bool(ft.lora),
+                          head_tensors=sorted(tensors))
     log.debug("%s", report.summary())
     return report
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each part of an export in format ``fmt`` (full, adapter or both) lies below ``root``."""
+
+    root: Path
+    fmt: str
+
+    @property
+    def full_dir(self) -> Path | None:
+        return self.root if self.fmt in ("full", "both") else None
+
+    @property
+    def adapter_dir(self) -> Path | None:
+        if self.fmt == "both":
+            return self.root / ADAPTER_DIR
+        return self.root if self.fmt == "adapter" else None
+
+    def relative(self) -> tuple[str | None, str | None]:
+        """(full model, adapter) relative to ``root``, as ``llmfeat_head.json`` records them."""
+        full = "." if self.full_dir is not None else None
+        if self.adapter_dir is None:
+            return full, None
+        return full, ("." if self.adapter_dir == self.root else ADAPTER_DIR)
+
+    def dirs(self) -> set[Path]:
+        """The directories that get llmfeat's own tensors (next to the full model and the adapter)."""
+        return {p for p in (self.full_dir, self.adapter_dir) if p is not None}
+
+
+def _load_checkpoint(ckpt: Path):
+    """(model, FinetuneConfig) of ``ckpt`` on the CPU; a :class:`UserError` when it cannot be loaded."""
+    from llm_features.finetune.checkpoint import load_finetuned
+
+    try:
+        return load_finetuned(ckpt, device="cpu")
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load the checkpoint ({type(e).__name__}: {e})", file=ckpt,
+                        option="--checkpoint") from None
+
+
+def _staging_dir(out: Path) -> tuple[Path, int]:
+    """A new temporary sibling of ``out`` with an ordinary directory's permissions, and the umask."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
+    return tmp, umask
+
+
+def _deep_state(model, base_dir: Path, ft, staged: _Layout) -> tuple[dict[str, Tensor], int]:
+    """(the deep layers' tensors under the base model's names, how many tensors the checkpoint replaced).
+
+    A LoRA checkpoint's adapter is saved to ``staged.adapter_dir`` (if any) on the way; its deep layers
+    are merged as peft merges them, and only when a full model is asked for.
+    """
+    bb = model.backbone
+    prefix = _layer_prefix(bb.family)
+    if not ft.lora:
+        deep_state = deep_layer_state(bb.deep, bb.split_layer, prefix)
+        return deep_state, len(deep_state)
+    pm = lora_adapter_model(model, base_dir, ft)
+    if staged.adapter_dir is not None:
+        _save_quietly(pm, staged.adapter_dir)
+    n_deep = sum(1 for n in pm.state_dict() if "lora_" in n)
+    deep_state: dict[str, Tensor] = {}
+    if staged.full_dir is not None:
+        merged = pm.merge_and_unload()
+        _, layers = _layers_of(merged, bb.family)
+        for i in range(bb.split_layer, bb.num_layers):
+            deep_state.update({f"{prefix}.{i}.{k}": v for k, v in layers[i].state_dict().items()})
+        if bb.family == "decoder" and getattr(merged, "norm", None) is not None:
+            deep_state.update({f"norm.{k}": v for k, v in merged.norm.state_dict().items()})
+    return deep_state, n_deep
+
+
+def _write_full_model(base_dir: Path, ft, deep_state: dict[str, Tensor], full_dir: Path, tokenizer) -> str:
+    """Save the base model (its config's architecture) with ``deep_state`` in place, and the tokenizer.
+
+    Returns the architecture's class name.
+    """
+    hf = _load_hf(base_dir, ft, full_architecture=True)
+    missing, unexpected = hf.base_model.load_state_dict(deep_state, strict=False)
+    if unexpected:
+        raise RuntimeError(f"deep-layer tensors the base model does not have: {unexpected[:3]}")
+    not_loaded = sorted(set(deep_state) & set(missing))
+    if not_loaded:
+        raise RuntimeError(f"deep-layer tensors not loaded: {not_loaded[:3]}")
+    _save_quietly(hf, full_dir)
+    tokenizer.save_pretrained(full_dir)
+    return type(hf).__name__
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
