@@ -12,7 +12,8 @@ encoded once.
 The stage is incremental and restartable. Ids already present in parts of the same fingerprint are
 skipped; the texts left are encoded in chunks of ``part_size`` and each chunk is written as soon as it is
 done, under a name derived from its content. A killed run therefore keeps its finished parts, and the
-next run picks up where it stopped without duplicates.
+next run picks up where it stopped without duplicates. What the stage reads (the canonical texts, what
+the parts hold): :mod:`llm_features.encode_inputs`.
 """
 
 from __future__ import annotations
@@ -34,17 +35,17 @@ from llm_features.backbone import Backbone, BackboneConfig, configure_threads
 from llm_features.config import validate_config
 from llm_features.devices import resolve_device
 from llm_features.distributed import barrier, init_from_env, sum_over_ranks
-from llm_features.errors import UserError
-from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, ModelFingerprint
-from llm_features.ids import normalize_text, stable_id
-from llm_features.parquet_io import (
-    embedding_array,
-    embedding_matrix,
-    file_metadata,
-    list_parts,
-    utc_us,
-    write_part,
+from llm_features.encode_inputs import (
+    Texts,
+    existing_ids,
+    find_stale_items,
+    read_texts,
+    stored_vectors,
+    without,
 )
+from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, ModelFingerprint
+from llm_features.ids import normalize_text
+from llm_features.parquet_io import embedding_array, utc_us, write_part
 from llm_features.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -124,151 +125,6 @@ class EncodeStats:
         )
 
 
-# --------------------------------------------------------------------------- reading the workspace
-@dataclass
-class _Texts:
-    """The distinct texts of a workspace, keyed by ``stable_id`` of the normalised text."""
-
-    occurrences: int
-    behaviors: pa.Table  # behavior_id, behavior_text, event_timestamp (first seen)
-    items: pa.Table  # item_id, item_text, text_key, event_timestamp
-
-
-def _read_texts(ws: Workspace) -> _Texts:
-    if not ws.interactions.exists():
-        raise UserError("not found", file=ws.interactions, fix="Run `llmfeat ingest` for this data dir first.")
-    inter = _read_canonical(ws.interactions, ["behavior_id", "behavior_text", "item_id", "event_timestamp"])
-    g = inter.group_by("behavior_id", use_threads=False).aggregate(
-        [("behavior_text", "first"), ("event_timestamp", "min")]
-    )
-    behaviors = pa.table({
-        "behavior_id": g["behavior_id"].cast(pa.int64()),
-        "behavior_text": g["behavior_text_first"],
-        "event_timestamp": g["event_timestamp_min"],
-    })
-    for bid, text in zip(behaviors["behavior_id"].to_pylist(), behaviors["behavior_text"].to_pylist()):
-        if stable_id(text) != bid:
-            raise UserError(
-                f"behavior_id {bid} is not stable_id(behavior_text) for text {text!r} (expected "
-                f"{stable_id(text)})", file=ws.interactions, column="behavior_id",
-                fix="Re-run `llmfeat ingest`, which derives the id from the text.")
-
-    first_seen = inter.group_by("item_id").aggregate([("event_timestamp", "min")])
-    first_seen = dict(zip(first_seen["item_id"].to_pylist(), first_seen["event_timestamp_min"].to_pylist()))
-    earliest = pc.min(inter["event_timestamp"]).as_py()
-    if ws.items.exists():
-        names = set(_read_canonical(ws.items, None, schema_only=True).names)
-        cols = ["item_id", "item_text"] + (["event_timestamp"] if "event_timestamp" in names else [])
-        items = _read_canonical(ws.items, cols)
-    else:
-        log.warning("%s not found: encoding behaviours only, no item embeddings", ws.items)
-        items = pa.table({"item_id": pa.array([], pa.int64()), "item_text": pa.array([], pa.string())})
-    ids = items["item_id"].to_pylist()
-    has_ts = "event_timestamp" in items.column_names
-    own_ts = items["event_timestamp"].to_pylist() if has_ts else [None] * len(ids)
-    ts = [t if t is not None else first_seen.get(i, earliest) for i, t in zip(ids, own_ts)]
-    texts = items["item_text"].to_pylist()
-    items = pa.table({
-        "item_id": pa.array(ids, pa.int64()),
-        "item_text": pa.array(texts, pa.string()),
-        "text_key": pa.array([stable_id(t) for t in texts], pa.int64()),
-        "event_timestamp": utc_us(pa.array(ts, pa.timestamp("us", tz="UTC"))),
-    })
-    return _Texts(occurrences=inter.num_rows, behaviors=behaviors, items=items)
-
-
-def _check_fingerprints(directory: Path, fp: ModelFingerprint) -> list[Path]:
-    """``directory``'s parts; every part must carry ``fp`` (mixing models is an error)."""
-    parts = list_parts(directory)
-    for part in parts:
-        raw = file_metadata(part).get(FINGERPRINT_METADATA_KEY)
-        fp.require_same(ModelFingerprint.from_json(raw) if raw else None,
-                        lambda found, this: f"{part} was written by model fingerprint {found}, this run is {this}; "
-                        f"use a fresh --data-dir or delete {directory} to re-encode")
-    return parts
-
-
-def _read_canonical(path: Path, columns: list[str] | None, schema_only: bool = False):
-    """A canonical table, or a :class:`UserError` saying it is unreadable or lacks a column."""
-    try:
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowException) as e:
-        raise UserError(f"not a readable parquet table ({str(e).splitlines()[0]})", file=path,
-                        fix="Re-run `llmfeat ingest` to rewrite it.") from None
-    if schema_only:
-        return schema
-    missing = [c for c in columns or () if c not in schema.names]
-    if missing:
-        raise UserError("missing (a table `llmfeat ingest` did not write?)", file=path, column=missing[0],
-                        fix="Re-run `llmfeat ingest` to rewrite it.")
-    return pq.read_table(path, columns=columns)
-
-
-def _existing_ids(directory: Path, id_column: str, fp: ModelFingerprint) -> set[int]:
-    """Ids in ``directory``'s parts, all of fingerprint ``fp``."""
-    done: set[int] = set()
-    for part in _check_fingerprints(directory, fp):
-        done.update(pq.read_table(part, columns=[id_column])[id_column].to_pylist())
-    return done
-
-
-def _stale_items(directory: Path, fp: ModelFingerprint, items: pa.Table) -> tuple[set[int], dict[Path, set[int]]]:
-    """Items whose stored vector was encoded from another text than their text now.
-
-    Returns (the item ids with a current vector, {part: stale item ids in it}). Each item row carries
-    the ``text_key`` of the text it was encoded from; a row without one (a part written before
-    llmfeat recorded it) counts as stale, so the upgrade re-encodes the items once.
-    """
-    current = dict(zip(items["item_id"].to_pylist(), items["text_key"].to_pylist()))
-    fresh: set[int] = set()
-    stale: dict[Path, set[int]] = {}
-    for part in _check_fingerprints(directory, fp):
-        names = pq.read_schema(part).names
-        t = pq.read_table(part, columns=["item_id"] + (["text_key"] if "text_key" in names else []))
-        ids = t["item_id"].to_pylist()
-        keys = t["text_key"].to_pylist() if "text_key" in names else [None] * len(ids)
-        bad = {i for i, k in zip(ids, keys) if i in current and k != current[i]}
-        fresh.update(i for i, k in zip(ids, keys) if i not in current or k == current[i])
-        if bad:
-            stale[part] = bad
-    return fresh - {i for ids in stale.values() for i in ids}, stale
-
-
-def _drop_rows(part: Path, column: str, ids: set[int], fp: ModelFingerprint, kind: str) -> Path | None:
-    """Rewrite ``part`` without the rows whose ``column`` is in ``ids`` (then remove the old file).
-
-    The rewritten part is named by its content, so a run killed between the write and the unlink
-    rewrites it to the same name on the next run: no row is lost, none is served twice for long.
-    """
-    t = pq.read_table(part)
-    keep = t.filter(pc.invert(pc.is_in(t[column], value_set=pa.array(sorted(ids), pa.int64()))))
-    new = None
-    if keep.num_rows:
-        name = _part_name(fp, kind, keep[column].to_pylist())
-        new = write_part(part.parent, keep, metadata={FINGERPRINT_METADATA_KEY: fp.to_json()}, name=name)
-    if new != part:
-        part.unlink()
-    return new
-
-
-def _stored_vectors(directory: Path, wanted: set[int]) -> dict[int, np.ndarray]:
-    """Behaviour vectors already in parts, for the ids in ``wanted``."""
-    found: dict[int, np.ndarray] = {}
-    if not wanted:
-        return found
-    value_set = pa.array(sorted(wanted), pa.int64())
-    for part in list_parts(directory):
-        t = pq.read_table(part, columns=["behavior_id", "behavior_embedding"])
-        t = t.filter(pc.is_in(t["behavior_id"], value_set=value_set))
-        for k, v in zip(t["behavior_id"].to_pylist(), embedding_matrix(t["behavior_embedding"])):
-            found[k] = v
-    return found
-
-
-def _without(table: pa.Table, column: str, ids: set[int]) -> pa.Table:
-    return table.filter(pc.invert(pc.is_in(table[column], value_set=pa.array(sorted(ids), pa.int64()))))
-
-
 # --------------------------------------------------------------------------- writing
 def _part_name(fp: ModelFingerprint, kind: str, ids: Iterable[int]) -> str:
     """Deterministic: the same ids under the same fingerprint always give the same part name."""
@@ -281,6 +137,23 @@ def _write(directory: Path, kind: str, columns: dict, fp: ModelFingerprint) -> P
     id_column = next(iter(columns))
     name = _part_name(fp, kind, table[id_column].to_pylist())
     return write_part(directory, table, metadata={FINGERPRINT_METADATA_KEY: fp.to_json()}, name=name)
+
+
+def _drop_rows(part: Path, column: str, ids: set[int], fp: ModelFingerprint, kind: str) -> Path | None:
+    """Rewrite ``part`` without the rows whose ``column`` is in ``ids`` (then remove the old file).
+
+    The rewritten part is named by its content, so a run killed between the write and the unlink
+    rewrites it to the same name on the next run: no row is lost, none is served twice for long.
+    """
+    t = pq.read_table(part)
+    keep = without(t, column, ids)
+    new = None
+    if keep.num_rows:
+        name = _part_name(fp, kind, keep[column].to_pylist())
+        new = write_part(part.parent, keep, metadata={FINGERPRINT_METADATA_KEY: fp.to_json()}, name=name)
+    if new != part:
+        part.unlink()
+    return new
 
 
 def _write_rows(
@@ -324,6 +197,38 @@ def _write_report(ws: Workspace, stats: EncodeStats) -> Path:
 
 
 # --------------------------------------------------------------------------- the stage
+@dataclass
+class _Work:
+    """What is left to encode once the parts already written are accounted for."""
+
+    behaviors: pa.Table
+    """Behaviour rows without a vector of this fingerprint yet."""
+    items: pa.Table
+    """Item rows without a current vector (none yet, or one of an older text)."""
+    text_of: dict[int, str]
+    """Text key -> text, over every distinct behaviour and item text."""
+    needed: set[int]
+    """Text keys still without a vector."""
+    done_behaviors: set[int]
+    stale_items: list[int]
+
+
+@dataclass
+class _Progress:
+    """Counts written rows and parts into ``stats`` and tells ``on_part`` of each part."""
+
+    stats: EncodeStats
+    on_part: Callable[[Path], None] | None
+
+    def record(self, paths: list[Path], nb: int, ni: int) -> None:
+        self.stats.behavior_rows_written += nb
+        self.stats.item_rows_written += ni
+        self.stats.parts_written += len(paths)
+        for p in paths:
+            if self.on_part is not None:
+                self.on_part(p)
+
+
 def encode(
     cfg: EncodeConfig,
     *,
@@ -340,19 +245,36 @@ def encode(
     Returns:
         :class:`EncodeStats`; the same numbers are written to ``<data_dir>/encode_report.json``.
     """
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     validate_config(cfg)
     device = resolve_device(cfg.device)
     rank, world = init_from_env(device)
     ws = Workspace.at(cfg.data_dir)
     configure_threads(cfg.num_threads)
-    texts = _read_texts(ws)
+    texts = read_texts(ws)
     bb = backbone or Backbone.load(cfg.backbone_config(), device=device)
     fp = bb.fingerprint
-    done_behaviors = _existing_ids(ws.atomic_behavior_embeddings, "behavior_id", fp)
-    done_items, stale_parts = _stale_items(ws.item_embeddings, fp, texts.items)
+    work = _plan(ws, fp, texts, rank, world)
+    stats = _initial_stats(fp, texts, work)
+    progress = _Progress(stats, on_part)
+    # Items whose text a finished behaviour part already holds (e.g. a run killed between the two writes).
+    reused = stored_vectors(ws.atomic_behavior_embeddings, (work.needed & work.done_behaviors))
+    if reused and rank == 0:
+        progress.record(*_write_rows(ws, fp, reused, work.behaviors.slice(0, 0), work.items))
+    todo = sorted(work.needed - reused.keys())
+    encode_t0 = time.perf_counter()
+    _encode_parts(cfg, bb, ws, work, todo, progress, rank=rank, world=world)
+    stats.encode_seconds = time.perf_counter() - encode_t0
+    stats.seconds = time.perf_counter() - t0
+    _finish(ws, stats, rank=rank, world=world)
+    log.debug(stats.summary())
+    return stats
+
+
+def _plan(ws: Workspace, fp: ModelFingerprint, texts: Texts, rank: int, world: int) -> _Work:
+    """What the parts of fingerprint ``fp`` lack; rank 0 drops the vectors of changed item texts."""
+    done_behaviors = existing_ids(ws.atomic_behavior_embeddings, "behavior_id", fp)
+    done_items, stale_parts = find_stale_items(ws.item_embeddings, fp, texts.items)
     stale_items = sorted({i for ids in stale_parts.values() for i in ids})
     barrier(world)  # every rank has read the parts before rank 0 rewrites any
     if rank == 0:
@@ -362,50 +284,47 @@ def encode(
                      "vectors are removed and their new texts encoded", len(stale_items), stale_items[0])
             for part, ids in stale_parts.items():
                 _drop_rows(part, "item_id", ids, fp, "item")
-    behaviors = _without(texts.behaviors, "behavior_id", done_behaviors)
-    items = _without(texts.items, "item_id", done_items)
+    behaviors = without(texts.behaviors, "behavior_id", done_behaviors)
+    items = without(texts.items, "item_id", done_items)
 
     text_of = dict(zip(texts.items["text_key"].to_pylist(), texts.items["item_text"].to_pylist()))
     behavior_ids = texts.behaviors["behavior_id"].to_pylist()
     text_of.update(zip(behavior_ids, texts.behaviors["behavior_text"].to_pylist()))
-    behavior_keys = set(behavior_ids)
-    item_keys = set(texts.items["text_key"].to_pylist())
     needed = set(behaviors["behavior_id"].to_pylist()) | set(items["text_key"].to_pylist())
+    return _Work(behaviors, items, text_of, needed, done_behaviors, stale_items)
 
-    stats = EncodeStats(
+
+def _initial_stats(fp: ModelFingerprint, texts: Texts, work: _Work) -> EncodeStats:
+    """What the run saw, before it encodes anything."""
+    behavior_keys = set(texts.behaviors["behavior_id"].to_pylist())
+    item_keys = set(texts.items["text_key"].to_pylist())
+    return EncodeStats(
         fingerprint=fp.digest,
         occurrences=texts.occurrences,
         distinct_behaviors=len(behavior_keys),
         dedup_ratio=texts.occurrences / max(len(behavior_keys), 1),
         distinct_items=texts.items.num_rows,
-        distinct_texts=len(text_of),
+        distinct_texts=len(work.text_of),
         shared_item_texts=len(item_keys & behavior_keys),
-        already_encoded=len(text_of) - len(needed),
-        stale_items=len(stale_items),
+        already_encoded=len(work.text_of) - len(work.needed),
+        stale_items=len(work.stale_items),
         texts_encoded=0, real_tokens=0, padded_tokens=0,
         behavior_rows_written=0, item_rows_written=0, parts_written=0, seconds=0.0, encode_seconds=0.0,
     )
 
-    def record(paths: list[Path], nb: int, ni: int) -> None:
-        stats.behavior_rows_written += nb
-        stats.item_rows_written += ni
-        stats.parts_written += len(paths)
-        for p in paths:
-            if on_part is not None:
-                on_part(p)
 
-    # Items whose text a finished behaviour part already holds (e.g. a run killed between the two writes).
-    reused = _stored_vectors(ws.atomic_behavior_embeddings, (needed & done_behaviors))
-    if reused and rank == 0:
-        record(*_write_rows(ws, fp, reused, behaviors.slice(0, 0), items))
-    todo = sorted(needed - reused.keys())
+def _encode_parts(cfg: EncodeConfig, bb: Backbone, ws: Workspace, work: _Work, todo: list[int],
+                  progress: _Progress, *, rank: int, world: int) -> None:
+    """Encode this rank's share of ``todo`` in parts of ``cfg.part_size`` texts, each written when done."""
+    from tqdm.auto import tqdm
+
+    stats = progress.stats
 
     def on_batch(n: int, real: int, padded: int) -> None:
         stats.real_tokens += real
         stats.padded_tokens += padded
         bar.update(n)
 
-    encode_t0 = time.perf_counter()
     # part c is rank c % world's: the same part files as one process writes (see llm_features.distributed)
     mine = [start for c, start in enumerate(range(0, len(todo), cfg.part_size)) if c % world == rank]
     total = sum(len(todo[start : start + cfg.part_size]) for start in mine)
@@ -415,12 +334,15 @@ def encode(
         for start in mine:
             keys = todo[start : start + cfg.part_size]
             # the normalised text: the vector then does not depend on which spelling was seen first
-            batch_texts = [normalize_text(text_of[k]) for k in keys]
+            batch_texts = [normalize_text(work.text_of[k]) for k in keys]
             vectors = bb.encode_texts(batch_texts, batch_size=cfg.batch_size, on_batch=on_batch)
             stats.texts_encoded += len(keys)
-            record(*_write_rows(ws, fp, dict(zip(keys, vectors.numpy())), behaviors, items))
-    stats.encode_seconds = time.perf_counter() - encode_t0
-    stats.seconds = time.perf_counter() - t0
+            progress.record(*_write_rows(ws, bb.fingerprint, dict(zip(keys, vectors.numpy())), work.behaviors,
+                                         work.items))
+
+
+def _finish(ws: Workspace, stats: EncodeStats, *, rank: int, world: int) -> None:
+    """Sum the ranks' counts (times: the slowest rank's) and write the report."""
     if world > 1:
         summed = ("texts_encoded", "real_tokens", "padded_tokens", "behavior_rows_written", "item_rows_written",
                   "parts_written", "encode_seconds", "seconds")
@@ -431,5 +353,3 @@ def encode(
     if rank == 0:
         _write_report(ws, stats)
     barrier(world)
-    log.debug(stats.summary())
-    return stats

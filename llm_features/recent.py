@@ -4,7 +4,8 @@ Cadence ``event`` (default): one row per (user, distinct interaction timestamp T
 n interactions with ts < T, plus one final row per user at (last interaction + 1 s) holding the
 latest n, so the online store serves the current history. Cadence ``day``: one row per (user,
 UTC day with activity) stamped at the day start, holding interactions before that day, plus a
-final row at the start of the day after the last active day. Lists are oldest first.
+final row at the start of the day after the last active day (:mod:`llm_features.schedule`). Lists are
+oldest first.
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ import pandas as pd
 import pyarrow as pa
 
 from llm_features.parquet_io import list_parts, utc_us, write_part_streamed
+from llm_features.schedule import SnapshotSchedule, is_part_of, opens_snapshot, part_name
 from llm_features.workspace import Workspace
 
 Cadence = Literal["event", "day"]
 PART_PREFIX = "recent"
 METADATA_KEY = "llmfeat.recent"
-US_PER_S = 1_000_000
-US_PER_DAY = 86_400 * US_PER_S
 _MAX_LIST_VALUES = 2**31 - 1
 BLOCK_ROWS = 1_000_000
 """Interactions per block of users when the table is built block by block (bounded memory)."""
@@ -121,22 +121,20 @@ def iter_recent_behaviors(
 def _build_block(c: dict[str, np.ndarray], n: int, cadence: Cadence) -> pa.Table:
     """The rows of the users in ``c`` (whole users, sorted by user, ts, item)."""
     u, ts = c["user_id"], c["ts"]
-    key = ts if cadence == "event" else np.floor_divide(ts, US_PER_DAY) * US_PER_DAY
-    step = US_PER_S if cadence == "event" else US_PER_DAY
+    schedule = SnapshotSchedule(cadence)
+    key = schedule.stamps(ts)
     m = len(u)
     new_user = np.ones(m, dtype=bool)
     new_user[1:] = u[1:] != u[:-1]
     user_first = np.flatnonzero(new_user)
     user_start = user_first[np.cumsum(new_user) - 1]  # per row: index of its user's first row
-    new_group = new_user.copy()
-    new_group[1:] |= key[1:] != key[:-1]
-    g = np.flatnonzero(new_group)
+    g = np.flatnonzero(opens_snapshot(u, key))
     user_end = np.append(user_first[1:], m)  # exclusive
     # event rows: history = rows of the same user before the group's first row
     ends = np.concatenate([g, user_end])
     firsts = np.concatenate([user_start[g], user_first])
     users = np.concatenate([u[g], u[user_first]])
-    stamps = np.concatenate([key[g], key[user_end - 1] + step]) if m else np.zeros(0, np.int64)
+    stamps = np.concatenate([key[g], schedule.final_stamps(ts[user_end - 1])]) if m else np.zeros(0, np.int64)
     starts = np.maximum(firsts, ends - n)
     out_order = np.lexsort((stamps, users))
     ends, starts, users, stamps = ends[out_order], starts[out_order], users[out_order], stamps[out_order]
@@ -188,7 +186,7 @@ def write_recent_behaviors(
             workspace.interactions, columns=["user_id", "item_id", "event_timestamp", "behavior_id", "label"]
         )
     digest = interactions_digest(interactions)
-    name = f"{PART_PREFIX}-{cadence}-n{n}-{digest}"
+    name = part_name(PART_PREFIX, cadence, f"n{n}", digest)
     dest = workspace.user_recent_behaviors
     target = dest / f"part-{name}.parquet"
     if not target.exists():
@@ -196,6 +194,6 @@ def write_recent_behaviors(
         meta = {METADATA_KEY: json.dumps({"n": n, "cadence": cadence, "interactions_digest": digest})}
         write_part_streamed(dest, blocks, SCHEMA, metadata=meta, name=name)
     for old in list_parts(dest):
-        if old != target and old.name.startswith(f"part-{PART_PREFIX}-"):
+        if old != target and is_part_of(old, PART_PREFIX):
             old.unlink()
     return [target]
