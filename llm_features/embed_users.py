@@ -52,7 +52,7 @@ import pandas as pd
 import torch
 
 from llm_features.backbone import configure_threads
-from llm_features.config import validate_config
+from llm_features.config import data_dir_field, device_field, threads_field, validate_config
 from llm_features.devices import resolve_device
 from llm_features.distributed import barrier, init_from_env, sum_over_ranks
 from llm_features.errors import UserError
@@ -93,8 +93,7 @@ class EmbedUsersConfig:
     checkpoint: Path | None = field(default=None, metadata={
         "help": "Checkpoint directory written by `llmfeat finetune --out` (default: <data_dir>/runs/finetune, "
                 "finetune's default)."})
-    data_dir: Path | None = field(default=None, metadata={
-        "help": "Workspace data directory (default: $LLMFEAT_DATA_DIR or feast_repo/data)."})
+    data_dir: Path | None = data_dir_field()
     cadence: Literal["event", "day", "last"] = field(default="event", metadata={
         "help": "event: a row at every distinct interaction time (+ a final row); day: at each active day's "
                 "start (+ a final row); last: only the final, current row per user (fast online refresh)."})
@@ -116,11 +115,8 @@ class EmbedUsersConfig:
         "help": "Users per part file (the unit a killed run resumes from).", "min": 1})
     overwrite: bool = field(default=False, metadata={
         "help": "Delete existing user_embeddings parts of another checkpoint (or stale ones) first."})
-    device: str = field(default="auto", metadata={
-        "help": "cpu, cuda, cuda:N, or auto (cuda when available)."})
-    num_threads: int | None = field(default=None, metadata={
-        "help": "CPU threads for torch (default: the cores this process may use that other processes are "
-                "not keeping busy, at least 1; logged).", "min": 1})
+    device: str = device_field()
+    num_threads: int | None = threads_field()
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Allow Python code from the checkpoint's model directory (off: only built-in architectures). "
                 "Taken from the command line only, never from the checkpoint or a --config file.",

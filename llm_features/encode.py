@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from llm_features.atomic import write_json
 from llm_features.backbone import Backbone, BackboneConfig, configure_threads
-from llm_features.config import validate_config
+from llm_features.config import data_dir_field, device_field, threads_field, validate_config
 from llm_features.devices import resolve_device
 from llm_features.distributed import barrier, init_from_env, sum_over_ranks
 from llm_features.encode_inputs import (
@@ -57,15 +57,12 @@ REPORT_NAME = "encode_report.json"
 class EncodeConfig(BackboneConfig):
     """``llmfeat encode``: the backbone options plus where and how to encode."""
 
-    data_dir: Path | None = field(default=None, metadata={
-        "help": "Workspace directory (default: $LLMFEAT_DATA_DIR or feast_repo/data)."})
+    data_dir: Path | None = data_dir_field()
     batch_size: int = field(default=64, metadata={"help": "Texts per forward pass.", "min": 1})
     part_size: int = field(default=4096, metadata={
         "help": "Texts per part file (the unit a killed run resumes from).", "min": 1})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N, or auto (cuda when available)."})
-    num_threads: int | None = field(default=None, metadata={
-        "help": "CPU threads for torch (default: the cores this process may use that other processes are "
-                "not keeping busy, at least 1; logged).", "min": 1})
+    device: str = device_field()
+    num_threads: int | None = threads_field()
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
 
