@@ -120,10 +120,13 @@ def summary_rows(results: Path) -> list[tuple[str, str, str, str, str, str]]:
         p99, ratio = _get(levels, "1", "p99_ms"), _get(levels, "1", "p99_ratio_to_feast")
         v = _num(p99, "{:.1f} ms")
         if v != NOT_RUN:
-            v += f" ({_num(ratio, '{:.1f}x')} bare Feast's)" if ratio is not None else ""
+            v += f" ({_num(ratio, '{:.2f}x')} bare Feast's)" if ratio is not None else ""
             v += "; " + ", ".join(f"{c}: {_num(_get(lv, 'rps'), '{:.0f}')}" for c, lv in levels.items())
+        errors = [_get(lv, "errors") for c, lv in levels.items() if int(c) <= 32]
+        met = "-" if not isinstance(p99, (int, float)) or not isinstance(ratio, (int, float)) else (
+            "met" if p99 <= 10 and ratio <= 0.5 and errors and all(e == 0 for e in errors) else "**not met**")
         rows.append(("serving", f"`llmfeat serve` on {label}, 1 user + 100 candidates: p99 at 1 client; rps by "
-                     "clients", v, "-", "-", "-"))
+                     "clients", v, "10 ms, 0.5x; no errors up to 32 clients", "-", met))
 
     ft = _load(results / "finetune.json")
     rt, fl, mt = _get(ft, "ratios") or {}, {**FINETUNE_FLOORS, **(_get(ft, "floors") or {})}, _get(ft, "meets_floor") or {}
