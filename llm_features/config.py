@@ -15,6 +15,7 @@ Example::
     @dataclass_options(EncodeConfig)
     def encode(cfg: EncodeConfig) -> None: ...
 
+A field may give more spellings of its option (``metadata={"aliases": ("--num-threads",)}``).
 Numeric fields may bound their values with ``metadata={"min": ..., "max": ...}`` (inclusive; a
 ``"min_open"`` bound is exclusive). A value from a config file is checked against the same type,
 choices and bounds as the command-line option, and a bad one is a :class:`UserError` naming the
@@ -56,9 +57,11 @@ def device_field(default: str = "auto") -> Any:
     return dataclasses.field(default=default, metadata={"help": DEVICE_HELP})
 
 
-def threads_field(default: int | None = None, help: str = THREADS_HELP) -> Any:
-    """A torch intra-op thread count option (None: :mod:`llm_features.threads` picks and logs it)."""
-    return dataclasses.field(default=default, metadata={"help": help, "min": 1})
+def threads_field(default: int | None = None, help: str = THREADS_HELP, aliases: tuple[str, ...] = ()) -> Any:
+    """A torch intra-op thread count option (None: :mod:`llm_features.threads` picks and logs it);
+    ``aliases``: more spellings of the option (the ranker's ``--threads`` also answers to ``--num-threads``,
+    the other stages' spelling)."""
+    return dataclasses.field(default=default, metadata={"help": help, "min": 1, "aliases": aliases})
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -252,7 +255,7 @@ def dataclass_options(cls: type[T]) -> Callable[[Callable[..., Any]], Callable[.
                 required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                 opts.append(
                     click.option(
-                        flag, f.name, type=ctype, multiple=multiple, default=default,
+                        flag, *f.metadata.get("aliases", ()), f.name, type=ctype, multiple=multiple, default=default,
                         show_default=not required and default is not None, required=False, help=help_text,
                     )
                 )

@@ -186,7 +186,7 @@ class TrainConfig(ModelConfig):
     sharding: Literal["auto", "table_wise", "column_wise", "data_parallel"] = field(
         default="auto", metadata={"help": "Table sharding under torchrun (ignored in a single process)."}
     )
-    threads: int | None = threads_field()
+    threads: int | None = threads_field(aliases=("--num-threads",))
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self) -> None:
@@ -219,7 +219,7 @@ class EvaluateConfig:
         "help": "Entity rows per get_historical_features call."})
     max_rows: int | None = field(default=None, metadata={"min": 1,
         "help": "Evaluate only the first N rows of the split."})
-    threads: int | None = threads_field()
+    threads: int | None = threads_field(aliases=("--num-threads",))
 
     def __post_init__(self) -> None:
         if self.checkpoint is None:
@@ -275,8 +275,8 @@ class ServeConfig:
     port: int = field(default=8000, metadata={"min": 1, "max": 65535, "help": "TCP port."})
     workers: int = field(default=1, metadata={"min": 1, "help": (
         "Worker processes (each loads the model and scores one request at a time; about one per core).")})
-    threads: int = field(default=1, metadata={"min": 1, "help": (
-        "torch intra-op threads per worker (a 100-candidate forward pass gains nothing from more).")})
+    threads: int = threads_field(1, "torch intra-op threads per worker (a 100-candidate forward pass gains nothing "
+                                    "from more).", aliases=("--num-threads",))
     max_candidates: int = field(default=1000, metadata={"min": 1,
         "help": "Most item_ids one request may ask for (more: 422)."})
     max_body_bytes: int = field(default=1_048_576, metadata={"min": 64,

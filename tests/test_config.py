@@ -117,3 +117,21 @@ def test_a_field_without_default_is_required_from_the_command_line_or_the_file(t
     conf.write_text("user_id: 42\n")
     assert json.loads(CliRunner().invoke(needs_id, ["--config", str(conf)]).output) == {"user_id": 42, "size": 3}
     assert json.loads(CliRunner().invoke(needs_id, ["--user-id", "7"]).output) == {"user_id": 7, "size": 3}
+
+
+@dataclass
+class ThreadsConfig:
+    threads: int | None = field(default=None, metadata={"min": 1, "aliases": ("--num-threads",)})
+
+
+@click.command()
+@dataclass_options(ThreadsConfig)
+def threads_cmd(cfg: ThreadsConfig) -> None:
+    click.echo(json.dumps({"threads": cfg.threads}))
+
+
+def test_an_option_answers_to_its_aliases():
+    assert json.loads(CliRunner().invoke(threads_cmd, ["--threads", "3"]).output) == {"threads": 3}
+    assert json.loads(CliRunner().invoke(threads_cmd, ["--num-threads", "4"]).output) == {"threads": 4}
+    r = CliRunner().invoke(threads_cmd, ["--num-threads", "0"])
+    assert r.exit_code == 2 and "0" in r.output  # the alias is checked like the option
