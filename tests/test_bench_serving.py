@@ -204,5 +204,6 @@ def test_summary_rows_read_serving_json(tmp_path):
     bs.write_report(fake_result(), tmp_path, "serving")
     rows = {r[1]: r for r in summarize.summary_rows(tmp_path) if r[0] == "serving"}
     sqlite = rows["`llmfeat serve` on SQLite, 1 user + 100 candidates: p99 at 1 client; rps by clients"]
-    assert sqlite[2] == "30.0 ms (2.5x bare Feast's); 1: 40, 8: 55, 32: 56"
+    assert sqlite[2] == "30.0 ms (2.50x bare Feast's); 1: 40, 8: 55, 32: 56"
+    assert sqlite[3] == "10 ms, 0.5x; no errors up to 32 clients" and sqlite[5] == "**not met**"  # 30 ms, 2.5x
     assert rows["`llmfeat serve` on Redis, 1 user + 100 candidates: p99 at 1 client; rps by clients"][2] == "not run"
