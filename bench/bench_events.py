@@ -155,7 +155,8 @@ def run(args: argparse.Namespace, command: str, ws, EventProcessor) -> None:
     import torch
 
     out = {
-        "data_dir": str(args.data_dir), "in_place": bool(args.in_place), "checkpoint": str(proc.checkpoint), "device": str(proc.device),
+        "data_dir": str(args.data_dir), "in_place": bool(args.in_place), "checkpoint": str(proc.checkpoint),
+        "device": str(proc.device),
         "torch_threads": torch.get_num_threads(), "context_size": proc.context_size,
         "recent_n": proc.recent_n,
         "cadence": proc.identity["cadence"], "granularity": proc.ft.granularity, "online_write":
