@@ -11,7 +11,8 @@ whose peak RSS, process tree included, is sampled every 0.2 s):
 
 A stage that would run for hours here gets a time budget (``--stage-budget-s``) and reports the share
 it finished and its rate: embed-users writes its parts as it goes, so its share is the rows written
-over the snapshots asked for; finetune runs a fixed number of steps; ranker training reads at most
+over the snapshots asked for; materialize may get one too (``--materialize-budget-s``: the share of
+its time windows finished); finetune runs a fixed number of steps; ranker training reads at most
 ``--ranker-rows`` train rows. Every stage is killed above ``--rss-cap-gb`` (the table says so).
 
 Writes ``<out>/scale.json`` (per stage, per size: ``seconds``, ``peak_rss_mb``, ``rows_per_s``, the
@@ -145,8 +146,16 @@ def rows_of(stage: str, work: Path, info: dict, log_tail: str) -> tuple[float, f
     import pyarrow.parquet as pq
 
     data = work / "data"
-    if stage in ("ingest", "materialize"):
+    if stage == "ingest":
         return info["interactions"], None
+    if stage == "materialize":  # cut by --materialize-budget-s: the share of its time windows finished
+        import re
+
+        found = re.findall(r"materialising \(window (\d+) of (\d+)\)", (work / "materialize.log").read_text())
+        if "materialized" in log_tail or not found:
+            return info["interactions"], None
+        share = (int(found[-1][0]) - 1) / int(found[-1][1])  # the last window named was still running
+        return info["interactions"] * share, share
     if stage == "encode":
         report = json.loads((data / "encode_report.json").read_text())
         return report["texts_encoded"] + report["already_encoded"], None
@@ -193,12 +202,14 @@ def run_size(n: int, a) -> dict:
         if any(results.get(s, {}).get("status") not in ("ok", "budget") for s in STAGES[: STAGES.index(stage)]):
             results[stage] = {"status": "skipped (an earlier stage failed)"}
             continue
-        budget = a.stage_budget_s if stage in ("embed-users",) else a.stage_timeout_s
+        budget = (a.stage_budget_s if stage == "embed-users" else
+                  a.materialize_budget_s if stage == "materialize" and a.materialize_budget_s else a.stage_timeout_s)
         run = run_sampled(stage_command(stage, work, a), cap_gb=a.rss_cap_gb, env=env,
                           log_path=work / f"{stage}.log", timeout_s=budget)
         over_budget = run.returncode not in (0, None) and not run.killed_at_cap and run.seconds >= budget - 1
         status = ("ok" if run.returncode == 0 else f"killed above the {a.rss_cap_gb:g} GB cap" if run.killed_at_cap
-                  else "budget" if over_budget and stage == "embed-users" else f"failed (exit {run.returncode})")
+                  else "budget" if over_budget and stage in ("embed-users", "materialize")
+                  else f"failed (exit {run.returncode})")
         rows, share = rows_of(stage, work, info, run.output_tail) if status in ("ok", "budget") else (0, None)
         results[stage] = {"status": status, "seconds": round(run.seconds, 2), "peak_rss_mb": run.peak_rss_mb,
                           "rows": rows, "rows_per_s": round(rows / run.seconds, 1) if run.seconds else None,
@@ -322,6 +333,9 @@ def main() -> None:
     ap.add_argument("--ranker-rows", type=int, default=1_000_000)
     ap.add_argument("--lookups", type=int, default=200)
     ap.add_argument("--stage-budget-s", type=float, default=900, help="time budget of embed-users")
+    ap.add_argument("--materialize-budget-s", type=float, default=None,
+                    help="time budget of materialize (default: none); cut short, the share of its time windows "
+                         "finished is reported, and the stages after it read what was materialised")
     ap.add_argument("--stage-timeout-s", type=float, default=3 * 3600, help="any other stage: a failure past this")
     ap.add_argument("--rss-cap-gb", type=float, default=20.0)
     ap.add_argument("--report-only", action="store_true",

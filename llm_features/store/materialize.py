@@ -173,9 +173,10 @@ def materialize_all(
         with warnings.catch_warnings():
             # ibis (under feast's duckdb store) calls duckdb's deprecated fetch_arrow_table once per view
             warnings.filterwarnings("ignore", message="fetch_arrow_table", category=DeprecationWarning)
-            for names, lo_, hi_ in runs:
+            for i, (names, lo_, hi_) in enumerate(runs, 1):
                 if len(runs) > 1:
-                    log.info("materialising %s from %s to %s", ", ".join(names), lo_.isoformat(), hi_.isoformat())
+                    log.info("materialising (window %d of %d) %s from %s to %s", i, len(runs), ", ".join(names),
+                             lo_.isoformat(), hi_.isoformat())
                 store.materialize(start_date=lo_, end_date=hi_, feature_views=names)
     report.seconds = time.perf_counter() - t0
     return report
