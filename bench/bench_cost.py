@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_finetune import (  # noqa: E402
+from finetune_runs import (  # noqa: E402
     TIMING_WARMUP_STEPS, ensure_workspace, llmfeat, ratio, run_finetune, run_header, workspace_parser)
 
 
