@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llm_features.atomic import write_json
 from llm_features.errors import UserError
 from llm_features.events.history import _Histories, _Rows, _stat_key
 from llm_features.events.offline import PUSH_PREFIX
@@ -154,9 +155,7 @@ class _DataDirState:
         """One push more (under the data dir's lock). A directory's mtime may not change between two
         writes a few ms apart (coarse file times), so processors tell each other through this file."""
         self._seen_head = self._head() + 1
-        tmp = self._head_file.with_name(f".llmfeat-head.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"pushes": self._seen_head, "pid": os.getpid()}))
-        os.replace(tmp, self._head_file)
+        write_json(self._head_file, {"pushes": self._seen_head, "pid": os.getpid()})
 
     def _sync_parts(self) -> None:
         """Apply the part files other writers (or earlier processes) added since the last look."""

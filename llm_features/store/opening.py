@@ -10,6 +10,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+from llm_features.atomic import write_bytes
 from llm_features.errors import UserError
 from llm_features.feature_repo import find_repo
 from llm_features.workspace import DEFAULT_REPO, MissingInputError, Workspace, resolve_data_dir
@@ -224,9 +225,7 @@ def _infra_rows(db: Path, registry_type: str, project: str):
     def write_file(proto) -> None:
         registry = RegistryProto.FromString(db.read_bytes())
         registry.infra.CopyFrom(proto)
-        tmp = db.with_name(f".{db.name}.tmp")
-        tmp.write_bytes(registry.SerializeToString())
-        os.replace(tmp, db)
+        write_bytes(db, registry.SerializeToString())
     return read_file, write_file
 
 
