@@ -8,8 +8,9 @@ happen once (dropping stale rows, claiming the fingerprint, writing the report),
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -24,6 +25,21 @@ def init_from_env(device: torch.device | None = None) -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device | None = None) -> Iterator[tuple[int, int]]:
+    """:func:`init_from_env` for a block; the process group is left at its end when this call joined it
+    (a caller that is already in a group keeps it)."""
+    import torch.distributed as dist
+
+    owns = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    ranks = init_from_env(device)
+    try:
+        yield ranks
+    finally:
+        if owns:
+            dist.destroy_process_group()
 
 
 def barrier(world: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,6 +16,7 @@ import torch.distributed as dist
 
 from llm_features.atomic import json_default, write_json
 from llm_features.config import validate_config
+from llm_features.distributed import process_group
 from llm_features.threads import configure_threads
 from ranker.config import ModelConfig, TrainConfig
 from ranker.features import EncodedRows, FeatureEncoder, MissingFeatures, RawRows, feature_columns
@@ -49,15 +49,8 @@ def train(
         The metrics written to ``metrics.json`` (on every rank; only rank 0 writes files).
     """
     validate_config(cfg)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    owns_group = world > 1 and not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("gloo")
-    try:
+    with process_group():  # gloo: the ranker trains on CPU
         return _train(cfg, entities, source)
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSource | None) -> dict[str, Any]:
