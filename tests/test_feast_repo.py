@@ -95,3 +95,42 @@ def test_feast_cli_apply_materialize_and_incremental(tmp_path):
     feats = online_features(store, 3, [4, 20])
     np.testing.assert_array_equal(feats.values["item_embedding"], np.stack([syn.items[4], syn.items[20]]))
     np.testing.assert_array_equal(feats.values["user_embedding"][0], syn.users_v1[3])
+
+
+def _registered(store) -> dict:
+    """What a registry holds for the project, in a comparable form (no timestamps, no registry paths)."""
+    views = {
+        fv.name: {
+            "features": sorted((f.name, str(f.dtype)) for f in fv.features),
+            "entities": sorted(fv.entities),
+            "tags": dict(fv.tags),
+            "ttl": fv.ttl,
+            "online": fv.online,
+            "source": (type(fv.batch_source).__name__, fv.batch_source.name, getattr(fv.batch_source, "path", None)),
+            "stream_source": fv.stream_source.name if fv.stream_source is not None else None,
+        }
+        for fv in store.list_feature_views()
+    }
+    services = {s.name: (sorted(p.name for p in s.feature_view_projections), dict(s.tags))
+                for s in store.list_feature_services()}
+    entities = {e.name: (e.join_key, str(e.value_type), dict(e.tags)) for e in store.list_entities()}
+    sources = sorted((type(s).__name__, s.name) for s in store.list_data_sources())
+    return {"views": views, "services": services, "entities": entities, "sources": sources}
+
+
+def test_llmfeat_feast_apply_registers_what_plain_feast_apply_does(tmp_path):
+    """`llmfeat feast apply --data-dir D` and the plain `feast apply` run in the repository with
+    LLMFEAT_DATA_DIR=D register the same objects: the same views, features, tags, sources and services."""
+    from click.testing import CliRunner
+
+    from llm_features.cli import main as cli
+
+    repo = copy_repo(tmp_path / "feast_repo")
+    data = tmp_path / "data"
+    write_synthetic_workspace(data)
+    _feast(repo, "apply", env={**os.environ, "LLMFEAT_DATA_DIR": str(data)})
+    res = CliRunner().invoke(cli, ["feast", "apply", "--repo", str(repo), "--data-dir", str(data)])
+    assert res.exit_code == 0, res.output
+    plain = _registered(open_store(repo, repo / "data"))  # the plain CLI's registry: the yaml's <repo>/data
+    ours = _registered(open_store(repo, data))
+    assert plain["views"] and plain == ours
