@@ -47,7 +47,8 @@ import torch
 
 from ranker.features import ITEM_ID, USER_ID, FeatureEncoder, MissingFeatures
 from ranker.model import RankingModel
-from ranker.online import OnlineScorer, _is_feast_store, embedding_model_mismatch, split_feature_refs
+from ranker.online import OnlineScorer
+from ranker.online_rows import _is_feast_store, embedding_model_mismatch, split_feature_refs
 from ranker.train import load_checkpoint
 
 log = logging.getLogger(__name__)
