@@ -14,7 +14,7 @@ tiles are computed with plain batched matmuls that run, and train, on every devi
 Example::
 
     backbone = Backbone.load()                 # already uses llmfeat_sdpa
-    bias = TiledBias(...)                      # from FinetuneModel.attention_bias for long DTI rows
+    bias = TiledBias(...)                      # from FinetuneModel.batch_attention_bias for long DTI rows
     hidden = backbone.deep(x, bias, position_ids)
 """
 
@@ -31,7 +31,7 @@ _BASES = ("sdpa", "eager")
 
 
 @dataclass
-class TileGroup:
+class BiasedTiles:
     """Query tiles that each read ``M`` key tiles (one group of a :class:`TiledBias`)."""
 
     query_tiles: LongTensor
@@ -41,9 +41,9 @@ class TileGroup:
     bias: Tensor
     """``[G, 1 or H, tile, M * tile]``: 0 or a finite bias where allowed, ``finfo.min`` where masked."""
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "TileGroup":
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "BiasedTiles":
         move = (lambda x: x.to(device)) if device is not None else (lambda x: x)  # noqa: E731
-        return TileGroup(move(self.query_tiles), move(self.key_tiles), self.bias.to(dtype=dtype, device=device))
+        return BiasedTiles(move(self.query_tiles), move(self.key_tiles), self.bias.to(dtype=dtype, device=device))
 
 
 @dataclass
@@ -54,7 +54,7 @@ class TiledBias:
     attends only to the key tiles where its mask allows something, so attention costs
     ``O(L * M * tile)`` instead of ``O(L^2)``: a DTI sequence of ``k`` targets costs per token about
     what a sliding-window sequence does, whatever ``k``. Query tiles are grouped by how many key
-    tiles they need (:class:`TileGroup`), so the few wide ones (where two packed sequences meet) do
+    tiles they need (:class:`BiasedTiles`), so the few wide ones (where two packed sequences meet) do
     not make every tile pay for their width. It is the same mask, only stored sparsely (built by
     :func:`llm_features.finetune.masks.tile_keys`); :func:`tiled_attention` computes with it.
 
@@ -69,7 +69,7 @@ class TiledBias:
     rows: int
     num_tiles: int
     """``nt = ceil(L / tile)``."""
-    groups: list[TileGroup]
+    groups: list[BiasedTiles]
     """A partition of the ``rows * nt`` query tiles."""
     self_bias: Tensor
     """``[B, 1 or H, L]``: the finite bias of each token attending to itself (always allowed)."""
@@ -203,4 +203,4 @@ def use_llmfeat_attention(hf_model: nn.Module, base: str) -> str:
     return name
 
 
-__all__ = ["TileGroup", "TiledBias", "tiled_attention", "use_llmfeat_attention"]
+__all__ = ["BiasedTiles", "TiledBias", "tiled_attention", "use_llmfeat_attention"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm_features.attention import TiledBias, TileGroup, tiled_attention
+from llm_features.attention import TiledBias, BiasedTiles, tiled_attention
 from llm_features.backbone import Backbone, BackboneConfig
 from llm_features.finetune import FinetuneModel
 from llm_features.finetune.masks import (
@@ -78,7 +78,7 @@ def test_tiled_attention_equals_dense(backbones, kind, granularity, leakage):
         m.set_dropout(0.0)  # the only randomness
     hist = long_histories(1, length=90 if granularity == "behavior" else 30)
     batch = _batch(dense, hist, 24, n)
-    bias = tiled.attention_bias(batch)
+    bias = tiled.batch_attention_bias(batch)
     assert isinstance(bias, TiledBias)
     want_logits, want_grads = _logits_and_grads(dense, batch)
     got_logits, got_grads = _logits_and_grads(tiled, batch)
@@ -93,10 +93,10 @@ def test_tiled_bias_is_the_dense_bias_on_its_tiles(backbones):
     with torch.no_grad():
         model.distance_bias.table.normal_()
     batch = _batch(model, long_histories(2), 40, 5)
-    tiled = model.attention_bias(batch)
+    tiled = model.batch_attention_bias(batch)
     dense = FinetuneModel(backbones["bert"], context_size=5, attention="dense")
     dense.load_state_dict(model.state_dict())
-    want = dense.attention_bias(batch)
+    want = dense.batch_attention_bias(batch)
     assert torch.equal(tiled.dense().detach(), want.detach())
     # the mask's allowed entries all lie on the kept tiles, and the groups partition the query tiles
     allowed = allowed_attention(batch.layout, 5)
@@ -111,9 +111,9 @@ def test_auto_tiles_long_dti_rows_and_not_sliding_windows(backbones):
     model = FinetuneModel(backbones["bert"], context_size=6)
     hist = long_histories(4, users=4, length=200)
     sw = _batch(model, hist, 1, 6)
-    assert isinstance(model.attention_bias(sw), torch.Tensor)  # short rows: dense
+    assert isinstance(model.batch_attention_bias(sw), torch.Tensor)  # short rows: dense
     dti = _batch(model, hist, 64, 6)
-    bias = model.attention_bias(dti)
+    bias = model.batch_attention_bias(dti)
     assert isinstance(bias, TiledBias)
     assert bias.keys_per_query <= 0.35 * bias.length, (bias.keys_per_query, bias.length)
     # grouping by width: fewer keys than if every tile read as many key tiles as the widest
@@ -139,7 +139,7 @@ def test_tiled_attention_kernel_against_softmax(heads, kv_heads):
     for g in groups:
         rows = (g.query_tiles % nt)[:, None] * 16 + torch.arange(16)  # [G, 16]
         part = padded[g.row[:, None, None], :, rows[:, :, None], g.key_position[:, None, :]]  # [G, 16, M*16, H]
-        tile_groups.append(TileGroup(g.query_tiles, g.key_tiles, attention_bias(g.allowed, part.permute(0, 3, 1, 2))))
+        tile_groups.append(BiasedTiles(g.query_tiles, g.key_tiles, attention_bias(g.allowed, part.permute(0, 3, 1, 2))))
     diag = torch.arange(length)
     tiled = TiledBias(16, length, b, nt, tile_groups, extra[:, :, diag, diag])
     assert torch.equal(tiled.dense(), dense_bias)

@@ -166,7 +166,7 @@ DEFAULT_TILE = 16
 
 
 @dataclass
-class TileKeys:
+class MaskedTiles:
     """One group of query tiles of :func:`tile_keys`: the tiles, the key tiles they read, and the mask there."""
 
     query_tiles: LongTensor
@@ -206,7 +206,7 @@ def _split_by_width(counts: LongTensor) -> list[tuple[BoolTensor, int]]:
     return groups
 
 
-def tile_keys(allowed: BoolTensor, tile: int = DEFAULT_TILE) -> tuple[int, list[TileKeys]]:
+def tile_keys(allowed: BoolTensor, tile: int = DEFAULT_TILE) -> tuple[int, list[MaskedTiles]]:
     """The block-sparse form of an ``[B, L, L]`` mask, without its diagonal (see :class:`TiledBias`).
 
     Returns:
@@ -231,12 +231,12 @@ def tile_keys(allowed: BoolTensor, tile: int = DEFAULT_TILE) -> tuple[int, list[
         idx = local[:, None, :, None].expand(-1, tile, m, tile)
         on_tiles = rows.gather(2, idx).reshape(len(query_tiles), tile, m * tile)
         row = query_tiles // nt
-        out.append(TileKeys(query_tiles, row[:, None] * (nt + 1) + local, on_tiles, row,
+        out.append(MaskedTiles(query_tiles, row[:, None] * (nt + 1) + local, on_tiles, row,
                             (local[..., None] * tile + span).reshape(len(query_tiles), m * tile)))
     return nt, out
 
 
-def worth_tiling(length: int, nt: int, groups: list[TileKeys], tile: int) -> bool:
+def worth_tiling(length: int, nt: int, groups: list[MaskedTiles], tile: int) -> bool:
     """Tiles pay off when each query reads clearly fewer keys than the whole row (gathers cost extra)."""
     tiles = sum(len(g.query_tiles) for g in groups)
     keys = sum(len(g.query_tiles) * g.key_tiles.shape[1] for g in groups) * tile / max(1, tiles)

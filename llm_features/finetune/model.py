@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import LongTensor, Tensor, nn
 
 from llm_features.backbone import Backbone
-from llm_features.attention import TiledBias, TileGroup
+from llm_features.attention import TiledBias, BiasedTiles
 from llm_features.finetune.masks import (
     DEFAULT_TILE,
     Leakage,
@@ -164,7 +164,7 @@ class FinetuneModel(nn.Module):
         """Tokens of one behaviour text attend causally in decoders, bidirectionally in encoders."""
         return self.granularity == "token" and self.backbone.family == "decoder"
 
-    def attention_bias(self, batch: PackedBatch) -> Tensor | TiledBias:
+    def batch_attention_bias(self, batch: PackedBatch) -> Tensor | TiledBias:
         """The additive mask of the batch (+ the distance bias where allowed).
 
         ``[B, 1 or H, L, L]``, or its allowed tiles (:class:`TiledBias`, see ``attention``).
@@ -195,7 +195,7 @@ class FinetuneModel(nn.Module):
             if slot is not None:
                 d = query_slot[g.query_tiles][:, :, None] - slot[g.row[:, None], g.key_position][:, None, :]
                 bias = self.distance_bias(d.clamp_(min=0))
-            out.append(TileGroup(g.query_tiles, g.key_tiles, attention_bias(g.allowed, bias, dtype=dtype)))
+            out.append(BiasedTiles(g.query_tiles, g.key_tiles, attention_bias(g.allowed, bias, dtype=dtype)))
         return TiledBias(DEFAULT_TILE, length, rows, nt, out, own)
 
     def input_hidden(self, batch: PackedBatch) -> Tensor:
@@ -211,7 +211,7 @@ class FinetuneModel(nn.Module):
 
     def hidden_states(self, batch: PackedBatch) -> Tensor:
         """``[B, L, D]`` deep-stack outputs of every token."""
-        bias = self.attention_bias(batch)
+        bias = self.batch_attention_bias(batch)
         x = self.input_hidden(batch)
         if self.granularity == "token":
             x = self.backbone.shallow(x, bias, batch.position_ids)
