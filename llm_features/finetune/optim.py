@@ -25,7 +25,7 @@ def make_optimizer(model: FinetuneModel, cfg: FinetuneConfig) -> torch.optim.Opt
 
 
 def lr_factor(warmup: int, total: int) -> Callable[[int], float]:
-    """The factor of the base learning rate at each step: ``warmup`` steps up to 1, then down to 0 at ``total``."""
+    """The learning-rate factor of each step: up to 1 over ``warmup`` steps, then down to 0 at ``total``."""
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
             return (step + 1) / warmup
@@ -33,7 +33,9 @@ def lr_factor(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """The schedule of :func:`lr_factor`, stepped once per optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(warmup, total))
 

@@ -417,6 +417,6 @@ def finetune(
 __all__ = [
     "BatchSampler", "FinetuneRecipe", "PackerFactory", "finetune",
     # re-exported from their homes (batches, evaluation, optim, memory, distributed), for older importers
-    "epoch_batches", "evaluate", "init_distributed", "make_optimizer", "peak_rss_mb", "predict", "split_blocks",
-    "split_targets", "token_groups",
+    "epoch_batches", "evaluate", "init_distributed", "make_optimizer", "peak_rss_mb", "predict",
+    "split_blocks", "split_targets", "token_groups",
 ]
