@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping
+from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -58,6 +60,22 @@ def sum_over_ranks(values: Mapping[str, float], world: int, maximum: tuple[str, 
     gathered: list = [None] * world
     dist.all_gather_object(gathered, dict(values))
     return {k: (max if k in maximum else _total)([g[k] for g in gathered]) for k in values}
+
+
+def round_robin(idx: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's share of ``idx``: every ``world``-th entry from ``rank`` on."""
+    return idx[rank::world]
+
+
+def gather_arrays(arrays: list[np.ndarray], world: int) -> list[np.ndarray]:
+    """Each of ``arrays`` concatenated over the ranks, in rank order (every rank gets them all)."""
+    if world == 1:
+        return arrays
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, arrays)
+    return [np.concatenate([o[i] for o in out]) for i in range(len(arrays))]
 
 
 def _total(values: list):

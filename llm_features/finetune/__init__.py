@@ -2,10 +2,16 @@
 
 Modules, in data-flow order:
 
+- :mod:`~llm_features.finetune.config`: the options (:class:`FinetuneConfig`) and their checks;
+- :mod:`~llm_features.finetune.histories`: interactions grouped by user and time, the feedback vocabulary;
 - :mod:`~llm_features.finetune.masks`: THE attention-mask builder for every mode;
 - :mod:`~llm_features.finetune.packing`: histories to sliding-window / DTI sequences, both granularities;
+- :mod:`~llm_features.finetune.batch_rows`: the sequences of a batch laid into its rows;
 - :mod:`~llm_features.finetune.data`: a workspace to histories and frozen tables;
 - :mod:`~llm_features.finetune.model`: context/query tokens, distance bias, CTR head;
+- :mod:`~llm_features.finetune.batches`: each split's targets, the batches of an epoch, the passes of a step;
+- :mod:`~llm_features.finetune.optim`: AdamW and the learning-rate schedule;
+- :mod:`~llm_features.finetune.evaluation`: logits and AUC / LogLoss over blocks;
 - :mod:`~llm_features.finetune.train`: the recipe (:class:`FinetuneRecipe`: setup, train, evaluate, save, cleanup);
 - :mod:`~llm_features.finetune.checkpoint`: checkpoint files and :func:`load_finetuned`.
 """

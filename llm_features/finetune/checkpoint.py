@@ -42,7 +42,7 @@ from llm_features.backbone import Backbone, default_model_dir, weights_sha256
 from llm_features.config import build_config
 from llm_features.errors import UserError
 from llm_features.fingerprint import FingerprintMismatchError, ModelFingerprint
-from llm_features.finetune.config import FinetuneConfig
+from llm_features.finetune.config import FinetuneConfig, config_to_dict
 from llm_features.finetune.model import FinetuneModel
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,6 @@ def write_predictions(path: Path, rows, labels, logits) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, row=np.asarray(rows, np.int64), label=np.asarray(labels, np.float32),
                  logit=np.asarray(logits, np.float32))
-
-
-def config_to_dict(cfg: FinetuneConfig) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 def build_model(cfg: FinetuneConfig, backbone: Backbone, item_dim: int) -> FinetuneModel:
@@ -262,6 +258,21 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
         raise UserError(f"not a trainer state llmfeat wrote (expected the keys {', '.join(_STATE_KEYS)})",
                         file=path, option="--resume", fix="Rerun without --resume, or choose a new --out.")
     return state
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's global RNG states (CPU, and every CUDA device when there is one), for the trainer state."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set torch's global RNG states back to those :func:`rng_state` saved (CUDA ones where there is CUDA)."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_resume_set(out: str | os.PathLike) -> ResumeSet | None:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from llm_features.backbone import BackboneConfig
+from llm_features.backbone import Backbone, BackboneConfig
 from llm_features.config import data_dir_field, device_field, threads_field, validate_config
 from llm_features.errors import UserError
+
+if TYPE_CHECKING:
+    from llm_features.finetune.checkpoint import ResumeSet
+
+# Options that may differ between a run and its resumption.
+RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "log_every", "save_every", "device", "num_threads",
+                     "eval_batch_size", "attention", "micro_batch_tokens", "out", "trust_remote_code",
+                     "measure_memory"}
 
 
 @dataclass
@@ -190,3 +199,28 @@ def check_finetune_config(cfg: FinetuneConfig) -> None:
                             fix="AdamW's betas and the weight average's decay are in [0, 1).")
     if cfg.fold is not None and not 0 <= cfg.fold < cfg.folds:
         raise UserError(f"{cfg.fold} is outside 0..{cfg.folds - 1} (with --folds {cfg.folds})", option="--fold")
+
+
+def config_to_dict(cfg: FinetuneConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def check_resume(cfg: FinetuneConfig, saved: ResumeSet) -> None:
+    """Refuse to resume ``saved`` with options that change what is trained."""
+    then, now = config_to_dict(saved.cfg), config_to_dict(cfg)
+    changed = [k for k, v in then.items() if k not in RESUMABLE_CHANGES and now.get(k) != v]
+    if changed:
+        what = ", ".join(f"--{k.replace('_', '-')} {then[k]} (now {now.get(k)})" for k in changed[:3])
+        raise UserError(f"was trained with {what}", file=Path(cfg.out), option="--resume",
+                        fix="Resume with the same options, or choose a new --out.")
+
+
+def check_split(backbone: Backbone) -> None:
+    """Fine-tuning needs layers on both sides of ``--split-layer``."""
+    n, split = backbone.num_layers, backbone.split_layer
+    if not 1 <= split <= n - 1:
+        raise UserError(
+            f"{split} leaves the {'shallow' if split == 0 else 'deep'} stack empty: "
+            f"{backbone.fingerprint.model_name} has {n} layers", option="--split-layer",
+            fix=f"Use 1..{n - 1} (layers below it encode behaviours, the others are fine-tuned)."
+            if n > 1 else "Fine-tuning needs a model of two layers or more.")

@@ -10,6 +10,9 @@ query tokens ``q_s..q_{s+k-1}``, where ``a = max(user start, time_start[s] - n)`
 * Token level: every context is the token span of its behaviour text with its feedback written
   as words; one token per query.
 
+The histories come from :mod:`llm_features.finetune.histories`; the sequences of a batch are laid
+into its rows by :mod:`llm_features.finetune.batch_rows`.
+
 Example::
 
     from llm_features.ingest.split import SPLIT_CODES
@@ -23,8 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import bisect
-import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
@@ -33,116 +34,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from llm_features.finetune.batch_rows import LONG_SEQUENCE, RowPlacer, assign_rows, balance_rows
+from llm_features.finetune.histories import NUM_FEEDBACK, UserHistories, feedback_index, feedback_words
 from llm_features.finetune.masks import SequenceLayout
 
 if TYPE_CHECKING:
     from llm_features.backbone import Backbone
     from llm_features.finetune.config import FinetuneConfig
     from llm_features.finetune.data import FinetuneData
-
-
-# Feedback vocabulary: 0/1 = label (disliked/liked); 2 + r = rating r (r rounded, 0..10).
-NUM_FEEDBACK = 13
-
-
-def feedback_index(label: np.ndarray, rating: np.ndarray | None, mode: str) -> np.ndarray:
-    """``[N]`` feedback ids: the label (``mode="label"``), or the rounded rating where known (``"rating"``)."""
-    label = np.asarray(label).astype(np.int64)
-    if mode == "label" or rating is None:
-        return label
-    if mode != "rating":
-        raise ValueError(f"unknown feedback mode {mode!r}; choose label or rating")
-    rating = np.asarray(rating, dtype=np.float64)
-    known = np.isfinite(rating)
-    out = label.copy()
-    out[known] = 2 + np.clip(np.rint(rating[known]), 0, 10).astype(np.int64)
-    return out
-
-
-def feedback_words(index: int) -> str:
-    """The feedback of an interaction written as words (token level)."""
-    if index == 0:
-        return "disliked"
-    if index == 1:
-        return "liked"
-    r = index - 2
-    return f"rated {r} star" + ("" if r == 1 else "s")
-
-
-@dataclass
-class UserHistories:
-    """All interactions grouped by user and sorted by time (ties in input order); arrays are ``[N]``.
-
-    Row indices are global; ``offsets[u]:offsets[u+1]`` are the rows of user ``user_ids[u]``.
-    """
-
-    user_ids: np.ndarray
-    offsets: np.ndarray
-    time: np.ndarray
-    behavior_row: np.ndarray
-    item_row: np.ndarray
-    label: np.ndarray
-    feedback: np.ndarray
-    split: np.ndarray
-    time_start: np.ndarray
-    """First row of the same user with the same timestamp: ``h`` is strictly earlier than ``i`` iff ``h < time_start[i]``."""
-    user_start: np.ndarray
-    """First row of the row's user."""
-
-    def __len__(self) -> int:
-        return len(self.time)
-
-    @classmethod
-    def from_arrays(
-        cls,
-        user: np.ndarray,
-        time: np.ndarray,
-        behavior_row: np.ndarray,
-        item_row: np.ndarray,
-        label: np.ndarray,
-        feedback: np.ndarray | None = None,
-        split: np.ndarray | None = None,
-    ) -> "UserHistories":
-        """Group and sort raw interaction arrays (any order) by (user, time), keeping input order for ties."""
-        user = np.asarray(user, dtype=np.int64)
-        time = np.asarray(time, dtype=np.int64)
-        n = len(user)
-        order = np.lexsort((np.arange(n), time, user))
-        user, time = user[order], time[order]
-        label = np.asarray(label)[order].astype(np.float32)
-        feedback = (label.astype(np.int64) if feedback is None else np.asarray(feedback, dtype=np.int64)[order])
-        split = np.zeros(n, np.int8) if split is None else np.asarray(split, dtype=np.int8)[order]
-        new_user = np.ones(n, dtype=bool)
-        new_user[1:] = user[1:] != user[:-1]
-        new_time = new_user.copy()
-        new_time[1:] |= time[1:] != time[:-1]
-        rows = np.arange(n, dtype=np.int64)
-        user_start = np.maximum.accumulate(np.where(new_user, rows, 0))
-        time_start = np.maximum.accumulate(np.where(new_time, rows, 0))
-        starts = np.flatnonzero(new_user)
-        return cls(
-            user_ids=user[starts],
-            offsets=np.append(starts, n).astype(np.int64),
-            time=time,
-            behavior_row=np.asarray(behavior_row, dtype=np.int64)[order],
-            item_row=np.asarray(item_row, dtype=np.int64)[order],
-            label=label,
-            feedback=feedback,
-            split=split,
-            time_start=time_start,
-            user_start=user_start,
-        )
-
-    def select_users(self, keep: np.ndarray) -> "UserHistories":
-        """The histories of the users at positions ``keep`` (indices into ``user_ids``)."""
-        keep = np.sort(np.asarray(keep, dtype=np.int64))
-        rows = np.concatenate([np.arange(self.offsets[u], self.offsets[u + 1]) for u in keep]) if len(keep) else (
-            np.zeros(0, np.int64))
-        user = np.repeat(self.user_ids[keep], np.diff(self.offsets)[keep])
-        return UserHistories.from_arrays(
-            user, self.time[rows], self.behavior_row[rows], self.item_row[rows], self.label[rows],
-            self.feedback[rows], self.split[rows],
-        )
 
 
 @dataclass
@@ -259,143 +158,6 @@ class PackedBatch:
         return PackedBatch(**out)
 
 
-def assign_rows(lengths: np.ndarray, capacity: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """Place sequences of ``lengths`` tokens into as few rows of ``capacity`` tokens as best-fit decreasing finds.
-
-    Row packing removes most of the padding of a batch without making its rows longer: the capacity
-    defaults to the longest sequence. Deterministic (ties keep the input order).
-
-    Returns:
-        ``(row, offset, rows)``: each sequence's row and first column, and the number of rows.
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    capacity = int(lengths.max()) if capacity is None and len(lengths) else int(capacity or 0)
-    if len(lengths) and lengths.max() > capacity:
-        raise ValueError(f"a sequence of {int(lengths.max())} tokens does not fit rows of {capacity}")
-    row = np.zeros(len(lengths), np.int64)
-    offset = np.zeros(len(lengths), np.int64)
-    free: list[tuple[int, int]] = []  # (free tokens, row), sorted
-    used: list[int] = []
-    for i in np.argsort(-lengths, kind="stable").tolist():
-        n = int(lengths[i])
-        at = bisect.bisect_left(free, (n, -1))
-        if at < len(free):  # the fullest row that still fits it
-            _, r = free.pop(at)
-        else:
-            r = len(used)
-            used.append(0)
-        row[i], offset[i] = r, used[r]
-        used[r] += n
-        if used[r] < capacity:
-            bisect.insort(free, (capacity - used[r], r))
-    return row, offset, len(used)
-
-
-def balance_rows(lengths: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Spread sequences over ``rows`` rows so that the longest row is as short as greedy finds.
-
-    Longest first, each into the currently shortest row (LPT): rows end up within one sequence
-    of each other, so there is little padding even when the rows are few.
-
-    Returns:
-        ``(row, offset, longest row)``.
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    rows = max(1, min(int(rows), len(lengths)))
-    row = np.zeros(len(lengths), np.int64)
-    offset = np.zeros(len(lengths), np.int64)
-    heap = [(0, r) for r in range(rows)]
-    for i in np.argsort(-lengths, kind="stable").tolist():
-        used, r = heapq.heappop(heap)
-        row[i], offset[i] = r, used
-        heapq.heappush(heap, (used + int(lengths[i]), r))
-    return row, offset, max(u for u, _ in heap)
-
-
-LONG_SEQUENCE = 64
-"""Sequences at least this long (DTI blocks) are balanced over rows up to four times as long as the longest."""
-
-
-class _RowPlacer:
-    """Scatters the tokens of variable-length sequences, given flat in sequence order, into ``[R, L]`` rows.
-
-    With ``pack_rows`` several sequences may share a row; without it each sequence gets its own row
-    and ``L`` is the longest sequence. Short sequences (sliding window) fill rows as long as the
-    longest of them (:func:`assign_rows`). Long ones (DTI blocks) are balanced over the number of rows
-    (each at most four times the longest sequence) that pads least (:func:`balance_rows`);
-    block-sparse attention (:class:`~llm_features.attention.TiledBias`) makes long rows cost little.
-
-    With ``head`` (the first ``head[s]`` tokens of sequence ``s``: its contexts), a row holds the
-    heads of all its sequences first, then their tails (the query tokens), each part in sequence
-    order. Queries attend to contexts only, and their windows then sit side by side in one region
-    of the row, so a tile of query rows needs few key tiles even where it spans two sequences.
-    """
-
-    def __init__(self, lengths: np.ndarray, pack_rows: bool, head: np.ndarray | None = None) -> None:
-        lengths = np.asarray(lengths, dtype=np.int64)
-        longest = int(lengths.max())
-        if not pack_rows:
-            seq_row, seq_offset, self.rows = np.arange(len(lengths)), np.zeros(len(lengths), np.int64), len(lengths)
-            self.length = longest
-        elif longest >= LONG_SEQUENCE:
-            # the row count with the least padding, rows at most 4x the longest sequence
-            total = int(lengths.sum())
-            best = None
-            for rows in range(max(1, -(-total // (4 * longest))), -(-total // longest) + 1):
-                placed = balance_rows(lengths, rows)
-                if best is None or rows * placed[2] < best[0] * best[1][2]:
-                    best = (rows, placed)
-            self.rows, (seq_row, seq_offset, self.length) = best
-        else:
-            self.length = longest
-            seq_row, seq_offset, self.rows = assign_rows(lengths, self.length)
-        self.seq = np.repeat(np.arange(len(lengths)), lengths)
-        """``[N]`` sequence of each flat token."""
-        self.within = np.arange(len(self.seq)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        """``[N]`` index of each flat token inside its sequence."""
-        column = seq_offset[self.seq] + self.within
-        if head is not None:
-            head = np.asarray(head, dtype=np.int64)
-            tail = lengths - head
-            order = np.lexsort((seq_offset, seq_row))  # the sequences of each row, left to right
-            first = np.ones(len(order), bool)
-            first[1:] = seq_row[order][1:] != seq_row[order][:-1]
-            group = np.cumsum(first) - 1
-            starts = np.flatnonzero(first)
-
-            def before(x: np.ndarray) -> np.ndarray:  # sum of x over the earlier sequences of the same row
-                c = np.cumsum(x[order]) - x[order]
-                out = np.empty(len(x), np.int64)
-                out[order] = c - c[starts][group]
-                return out
-
-            row_heads = np.bincount(seq_row, weights=head, minlength=self.rows).astype(np.int64)
-            head_at = before(head)
-            tail_at = row_heads[seq_row] + before(tail)
-            in_head = self.within < head[self.seq]
-            column = np.where(in_head, head_at[self.seq] + self.within,
-                              tail_at[self.seq] + self.within - head[self.seq])
-        self.flat = seq_row[self.seq] * self.length + column
-        """``[N]`` index of each flat token in the ``[R, L]`` rows (row-major)."""
-
-    def __call__(self, values: np.ndarray, fill) -> np.ndarray:
-        out = np.full(self.rows * self.length, fill, dtype=np.asarray(values).dtype)
-        out[self.flat] = values
-        return out.reshape(self.rows, self.length)
-
-    def layout(self, interaction: np.ndarray, time_start: np.ndarray, is_query: np.ndarray, span: np.ndarray,
-               pad_interaction: int) -> SequenceLayout:
-        """The :class:`SequenceLayout` of the flat tokens (padding: not valid, its own segment -1)."""
-        return SequenceLayout(
-            interaction=torch.from_numpy(self(interaction, pad_interaction)),
-            time_start=torch.from_numpy(self(time_start, pad_interaction)),
-            is_query=torch.from_numpy(self(is_query, False)),
-            span=torch.from_numpy(self(span, -1)),
-            valid=torch.from_numpy(self(np.ones(len(self.seq), bool), False)),
-            segment=torch.from_numpy(self(self.seq, -1)),
-        )
-
-
 class BehaviorPacker:
     """Behaviour-level sequences: one token per context behaviour and one per query (fully vectorised).
 
@@ -422,7 +184,7 @@ class BehaviorPacker:
     def __call__(self, blocks: Blocks) -> PackedBatch:
         h = self.hist
         ntok = blocks.num_tokens
-        place = _RowPlacer(ntok, self.pack_rows, head=blocks.context_end - blocks.context_start)
+        place = RowPlacer(ntok, self.pack_rows, head=blocks.context_end - blocks.context_start)
         seq, t = place.seq, place.within
         nctx = (blocks.context_end - blocks.context_start)[seq]
         is_ctx = t < nctx
@@ -519,7 +281,7 @@ class TokenPacker:
             is_query = np.concatenate([np.zeros(cum[-1], bool), np.ones(len(tgt), bool)])
             embed_pos = np.concatenate([within, np.zeros(len(tgt), np.int64)])
             seqs.append((ids, row, pos, is_query, embed_pos))
-        place = _RowPlacer(np.array([len(x[0]) for x in seqs]), self.pack_rows,
+        place = RowPlacer(np.array([len(x[0]) for x in seqs]), self.pack_rows,
                            head=np.array([int((~x[3]).sum()) for x in seqs]))
         ids, row, pos, is_query, embed_pos = (np.concatenate([x[i] for x in seqs]) for i in range(5))
         target_rows = torch.from_numpy(row[is_query])
@@ -544,3 +306,11 @@ def make_packer(cfg: FinetuneConfig, data: FinetuneData, backbone: Backbone) -> 
         return BehaviorPacker(data.hist, data.behavior_table, data.item_table)
     return TokenPacker(data.hist, data.behavior_texts, data.item_table, backbone.tokenize,
                        pad_id=int(backbone.tokenizer.pad_token_id))
+
+
+__all__ = [
+    "BehaviorPacker", "Blocks", "PackedBatch", "TokenPacker", "batch_indices", "make_blocks", "make_packer",
+    # re-exported from their homes (histories, batch_rows), for older importers
+    "LONG_SEQUENCE", "NUM_FEEDBACK", "RowPlacer", "UserHistories", "assign_rows", "balance_rows",
+    "feedback_index", "feedback_words",
+]

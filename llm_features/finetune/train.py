@@ -26,210 +26,30 @@ import torch.nn.functional as F
 from llm_features.atomic import write_json
 from llm_features.backbone import Backbone, configure_threads
 from llm_features.devices import resolve_device
+from llm_features.distributed import init_from_env as init_distributed, round_robin
 from llm_features.errors import UserError
+from llm_features.finetune.batches import epoch_batches, split_blocks, split_targets, token_groups
 from llm_features.finetune.checkpoint import (
-    METRICS,
-    TEST_PREDICTIONS,
-    ResumeSet,
-    link_into_place,
-    build_model,
-    check_model_files,
-    config_to_dict,
-    load_resume_set,
-    load_trainable,
-    save_checkpoint,
-    write_predictions,
-    save_weights,
-    BEST_WEIGHTS,
-    CONFIG,
-    WEIGHTS,
+    BEST_WEIGHTS, CONFIG, METRICS, TEST_PREDICTIONS, WEIGHTS, build_model, check_model_files, link_into_place,
+    load_resume_set, load_trainable, restore_rng_state, rng_state, save_checkpoint, save_weights,
 )
-from llm_features.finetune.config import FinetuneConfig, check_finetune_config
-from llm_features.finetune.data import FinetuneData, limit_targets, load_finetune_data
+from llm_features.finetune.config import (
+    FinetuneConfig, check_finetune_config, check_resume, check_split, config_to_dict,
+)
+from llm_features.finetune.data import FinetuneData, load_finetune_data
 from llm_features.finetune.ema import WeightAverage
-from llm_features.finetune.memory import ProcessPeakMemory, TrainingMemory, peak_rss_mb  # noqa: F401 (re-exported)
-from llm_features.finetune.model import FinetuneModel, count_parameters
-from llm_features.finetune.packing import Blocks, batch_indices, make_blocks, make_packer
-from llm_features.ingest.split import SPLIT_CODES
-from llm_features.metrics import log_loss_from_logits, roc_auc
+from llm_features.finetune.evaluation import evaluate, predict
+from llm_features.finetune.memory import ProcessPeakMemory, TrainingMemory, peak_rss_mb
+from llm_features.finetune.model import count_parameters
+from llm_features.finetune.optim import make_optimizer, make_scheduler
+from llm_features.finetune.packing import Blocks, batch_indices, make_packer
 from llm_features.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-# Options that may differ between a run and its resumption.
-RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "log_every", "save_every", "device", "num_threads",
-                     "eval_batch_size", "attention", "micro_batch_tokens", "out", "trust_remote_code",
-                     "measure_memory"}
 # Optimizer steps of each process left out of the steady-state throughput (allocator and optimizer-state
 # warm-up, first-touch page faults).
 TIMING_WARMUP_STEPS = 2
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def check_resume(cfg: FinetuneConfig, saved: ResumeSet) -> None:
-    """Refuse to resume ``saved`` with options that change what is trained."""
-    then, now = config_to_dict(saved.cfg), config_to_dict(cfg)
-    changed = [k for k, v in then.items() if k not in RESUMABLE_CHANGES and now.get(k) != v]
-    if changed:
-        what = ", ".join(f"--{k.replace('_', '-')} {then[k]} (now {now.get(k)})" for k in changed[:3])
-        raise UserError(f"was trained with {what}", file=Path(cfg.out), option="--resume",
-                        fix="Resume with the same options, or choose a new --out.")
-
-
-def check_split(backbone: Backbone) -> None:
-    """Fine-tuning needs layers on both sides of ``--split-layer``."""
-    n, split = backbone.num_layers, backbone.split_layer
-    if not 1 <= split <= n - 1:
-        raise UserError(
-            f"{split} leaves the {'shallow' if split == 0 else 'deep'} stack empty: "
-            f"{backbone.fingerprint.model_name} has {n} layers", option="--split-layer",
-            fix=f"Use 1..{n - 1} (layers below it encode behaviours, the others are fine-tuned)."
-            if n > 1 else "Fine-tuning needs a model of two layers or more.")
-
-
-def split_targets(cfg: FinetuneConfig, data: FinetuneData, split: str) -> np.ndarray:
-    """``[N]`` boolean: the rows of ``split`` this run trains on or evaluates (after ``max_targets``).
-
-    Baselines that must see exactly the same targets (``bench/bench_finetune.py``) call this too.
-    """
-    mask = data.split_mask(split)
-    if split == "train" and cfg.fold is not None:
-        from llm_features.ids import user_fold
-
-        user_of_row = np.repeat(data.hist.user_ids, np.diff(data.hist.offsets))
-        mask = mask & (user_fold(user_of_row, cfg.folds) != cfg.fold)
-    return limit_targets(data.hist, mask, cfg.max_targets, cfg.sample_seed + SPLIT_CODES[split])
-
-
-def split_blocks(cfg: FinetuneConfig, data: FinetuneData, split: str, k: int) -> Blocks:
-    return make_blocks(data.hist, split_targets(cfg, data, split), k, cfg.context_size)
-
-
-def token_groups(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
-    """Split sequences (in order) into consecutive groups of at most ``max_tokens`` positions (0: one group).
-
-    A sequence longer than ``max_tokens`` forms a group of its own.
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if max_tokens <= 0 or lengths.sum() <= max_tokens:
-        return [np.arange(len(lengths))]
-    groups, start, used = [], 0, 0
-    for i, n in enumerate(lengths.tolist()):
-        if used and used + n > max_tokens:
-            groups.append(np.arange(start, i))
-            start, used = i, 0
-        used += n
-    groups.append(np.arange(start, len(lengths)))
-    return groups
-
-
-def epoch_batches(blocks: Blocks, targets_per_batch: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """The block indices of each batch of ``epoch``: a pure function of (seed, epoch), so resume can skip ahead."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(blocks))
-    return [order[i] for i in batch_indices(blocks.num_targets[order], targets_per_batch)]
-
-
-@torch.no_grad()
-def predict(
-    model: FinetuneModel, packer, blocks: Blocks, targets_per_batch: int, device: torch.device
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(target rows, labels, logits) of every target in ``blocks``, in block order."""
-    was_training = model.training
-    model.eval()
-    rows, labels, logits = [], [], []
-    for idx in batch_indices(blocks.num_targets, targets_per_batch):
-        batch = packer(blocks.take(idx)).to(device)
-        logits.append(model(batch).float().cpu().numpy())
-        rows.append(batch.target_rows.cpu().numpy())
-        labels.append(batch.labels.cpu().numpy())
-    model.train(was_training)
-    if not rows:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)
-    return np.concatenate(rows), np.concatenate(labels), np.concatenate(logits)
-
-
-def evaluate(
-    model: FinetuneModel, packer, blocks: Blocks, targets_per_batch: int, device: torch.device,
-    rank: int = 0, world: int = 1, predictions: Path | None = None,
-) -> dict:
-    """AUC / LogLoss over the targets of ``blocks`` (each rank predicts a share, all ranks get the metrics).
-
-    With ``predictions``, rank 0 also writes the history rows, labels and logits of every target there
-    (``.npz``), so that two runs on the same data can be compared target by target.
-    """
-    t0 = time.perf_counter()
-    local = blocks.take(np.arange(rank, len(blocks), world)) if world > 1 else blocks
-    rows, labels, logits = predict(model, packer, local, targets_per_batch, device)
-    rows, labels, logits = _gather([rows, labels, logits], world)
-    seconds = time.perf_counter() - t0
-    if predictions is not None and rank == 0:
-        write_predictions(predictions, rows, labels, logits)
-    return {
-        "auc": roc_auc(labels, logits),
-        "logloss": log_loss_from_logits(labels, logits),
-        "targets": int(len(labels)),
-        "positive_rate": float(labels.mean()) if len(labels) else float("nan"),
-        "seconds": seconds,
-        "targets_per_s": len(labels) / seconds if seconds > 0 else float("nan"),
-    }
-
-
-def make_optimizer(model: FinetuneModel, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """AdamW over the model's parameter groups, fused where the device supports it.
-
-    Fused: one kernel for all parameters instead of a loop over tensors. The optimizer step is a
-    fixed cost per step, so this matters most for short steps (DTI packs many targets in few tokens).
-    """
-    groups = model.param_groups(cfg.lr, cfg.head_lr, cfg.weight_decay)
-    betas = (cfg.adam_beta1, cfg.adam_beta2)
-    try:
-        return torch.optim.AdamW(groups, betas=betas, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(groups, betas=betas)
-
-
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return f
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ------------------------------------------------------------------------------------------ distributed
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by ``torchrun`` (gloo on CPU, nccl on GPU)."""
-    from llm_features.distributed import init_from_env
-
-    return init_from_env(device)
-
-
-def _shard(idx: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """This rank's blocks of one global batch (round robin)."""
-    return idx[rank::world]
-
-
-def _gather(arrays: list[np.ndarray], world: int) -> list[np.ndarray]:
-    if world == 1:
-        return arrays
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, arrays)
-    return [np.concatenate([o[i] for o in out]) for i in range(len(arrays))]
 
 
 # ------------------------------------------------------------------------------------------ recipe
@@ -348,8 +168,7 @@ class FinetuneRecipe:
 
             self.forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                    else None)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           _lr_lambda(cfg.warmup_steps, self.total_steps))
+        self.scheduler = make_scheduler(self.optimizer, cfg.warmup_steps, self.total_steps)
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "train_targets": 0,
                                       "history": []}
 
@@ -363,7 +182,7 @@ class FinetuneRecipe:
         if self.ema is not None:  # model.safetensors holds the average; the trained weights are in the trainer state
             self.ema.load_state_dict(saved["ema"])
             self.ema.load_raw_state(saved["raw_weights"])
-        _set_rng_state(saved["rng"])
+        restore_rng_state(saved["rng"])
         if self.rank == 0 and "best" in state and (resume.path / BEST_WEIGHTS).exists():
             # the best epoch as of that step (a later one may have been written before the kill)
             link_into_place(resume.path / BEST_WEIGHTS, self.out / BEST_WEIGHTS)
@@ -432,7 +251,7 @@ class FinetuneRecipe:
         cfg, state, device, rank, world = self.cfg, self.state, self.device, self.rank, self.world
         t0 = time.perf_counter()
         global_targets = int(self.train_blocks.num_targets[global_idx].sum())
-        local_idx = _shard(global_idx, rank, world)
+        local_idx = round_robin(global_idx, rank, world)  # this rank's blocks of the batch
         weight = 1.0
         if len(local_idx) == 0:  # fewer blocks than ranks: run one block with zero weight to keep DDP in step
             local_idx, weight = global_idx[:1], 0.0
@@ -556,7 +375,7 @@ class FinetuneRecipe:
         if self.rank != 0:
             return
         trainer_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                         "state": self.state, "rng": _rng_state()}
+                         "state": self.state, "rng": rng_state()}
         if self.ema is not None:
             trainer_state.update(ema=self.ema.state_dict(), raw_weights=self.ema.raw_state())
         with self.averaged():
@@ -595,5 +414,9 @@ def finetune(
     return FinetuneRecipe(cfg, backbone=backbone, data=data).run()
 
 
-__all__ = ["BatchSampler", "FinetuneRecipe", "PackerFactory", "evaluate", "finetune", "peak_rss_mb", "predict",
-           "split_targets"]
+__all__ = [
+    "BatchSampler", "FinetuneRecipe", "PackerFactory", "finetune",
+    # re-exported from their homes (batches, evaluation, optim, memory, distributed), for older importers
+    "epoch_batches", "evaluate", "init_distributed", "make_optimizer", "peak_rss_mb", "predict",
+    "split_blocks", "split_targets", "token_groups",
+]
