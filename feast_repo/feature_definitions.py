@@ -172,44 +172,31 @@ user_recent_behaviors_push = _push_source("user_recent_behaviors", user_recent_b
 # Feature views (feature names are globally unique across views)
 
 
-def _embedding_tags(level: str) -> dict[str, str]:
-    return {"llmfeat_kind": "embedding", "llmfeat_level": level, **EMBEDDING_TAGS}
+def _embedding_view(name: str, entity: Entity, level: str, source: PushSource,
+                    description: str) -> FeatureView:
+    """A view of one embedding per ``entity`` (feature ``<level>_embedding``), tagged with the model's fingerprint."""
+    return FeatureView(
+        name=name,
+        entities=[entity],
+        ttl=TTL,
+        schema=[_embedding_field(f"{level}_embedding")],
+        source=source,
+        online=True,
+        owner=OWNER,
+        tags={"llmfeat_kind": "embedding", "llmfeat_level": level, **EMBEDDING_TAGS},
+        description=description,
+    )
 
 
-atomic_behavior_embeddings = FeatureView(
-    name="atomic_behavior_embeddings",
-    entities=[behavior],
-    ttl=TTL,
-    schema=[_embedding_field("behavior_embedding")],
-    source=atomic_behavior_embeddings_push,
-    online=True,
-    owner=OWNER,
-    tags=_embedding_tags("behavior"),
-    description="Frozen shallow-layer embedding of each distinct behaviour text (BAHE).",
-)
-item_embeddings = FeatureView(
-    name="item_embeddings",
-    entities=[item],
-    ttl=TTL,
-    schema=[_embedding_field("item_embedding")],
-    source=item_embeddings_push,
-    online=True,
-    owner=OWNER,
-    tags=_embedding_tags("item"),
-    description="Shallow-layer embedding of each item's text.",
-)
-user_embeddings = FeatureView(
-    name="user_embeddings",
-    entities=[user],
-    ttl=TTL,
-    schema=[_embedding_field("user_embedding")],
-    source=user_embeddings_push,
-    online=True,
-    owner=OWNER,
-    tags=_embedding_tags("user"),
-    description="Aggregated user embedding (deep layers over the recent behaviours); a row stamped T "
-    "uses only interactions strictly before T.",
-)
+atomic_behavior_embeddings = _embedding_view(
+    "atomic_behavior_embeddings", behavior, "behavior", atomic_behavior_embeddings_push,
+    "Frozen shallow-layer embedding of each distinct behaviour text (BAHE).")
+item_embeddings = _embedding_view(
+    "item_embeddings", item, "item", item_embeddings_push, "Shallow-layer embedding of each item's text.")
+user_embeddings = _embedding_view(
+    "user_embeddings", user, "user", user_embeddings_push,
+    "Aggregated user embedding (deep layers over the recent behaviours); a row stamped T uses only interactions "
+    "strictly before T.")
 user_recent_behaviors = FeatureView(
     name="user_recent_behaviors",
     entities=[user],

@@ -183,11 +183,9 @@ def check_model_dir(model_dir: Path, trust_remote_code: bool = False) -> None:
     """Refuse, before any of its code or weights are loaded, a model directory that does not exist, is
     not a Hugging Face model, or holds custom model code that ``trust_remote_code`` does not allow."""
     model_dir = Path(model_dir)
-    if not model_dir.exists():
-        raise ModelNotFoundError("model directory does not exist", file=model_dir, option="--model",
-                                 fix="Give a local Hugging Face model directory.")
     if not model_dir.is_dir():
-        raise ModelNotFoundError("not a directory", file=model_dir, option="--model",
+        problem = "not a directory" if model_dir.exists() else "model directory does not exist"
+        raise ModelNotFoundError(problem, file=model_dir, option="--model",
                                  fix="Give a local Hugging Face model directory.")
     config_file = model_dir / "config.json"
     if not config_file.is_file():

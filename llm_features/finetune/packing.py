@@ -53,9 +53,14 @@ class Blocks:
     """
 
     context_start: np.ndarray
+    """First context row: ``n`` rows before the first target's timestamp, never before the user's first row."""
     context_end: np.ndarray
+    """One past the last context row: the first row at the last target's timestamp (so the block's earlier
+    targets are context of its later ones)."""
     target_start: np.ndarray
+    """First target row."""
     target_end: np.ndarray
+    """One past the last target row."""
 
     def __len__(self) -> int:
         return len(self.target_start)

@@ -18,7 +18,7 @@ from llm_features.ingest.core import ingest
 from llm_features.ingest.errors import IngestError
 from llm_features.ingest.formats import detect_format, load
 from llm_features.ingest.labels import parse_label_rule
-from llm_features.ingest.movielens import load_ml1m, load_ml100k, movielens_text
+from llm_features.ingest.movielens import load_ml1m, load_ml100k, load_movielens, movielens_text
 from llm_features.ingest.report import format_summary
 from llm_features.ingest.split import SplitBoundaries, parse_ratios
 from llm_features.ingest.stamp import REPORT_NAME, read_report
@@ -36,6 +36,7 @@ __all__ = [
     "load",
     "load_ml1m",
     "load_ml100k",
+    "load_movielens",
     "movielens_text",
     "parse_label_rule",
     "parse_ratios",

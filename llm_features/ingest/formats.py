@@ -11,7 +11,7 @@ from llm_features.ingest.errors import IngestError
 from llm_features.ingest.generic import load_generic
 from llm_features.ingest.generic_columns import parse_mapping
 from llm_features.ingest.labels import parse_label_rule
-from llm_features.ingest.movielens import load_ml1m, load_ml100k
+from llm_features.ingest.movielens import load_movielens
 from llm_features.ingest.readers import Loaded, TimeBounds, canonical_encoding, check_delimiter
 from llm_features.ingest.split import parse_ratios
 
@@ -77,14 +77,9 @@ def load(cfg: IngestConfig, fmt: str | None = None, time_bounds: TimeBounds | No
             option="--user-attribute" if cfg.user_attribute else "--item-attribute",
             fix="Drop them, or ingest the files with --format generic.",
         )
-    if fmt == "ml-1m":
-        return load_ml1m(
-            src, interactions=cfg.interactions, items=cfg.items, users=cfg.users, encoding=cfg.encoding,
-            time_bounds=bounds,
-        )
-    if fmt == "ml-100k":
-        return load_ml100k(
-            src, interactions=cfg.interactions, items=cfg.items, users=cfg.users, encoding=cfg.encoding,
+    if fmt in ("ml-1m", "ml-100k"):
+        return load_movielens(
+            fmt, src, interactions=cfg.interactions, items=cfg.items, users=cfg.users, encoding=cfg.encoding,
             time_bounds=bounds,
         )
     return load_generic(

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -197,21 +198,15 @@ def _loaded(
     """What a MovieLens adapter hands on; its attributes are MovieLens's own (:data:`ATTRIBUTES`)."""
     (inter, sources), (msrc, movies_df), (usrc, users_df) = ratings, movies, users
     return Loaded(
-        fmt,
-        inter,
-        sources,
-        items=movies_df,
-        users=users_df,
-        items_src=msrc,
-        users_src=usrc,
-        blank_lines=read.blank,
+        fmt, inter, sources, items=movies_df, users=users_df, items_src=msrc, users_src=usrc, blank_lines=read.blank,
         attributes={entity: list(attrs) for entity, attrs in ATTRIBUTES.items()},
         column_names=dict(zip(("user_id", "item_id", "rating", "event_timestamp"), rating_names))
         | {"item_text": title_column},
     )
 
 
-def load_ml1m(
+def load_movielens(
+    fmt: str,
     source: Path | None,
     *,
     interactions: tuple[Path, ...] = (),
@@ -220,19 +215,31 @@ def load_ml1m(
     encoding: str | None = None,
     time_bounds: TimeBounds | None = None,
 ) -> Loaded:
-    """ML-1M: ``ratings.dat``, ``movies.dat``, ``users.dat`` (``::``-separated, Latin-1)."""
+    """A MovieLens directory in the layout ``fmt`` (``ml-1m`` or ``ml-100k``); ``interactions``,
+    ``items`` and ``users`` replace the layout's default file names under ``source``."""
+    layout = _LAYOUTS[fmt]
     read = _MovieLensRead.make(encoding)
-    rnames = ["UserID", "MovieID", "Rating", "Timestamp"]
+    rnames = list(layout.rating_names)
     ratings = _ratings(
-        _files(source, interactions, "ratings.dat", "interactions"), "::", read, rnames,
+        _files(source, interactions, layout.ratings, "interactions"), layout.ratings_sep, read, rnames,
         time_bounds or TimeBounds.make(),
     )
+    movies = layout.read_movies(_files(source, items, layout.movies, "items")[0], read)
+    users_read = _users(_files(source, users, layout.users, "users")[0], read, layout.users_sep,
+                        list(layout.user_names), layout.user_order, coded_occupation=layout.coded_occupation)
+    return _loaded(fmt, ratings, movies, users_read, read, rnames, layout.title)
 
-    movies = _ml1m_movies(_files(source, items, "movies.dat", "items")[0], read)
-    names = ["UserID", "Gender", "Age", "Occupation", "Zip"]
-    users_read = _users(_files(source, users, "users.dat", "users")[0], read, "::", names, tuple(names),
-                        coded_occupation=True)
-    return _loaded("ml-1m", ratings, movies, users_read, read, rnames, "Title")
+
+def load_ml1m(source: Path | None, **options: Any) -> Loaded:
+    """ML-1M: ``ratings.dat``, ``movies.dat``, ``users.dat`` (``::``-separated, Latin-1); the options of
+    :func:`load_movielens`."""
+    return load_movielens("ml-1m", source, **options)
+
+
+def load_ml100k(source: Path | None, **options: Any) -> Loaded:
+    """ML-100K: ``u.data`` (tab), ``u.item`` (``|``, Latin-1, 19 genre flags), ``u.user`` (``|``); the
+    options of :func:`load_movielens`."""
+    return load_movielens("ml-100k", source, **options)
 
 
 def _ml1m_movies(mpath: Path, read: _MovieLensRead) -> tuple[SourceFile, pd.DataFrame]:
@@ -248,29 +255,6 @@ def _ml1m_movies(mpath: Path, read: _MovieLensRead) -> tuple[SourceFile, pd.Data
         }
     )
     return msrc, _with_texts(msrc, movies, "Title")
-
-def load_ml100k(
-    source: Path | None,
-    *,
-    interactions: tuple[Path, ...] = (),
-    items: Path | None = None,
-    users: Path | None = None,
-    encoding: str | None = None,
-    time_bounds: TimeBounds | None = None,
-) -> Loaded:
-    """ML-100K: ``u.data`` (tab), ``u.item`` (``|``, Latin-1, 19 genre flags), ``u.user`` (``|``)."""
-    read = _MovieLensRead.make(encoding)
-    rnames = ["user id", "item id", "rating", "timestamp"]
-    ratings = _ratings(
-        _files(source, interactions, "u.data", "interactions"), "\t", read, rnames,
-        time_bounds or TimeBounds.make(),
-    )
-    movies = _ml100k_movies(_files(source, items, "u.item", "items")[0], read)
-    users_read = _users(_files(source, users, "u.user", "users")[0], read, "|",
-                        ["user id", "age", "gender", "occupation", "zip code"],
-                        ("user id", "gender", "age", "occupation", "zip code"), coded_occupation=False)
-    return _loaded("ml-100k", ratings, movies, users_read, read, rnames, "movie title")
-
 
 def _ml100k_movies(ipath: Path, read: _MovieLensRead) -> tuple[SourceFile, pd.DataFrame]:
     """``u.item``: id, title, release date and 19 genre flags (named by ``u.genre`` where it lists 19)."""
@@ -298,3 +282,32 @@ def _ml100k_movies(ipath: Path, read: _MovieLensRead) -> tuple[SourceFile, pd.Da
         }
     )
     return isrc, _with_texts(isrc, movies, "movie title")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a MovieLens release keeps what, and how its files are written."""
+
+    ratings: str
+    ratings_sep: str
+    rating_names: tuple[str, ...]
+    movies: str
+    read_movies: Callable[[Path, _MovieLensRead], tuple[SourceFile, pd.DataFrame]]
+    users: str
+    users_sep: str
+    user_names: tuple[str, ...]
+    """The columns of the users file, in file order."""
+    user_order: tuple[str, ...]
+    """The same columns as (user id, gender, age, occupation, zip)."""
+    coded_occupation: bool
+    title: str
+
+
+_ML1M_USERS = ("UserID", "Gender", "Age", "Occupation", "Zip")
+_LAYOUTS = {
+    "ml-1m": _Layout("ratings.dat", "::", ("UserID", "MovieID", "Rating", "Timestamp"), "movies.dat",
+                     _ml1m_movies, "users.dat", "::", _ML1M_USERS, _ML1M_USERS, True, "Title"),
+    "ml-100k": _Layout("u.data", "\t", ("user id", "item id", "rating", "timestamp"), "u.item", _ml100k_movies,
+                       "u.user", "|", ("user id", "age", "gender", "occupation", "zip code"),
+                       ("user id", "gender", "age", "occupation", "zip code"), False, "movie title"),
+}
