@@ -27,7 +27,7 @@ from llm_features.finetune.packing import UserHistories
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, ModelFingerprint
 from llm_features.parquet_io import embedding_array, file_metadata, list_parts, utc_us
 from llm_features.schedule import part_name
-from llm_features.stamps import digest
+from llm_features.stamps import digest as payload_digest
 from llm_features.workspace import Workspace
 
 PART_PREFIX = "users"
@@ -57,9 +57,9 @@ def checkpoint_identity(path: str | os.PathLike) -> dict[str, Any]:
     meta = json.loads((path / CONFIG).read_text())
     weights = file_sha256(path / WEIGHTS)
     options = {k: v for k, v in meta["finetune"].items() if k not in _NON_SEMANTIC}
+    identity = {"weights": weights, "options": options, "fingerprint": meta["fingerprint"]["digest"]}
     return {
-        "id": digest({"weights": weights, "options": options, "fingerprint": meta["fingerprint"]["digest"]},
-                     length=16),
+        "id": payload_digest(identity, length=16),
         "weights_sha256": weights,
         "path": str(path.resolve()),
         "fingerprint": meta["fingerprint"]["digest"],

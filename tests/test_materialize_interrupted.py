@@ -12,7 +12,13 @@ from click.testing import CliRunner
 from llm_features import parquet_io
 from llm_features.errors import UserError
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY
-from llm_features.store import apply_definitions, check_materialized, materialize_all, online_features, open_store
+from llm_features.store import (
+    apply_definitions,
+    check_materialized,
+    materialize_all,
+    online_features,
+    open_store,
+)
 from llm_features.workspace import Workspace
 from tests.store_data import DIM, T2, copy_repo, embedding_table, write_synthetic_workspace
 
@@ -81,4 +87,5 @@ def test_interrupted_materialisation_is_named_and_materialize_again_completes_it
     check_materialized(served, "ranker_llm")
     for user, vec in zip(range(20, 30), new):
         np.testing.assert_array_equal(online_features(served, user, [3]).values["user_embedding"][0], vec)
-    np.testing.assert_array_equal(online_features(served, 1, [3]).values["user_embedding"][0], syn.users_v2[1])
+    old_user = online_features(served, 1, [3]).values["user_embedding"][0]
+    np.testing.assert_array_equal(old_user, syn.users_v2[1])

@@ -105,7 +105,8 @@ def test_unchanged_ingest_is_skipped_and_its_fingerprint_is_the_old_one(tmp_path
         files.append({"path": str((src / name).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     settings = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, tuple) else v)
                 for k, v in dataclasses.asdict(cfg).items() if k not in ("force", "data_dir", "source")}
-    old = _ingest_formula({"version": INGEST_VERSION, "format": "ml-1m", "files": files, "settings": settings})
+    payload = {"version": INGEST_VERSION, "format": "ml-1m", "files": files, "settings": settings}
+    old = _ingest_formula(payload)
     assert first["input_fingerprint"] == old == input_fingerprint(cfg, "ml-1m")[0]
     assert [{k: f[k] for k in ("path", "size", "mtime_ns")} for f in first["inputs"]] == files
 
