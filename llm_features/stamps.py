@@ -7,8 +7,8 @@ Two ways of resuming run through llmfeat, each where its work is shaped for it:
   canonical tables and a split, or a trained checkpoint with its metrics. A step computes a
   :func:`digest` of what it reads (the :class:`FileState` of its input files, the model fingerprint)
   and of its options, and its :class:`StepRecord` says whether the last run stands for this one:
-  same stamp, every output still there, no ``--force``. A killed run left no record (the record is
-  written last, atomically), so the next run redoes the step.
+  same stamp, every output still there, no ``--force``. The record is written last, atomically: a
+  killed run leaves no record of itself, so the next run redoes the step.
 * **By parts**: ``llmfeat encode`` and ``llmfeat embed-users`` (:mod:`llm_features.encode`,
   :mod:`llm_features.embed_users`). Their work is incremental per row (a text, a user snapshot),
   and a run may take hours, so each part file is written atomically and named by a digest of the
@@ -20,7 +20,7 @@ Two ways of resuming run through llmfeat, each where its work is shaped for it:
 Example::
 
     record = StepRecord(out / "demo_stamp.json")
-    stamp = digest([FileState.of(interactions), asdict(cfg)], length=16)
+    stamp = digest([FileState.of(interactions).to_list(), asdict(cfg)], length=16)
     if record.done(stamp, [out / "metrics.json"]) is None:
         train(cfg)
         record.write({"stamp": stamp})
