@@ -34,6 +34,7 @@ from torch import LongTensor, Tensor, nn
 from llm_features.attention import use_llmfeat_attention
 from llm_features.errors import UserError
 from llm_features.fingerprint import ModelFingerprint
+from llm_features.stamps import FileState
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def weights_sha256(model_dir: Path) -> str:
         raise FileNotFoundError(
             f"{model_dir}: no config.json or weight files (*.safetensors, *.bin) to fingerprint"
         )
-    key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    key = tuple(FileState.of(p.resolve()) for p in files)
     if key not in _HASH_CACHE:
         h = hashlib.sha256()
         for p in files:

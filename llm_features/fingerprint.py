@@ -9,7 +9,6 @@ metadata, into ``manifest.json`` of the workspace, and into the Feast feature vi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_features.errors import UserError
+from llm_features import stamps
 
 FINGERPRINT_METADATA_KEY = "llmfeat.fingerprint"
 FINGERPRINT_TAG = "llmfeat_fingerprint"
@@ -38,8 +38,7 @@ class ModelFingerprint:
     def digest(self) -> str:
         """16 hex characters identifying the embedding space."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "model_name"}
-        blob = json.dumps(fields, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return stamps.digest(fields, length=16)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "digest": self.digest}

@@ -8,13 +8,13 @@ and metrics) and PNG plots in ``<data_dir>/plots/`` (:mod:`llm_features.pipeline
 ``llmfeat demo`` builds the config from its options, calls :func:`run_pipeline` and prints the report.
 
 Finetune and the ranker twins are skipped when ``<out>/demo_stamp.json`` holds the stamp of the same
-inputs and options; the other stages are incremental themselves.
+inputs and options (their step record, :mod:`llm_features.stamps`); the other stages are incremental
+themselves.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Literal
 
 from llm_features.atomic import write_json, write_text
 from llm_features.config import data_dir_field
+from llm_features.stamps import FileState, StepRecord, digest
 
 log = logging.getLogger(__name__)
 
@@ -100,25 +101,20 @@ def stage_configs(cfg: PipelineConfig, data_dir: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------ skip protocol (stamps)
 def _stamp(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _file_state(path: Path) -> list[Any]:
-    st = path.stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
+    """The stamp of a step: 16 hex characters of the digest of its inputs and options."""
+    return digest(parts, length=16)
 
 
 def _done(out: Path, stamp: str) -> dict | None:
     """The step's metrics when ``out`` was produced from the same inputs and options, else None."""
-    marker = out / STAMP_FILE
     metrics = out / "metrics.json"
-    if marker.exists() and metrics.exists() and json.loads(marker.read_text()).get("stamp") == stamp:
+    if StepRecord(out / STAMP_FILE).done(stamp, [metrics]) is not None:
         return json.loads(metrics.read_text())
     return None
 
 
 def _mark(out: Path, stamp: str) -> None:
-    write_json(out / STAMP_FILE, {"stamp": stamp})
+    StepRecord(out / STAMP_FILE).write({"stamp": stamp})
 
 
 # ------------------------------------------------------------------------------------ one run
@@ -187,7 +183,7 @@ def _feast_apply(run: _Run) -> None:
 def _finetune(run: _Run) -> None:
     from llm_features.finetune import finetune
 
-    run.inputs = [_file_state(run.ws.interactions), run.backbone.fingerprint.digest]
+    run.inputs = [FileState.of(run.ws.interactions).to_list(), run.backbone.fingerprint.digest]
     # finetune's defaults: DTI packing with leakage=isolated, so DTI-packed training states equal the
     # sliding-window ones and embed-users packs every event of a user into a few sequences
     ft_cfg = run.configs["finetune"]

@@ -22,11 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llm_features.errors import UserError
-from llm_features.finetune.checkpoint import CONFIG, WEIGHTS
+from llm_features.finetune.checkpoint import CONFIG, WEIGHTS, file_sha256
 from llm_features.finetune.packing import UserHistories
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, ModelFingerprint
 from llm_features.parquet_io import embedding_array, file_metadata, list_parts, utc_us
 from llm_features.schedule import part_name
+from llm_features.stamps import digest as payload_digest
 from llm_features.workspace import Workspace
 
 PART_PREFIX = "users"
@@ -54,16 +55,11 @@ def checkpoint_identity(path: str | os.PathLike) -> dict[str, Any]:
     """What identifies a checkpoint's embeddings: a hash of its weights and its (semantic) options."""
     path = Path(path)
     meta = json.loads((path / CONFIG).read_text())
-    h = hashlib.sha256()
-    with open(path / WEIGHTS, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    weights = h.hexdigest()
+    weights = file_sha256(path / WEIGHTS)
     options = {k: v for k, v in meta["finetune"].items() if k not in _NON_SEMANTIC}
-    blob = json.dumps({"weights": weights, "options": options, "fingerprint": meta["fingerprint"]["digest"]},
-                      sort_keys=True, default=str)
+    identity = {"weights": weights, "options": options, "fingerprint": meta["fingerprint"]["digest"]}
     return {
-        "id": hashlib.sha256(blob.encode()).hexdigest()[:16],
+        "id": payload_digest(identity, length=16),
         "weights_sha256": weights,
         "path": str(path.resolve()),
         "fingerprint": meta["fingerprint"]["digest"],

@@ -26,6 +26,7 @@ from llm_features.ingest.stamp import (
     input_fingerprint,
     read_report,
     unchanged_report,
+    write_report,
 )
 from llm_features.parquet_io import write_table_atomic
 from llm_features.workspace import Workspace
@@ -83,7 +84,7 @@ def ingest(cfg: IngestConfig, workspace: Workspace | None = None) -> dict[str, A
         split_payload=split_payload, split_reused=recorded is not None, recent=recent, ws=ws,
         seconds=round(time.perf_counter() - started, 3), written_at=now,
     )
-    write_json(ws.canonical / REPORT_NAME, report, sort_keys=False)
+    write_report(ws, report)
     from llm_features.feast_sources import prepare_sources
 
     prepare_sources(ws)  # schema-only stand-ins, so `feast apply` / `materialize` can read every view

@@ -1,14 +1,14 @@
-"""Is the ingest already done? The fingerprint of the inputs and settings, and the last run's report."""
+"""Is the ingest already done? The fingerprint of the inputs and settings, and the last run's report
+(its step record, :mod:`llm_features.stamps`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from llm_features.ingest.config import IngestConfig
+from llm_features.stamps import FileState, StepRecord, digest
 from llm_features.workspace import Workspace
 
 INGEST_VERSION = 1
@@ -31,52 +31,36 @@ def _input_paths(cfg: IngestConfig, fmt: str) -> list[Path]:
 
 def input_fingerprint(cfg: IngestConfig, fmt: str) -> tuple[str, list[dict[str, Any]]]:
     """A digest of the inputs (path, size, mtime) and of the settings that shape the output."""
-    files = []
-    for p in _input_paths(cfg, fmt):
-        st = p.stat() if p.exists() else None
-        files.append(
-            {
-                "path": str(p.resolve()),
-                "size": st.st_size if st else None,
-                "mtime_ns": st.st_mtime_ns if st else None,
-            }
-        )
+    files = [FileState.of(p.resolve()).to_dict() for p in _input_paths(cfg, fmt)]
     settings = {
         k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, tuple) else v)
         for k, v in dataclasses.asdict(cfg).items()
         if k not in ("force", "data_dir", "source")
     }
-    payload = json.dumps(
-        {"version": INGEST_VERSION, "format": fmt, "files": files, "settings": settings}, sort_keys=True
-    )
-    return hashlib.sha256(payload.encode()).hexdigest(), files
+    return digest({"version": INGEST_VERSION, "format": fmt, "files": files, "settings": settings}), files
+
+
+def _record(ws: Workspace) -> StepRecord:
+    """The step record of ingest: its report, whose ``input_fingerprint`` is the stamp."""
+    return StepRecord(ws.canonical / REPORT_NAME, key="input_fingerprint")
 
 
 def read_report(ws: Workspace) -> dict[str, Any] | None:
     """The last run's ``ingest_report.json``, or None where there is none (or it cannot be read)."""
-    path = ws.canonical / REPORT_NAME
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return _record(ws).read()
 
 
-def _outputs_present(ws: Workspace, report: dict[str, Any]) -> bool:
+def _outputs(ws: Workspace, report: dict[str, Any]) -> list[Path]:
     paths = [ws.interactions, ws.items, ws.users, ws.split]
-    paths += [Path(p) for p in report.get("recent", {}).get("parts", [])]
-    return all(p.exists() for p in paths)
-
+    return paths + [Path(p) for p in report.get("recent", {}).get("parts", [])]
 
 
 def unchanged_report(ws: Workspace, fingerprint: str, force: bool) -> dict[str, Any] | None:
     """The last run's report when it stands for this run (same fingerprint, every output still
     there, no ``--force``); else None."""
-    previous = read_report(ws)
-    if (
-        not force
-        and previous is not None
-        and previous.get("input_fingerprint") == fingerprint
-        and _outputs_present(ws, previous)
-    ):
-        return previous
-    return None
+    return _record(ws).done(fingerprint, lambda report: _outputs(ws, report), force=force)
+
+
+def write_report(ws: Workspace, report: dict[str, Any]) -> None:
+    """Record the run (``canonical/ingest_report.json``), last, once every output is written."""
+    _record(ws).write(report)

@@ -171,7 +171,8 @@ def feature_view(store, name: str):
 
 def check_materialized(store, service: str) -> None:
     """Refuse to serve ``service`` from an online store that was never materialised for its views
-    (every feature would be missing, and every score the same default)."""
+    (every feature would be missing, and every score the same default), or one that Feast will not
+    serve because a materialisation of its views was interrupted (:func:`check_servable`)."""
     fs = feature_service(store, service)
     empty = [p.name for p in fs.feature_view_projections
              if not feature_view(store, p.name).materialization_intervals]
@@ -183,3 +184,38 @@ def check_materialized(store, service: str) -> None:
             f"the online store has no rows for feature view(s) {', '.join(empty)} of {service}: never "
             "materialized", file=where,
             fix=f"Run `llmfeat feast materialize --data-dir {data}{_yaml_option(store)}` first.")
+    check_servable(store, service)
+
+
+def unservable_views(store, service: str) -> dict[str, str]:
+    """The views of ``service`` that Feast's ``get_online_features`` refuses, with their state.
+
+    Feast commits a view's state ``MATERIALIZING`` before it writes the view's rows and leaves it
+    only when the write completes (``AVAILABLE_ONLINE``) or raises an ``Exception``; a killed or
+    interrupted run (SIGKILL, a time budget, Ctrl-C) leaves it there, and a failed rerun rolls it
+    back to ``GENERATED``. Feast serves neither (``MATERIALIZING`` only with the registry option
+    ``serve_features_while_materializing``); the next materialisation of the view completes it.
+    """
+    from feast.feature_view import FeatureViewState
+
+    servable = {FeatureViewState.STATE_UNSPECIFIED, FeatureViewState.AVAILABLE_ONLINE}
+    if getattr(store.registry, "serve_features_while_materializing", False):
+        servable.add(FeatureViewState.MATERIALIZING)
+    states = {p.name: getattr(feature_view(store, p.name), "state", None)
+              for p in feature_service(store, service).feature_view_projections}
+    return {name: state.name for name, state in states.items()
+            if isinstance(state, FeatureViewState) and state not in servable}
+
+
+def check_servable(store, service: str) -> None:
+    """A :class:`UserError` naming the views of ``service`` that Feast will not serve because their
+    materialisation was interrupted (:func:`unservable_views`), and what completes it."""
+    stuck = unservable_views(store, service)
+    if stuck:
+        data = store_data_dir(store)
+        views = ", ".join(f"{name} ({state})" for name, state in sorted(stuck.items()))
+        raise UserError(
+            f"a materialisation of feature view(s) {views} of {service} was interrupted, and Feast serves no "
+            "view until its materialisation completes", file=data,
+            fix=f"Run `llmfeat feast materialize --data-dir {data}{_yaml_option(store)}` again; it completes "
+                "the view.")

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from llm_features.store.definitions import _PLANS_ATTR, feature_service
+from llm_features.store.definitions import _PLANS_ATTR, check_servable, feature_service
 
 # ---------------------------------------------------------------------------------------------
 # Online reads
@@ -40,6 +40,7 @@ class _ServicePlan:
 
     by_keys: dict[tuple[str, ...], list[str]]  # ("user_id",) -> ["user_embeddings:user_embedding", ...]
     types: dict[str, tuple[Any, int]]  # feature name -> (feast dtype, vector_length)
+    service: str
 
 
 
@@ -58,8 +59,20 @@ def _service_plan(store, service: str) -> _ServicePlan:
             for f in proj.features:
                 by_keys.setdefault(keys, []).append(f"{proj.name_to_use()}:{f.name}")
                 types[f.name] = (f.dtype, f.vector_length)
-        plans[service] = _ServicePlan(by_keys, types)
+        plans[service] = _ServicePlan(by_keys, types, service)
     return plans[service]
+
+
+def _get_online_features(store, plan: _ServicePlan, refs: list[str],
+                         rows: list[dict[str, int]]) -> dict[str, list]:
+    """``store.get_online_features(refs, rows).to_dict()``; Feast's refusal of a view whose
+    materialisation was interrupted becomes a :class:`UserError` saying what completes it."""
+    try:
+        return store.get_online_features(features=refs, entity_rows=rows).to_dict()
+    except ValueError as e:
+        refused = e
+    check_servable(store, plan.service)  # raises when an interrupted materialisation is why
+    raise refused
 
 
 def _read_online(store, plan: _ServicePlan, user_id: int, item_ids: np.ndarray) -> dict[str, list]:
@@ -75,7 +88,7 @@ def _read_online(store, plan: _ServicePlan, user_id: int, item_ids: np.ndarray) 
             rows = [{"user_id": int(user_id), "item_id": int(i)} for i in item_ids]
             if not set(keys) <= {"user_id", "item_id"}:
                 raise ValueError(f"feature service view keyed by {keys}: only user_id/item_id are supported")
-        resp = store.get_online_features(features=refs, entity_rows=rows).to_dict()
+        resp = _get_online_features(store, plan, refs, rows)
         for ref in refs:
             name = ref.split(":", 1)[1]
             col = resp[name]
