@@ -50,7 +50,7 @@ from llm_features.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-REPORT_NAME = "encode_report.json"
+ENCODE_REPORT = "encode_report.json"
 
 
 @dataclass
@@ -190,7 +190,7 @@ def _write_rows(
 
 
 def _write_report(ws: Workspace, stats: EncodeStats) -> Path:
-    return write_json(ws.root / REPORT_NAME, stats.to_dict())
+    return write_json(ws.root / ENCODE_REPORT, stats.to_dict())
 
 
 # --------------------------------------------------------------------------- the stage

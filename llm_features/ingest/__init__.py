@@ -21,11 +21,11 @@ from llm_features.ingest.labels import parse_label_rule
 from llm_features.ingest.movielens import load_ml1m, load_ml100k, load_movielens, movielens_text
 from llm_features.ingest.report import format_summary
 from llm_features.ingest.split import SplitBoundaries, parse_ratios
-from llm_features.ingest.stamp import REPORT_NAME, read_report
+from llm_features.ingest.stamp import INGEST_REPORT, read_report
 
 __all__ = [
     "INTERACTIONS_SCHEMA",
-    "REPORT_NAME",
+    "INGEST_REPORT",
     "IngestConfig",
     "IngestError",
     "SplitBoundaries",

@@ -22,7 +22,7 @@ from llm_features.ingest.report import format_summary, ingest_report
 from llm_features.ingest.split import parse_ratios, recorded_split
 from llm_features.ingest.stamp import (
     INGEST_VERSION,
-    REPORT_NAME,
+    INGEST_REPORT,
     input_fingerprint,
     read_report,
     unchanged_report,
@@ -35,7 +35,7 @@ __all__ = [
     "INGEST_VERSION",
     "INTERACTIONS_SCHEMA",
     "METADATA_KEY",
-    "REPORT_NAME",
+    "INGEST_REPORT",
     "Canonical",
     "IngestConfig",
     "build_canonical",

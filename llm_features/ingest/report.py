@@ -13,7 +13,7 @@ from llm_features.attributes import Attribute
 from llm_features.ingest.canonical import Canonical
 from llm_features.ingest.readers import Loaded
 from llm_features.ingest.split import iso_us
-from llm_features.ingest.stamp import INGEST_VERSION, REPORT_NAME
+from llm_features.ingest.stamp import INGEST_REPORT, INGEST_VERSION
 from llm_features.workspace import Workspace
 
 
@@ -113,5 +113,5 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(
             f"  user_recent_behaviors: cadence {report['recent']['cadence']}, n={report['recent']['n']}"
         )
-    lines.append(f"  report: {Path(report['outputs']['interactions']).parent / REPORT_NAME}")
+    lines.append(f"  report: {Path(report['outputs']['interactions']).parent / INGEST_REPORT}")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from llm_features.stamps import FileState, StepRecord, digest
 from llm_features.workspace import Workspace
 
 INGEST_VERSION = 1
-REPORT_NAME = "ingest_report.json"
+INGEST_REPORT = "ingest_report.json"
 
 
 def _input_paths(cfg: IngestConfig, fmt: str) -> list[Path]:
@@ -42,7 +42,7 @@ def input_fingerprint(cfg: IngestConfig, fmt: str) -> tuple[str, list[dict[str, 
 
 def _record(ws: Workspace) -> StepRecord:
     """The step record of ingest: its report, whose ``input_fingerprint`` is the stamp."""
-    return StepRecord(ws.canonical / REPORT_NAME, key="input_fingerprint")
+    return StepRecord(ws.canonical / INGEST_REPORT, key="input_fingerprint")
 
 
 def read_report(ws: Workspace) -> dict[str, Any] | None:
