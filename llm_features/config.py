@@ -261,6 +261,17 @@ def build_config(cls: type[T], values: dict[str, Any], where: str | None = None,
     return _assemble(cls, checked_values)
 
 
+def config_from_options(cls: type[T], **values: Any) -> T:
+    """``cls`` from values keyed by option name, a nested config's at the top level or in its section
+    (``TrainConfig`` from ``epochs=1, llm_mode="dense"``): keyword arguments, so not checked like a
+    file's values; unknown names are refused."""
+    values = flatten_values(cls, values)
+    unknown = sorted(set(values) - {f.name for f, _ in leaf_fields(cls)})
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no option(s) {', '.join(unknown)}")
+    return _assemble(cls, values)
+
+
 def _assemble(cls: type[T], values: dict[str, Any]) -> T:
     """``cls`` from checked values keyed by option name (each nested config from its fields' values)."""
     hints = typing.get_type_hints(cls)

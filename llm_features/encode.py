@@ -54,9 +54,10 @@ REPORT_NAME = "encode_report.json"
 
 
 @dataclass
-class EncodeConfig(BackboneConfig):
+class EncodeConfig:
     """``llmfeat encode``: the backbone options plus where and how to encode."""
 
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data_dir: Path | None = data_dir_field()
     batch_size: int = field(default=64, metadata={"help": "Texts per forward pass.", "min": 1})
     part_size: int = field(default=4096, metadata={
@@ -249,7 +250,7 @@ def encode(
     ws = Workspace.at(cfg.data_dir)
     configure_threads(cfg.num_threads)
     texts = read_texts(ws)
-    bb = backbone or Backbone.load(cfg.backbone_config(), device=device)
+    bb = backbone or Backbone.load(cfg.backbone, device=device)
     fp = bb.fingerprint
     work = _plan(ws, fp, texts, rank, world)
     stats = _initial_stats(fp, texts, work)

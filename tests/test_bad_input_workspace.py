@@ -271,14 +271,14 @@ def checkpoint(tmp_path_factory) -> Path:
     """An id-only ranker trained in a second on synthetic rows (no feature store)."""
     import torch
 
-    from ranker.config import TrainConfig
+    from ranker.config import ModelConfig, TrainConfig
     from tests.synthetic_rows import SyntheticFeatureSource, synthetic_rows
     from ranker.train import train
 
     torch.set_num_threads(1)
     rows = synthetic_rows(n_users=20, n_items=20, n_rows=400, dim=DIM, seed=0)
-    cfg = TrainConfig(llm_features=False, out=tmp_path_factory.mktemp("ranker") / "ckpt", epochs=1,
-                      batch_size=128, validate=False, progress=False)
+    cfg = TrainConfig(model=ModelConfig(llm_features=False), out=tmp_path_factory.mktemp("ranker") / "ckpt",
+                      epochs=1, batch_size=128, validate=False, progress=False)
     train(cfg, entities=rows, source=SyntheticFeatureSource(rows))
     return cfg.out
 

@@ -95,8 +95,8 @@ def make_workspace(root: Path, bb: Backbone, rows) -> Path:
 
 
 def make_checkpoint(out: Path, bb: Backbone, tiny_bert_dir: Path, leakage: str = "windowed", seed: int = 0):
-    cfg = FinetuneConfig(model=tiny_bert_dir, split_layer=2, context_size=N, leakage=leakage, head_hidden=8,
-                         out=out)
+    cfg = FinetuneConfig(backbone=BackboneConfig(model=tiny_bert_dir, split_layer=2), context_size=N,
+                         leakage=leakage, head_hidden=8, out=out)
     torch.manual_seed(seed)
     model = build_model(cfg, bb, DIM)
     with torch.no_grad():  # non-trivial new parts (the deep layers are the tiny model's own)

@@ -211,15 +211,15 @@ def test_point_in_time_read_sees_the_pushed_row_only_from_its_stamp(base, served
 
 
 def test_ranker_score_changes_after_an_event(base, served, tmp_path):
-    from ranker.config import TrainConfig
+    from ranker.config import ModelConfig, TrainConfig
     from ranker.serve import Ranker
     from tests.synthetic_rows import SyntheticFeatureSource, synthetic_rows
     from ranker.train import train
 
     torch.manual_seed(0)
     rows = synthetic_rows(n_users=20, n_items=10, n_rows=400, dim=32, signal=6.0, seed=0)
-    cfg = TrainConfig(llm_features=True, out=tmp_path / "ranker", epochs=1, batch_size=64, lr=3e-3, seed=0,
-                      llm_mode="interaction", threads=1)
+    cfg = TrainConfig(model=ModelConfig(llm_features=True, llm_mode="interaction"), out=tmp_path / "ranker",
+                      epochs=1, batch_size=64, lr=3e-3, seed=0, threads=1)
     train(cfg, entities=rows, source=SyntheticFeatureSource(rows))
     ranker = Ranker.load(cfg.out, store=served["store"])
     items = list(range(7))
@@ -235,7 +235,7 @@ def test_http_events_update_the_served_score(base, tmp_path, monkeypatch):
     """POST /events of `llmfeat serve` runs the EventProcessor: the user's next /score differs, a bad
     event is a 422 naming the field, and nothing needs a materialisation in between. (Its own copy
     of the data dir: the module's `served` copy is the other tests'.)"""
-    from ranker.config import ServeConfig, TrainConfig
+    from ranker.config import ModelConfig, ServeConfig, TrainConfig
     from ranker.serve import Ranker
     from ranker.service import TOKEN_ENV, create_app
     from tests.synthetic_rows import SyntheticFeatureSource, synthetic_rows
@@ -244,8 +244,8 @@ def test_http_events_update_the_served_score(base, tmp_path, monkeypatch):
 
     torch.manual_seed(0)
     rows = synthetic_rows(n_users=20, n_items=10, n_rows=400, dim=32, signal=6.0, seed=0)
-    tcfg = TrainConfig(llm_features=True, out=tmp_path / "ranker", epochs=1, batch_size=64, lr=3e-3, seed=0,
-                       llm_mode="interaction", threads=1)
+    tcfg = TrainConfig(model=ModelConfig(llm_features=True, llm_mode="interaction"), out=tmp_path / "ranker",
+                       epochs=1, batch_size=64, lr=3e-3, seed=0, threads=1)
     train(tcfg, entities=rows, source=SyntheticFeatureSource(rows))
     ws = Path(shutil.copytree(base["ws"], tmp_path / "ws"))
     repo = copy_repo(tmp_path / "feast_repo")
@@ -333,8 +333,8 @@ def test_token_level_checkpoint_pushes_what_embed_users_exports(base, tmp_path, 
     from llm_features.finetune import FinetuneConfig
     from llm_features.finetune.checkpoint import build_model, save_checkpoint
 
-    cfg = FinetuneConfig(model=tiny_bert_dir, split_layer=2, context_size=3, granularity="token",
-                         head_hidden=8, out=tmp_path / "token")
+    cfg = FinetuneConfig(backbone=BackboneConfig(model=tiny_bert_dir, split_layer=2), context_size=3,
+                         granularity="token", head_hidden=8, out=tmp_path / "token")
     torch.manual_seed(1)
     model = build_model(cfg, base["bert"], 32)
     with torch.no_grad():

@@ -293,8 +293,9 @@ def tiny_workspace(tmp_path_factory, backbones):
 
 
 def _cfg(tiny_bert_dir, root, out, **kw):
-    base = dict(model=tiny_bert_dir, split_layer=2, data_dir=root, out=out, context_size=4, targets_per_sequence=4,
-                batch_size=16, eval_batch_size=64, warmup_steps=2, head_hidden=16, log_every=0, lr=1e-3)
+    base = dict(backbone=BackboneConfig(model=tiny_bert_dir, split_layer=2), data_dir=root, out=out,
+                context_size=4, targets_per_sequence=4, batch_size=16, eval_batch_size=64, warmup_steps=2,
+                head_hidden=16, log_every=0, lr=1e-3)
     base.update(kw)
     return FinetuneConfig(**base)
 

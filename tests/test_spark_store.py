@@ -241,11 +241,13 @@ def ml100k_both(tmp_path_factory, tiny_bert_dir):
     root = tmp_path_factory.mktemp("spark_ml100k")
     data = root / "data"
     ingest(IngestConfig(source=ML100K, data_dir=data))
-    encode(EncodeConfig(model=tiny_bert_dir, split_layer=2, data_dir=data, progress=False, batch_size=256))
+    encode(EncodeConfig(backbone=BackboneConfig(model=tiny_bert_dir, split_layer=2), data_dir=data,
+                        progress=False, batch_size=256))
     # user embeddings from the real embed-users stage, with an untrained (random) tower: the values
     # only have to differ per user and per snapshot
     bb = Backbone.load(BackboneConfig(model=tiny_bert_dir, split_layer=2))
-    ckpt_cfg = FinetuneConfig(model=tiny_bert_dir, split_layer=2, context_size=8, head_hidden=8, out=root / "ckpt")
+    ckpt_cfg = FinetuneConfig(backbone=BackboneConfig(model=tiny_bert_dir, split_layer=2), context_size=8,
+                              head_hidden=8, out=root / "ckpt")
     torch.manual_seed(0)
     model = build_model(ckpt_cfg, bb, bb.fingerprint.hidden_size)
     with torch.no_grad():

@@ -12,13 +12,14 @@ from llm_features.errors import UserError
 
 
 @dataclass
-class FinetuneConfig(BackboneConfig):
+class FinetuneConfig:
     """Train the deep layers and the CTR head (BAHE), with DTI or sliding-window packing.
 
-    The backbone fields (``model``, ``split_layer``, ``pooling``, ...) must describe the model that
+    ``backbone`` (``--model``, ``--split-layer``, ``--pooling``, ...) must describe the model that
     encoded the workspace's atomic behaviour and item embeddings.
     """
 
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data_dir: Path | None = data_dir_field()
     out: Path | None = field(default=None, metadata={
         "help": "Checkpoint directory to write (default: <data_dir>/runs/finetune, as in llmfeat demo)."})

@@ -295,7 +295,7 @@ class FinetuneRecipe:
         self.rank, self.world = init_distributed(device)
         configure_threads(cfg.num_threads)
         torch.manual_seed(cfg.seed)
-        self.backbone = backbone = self.backbone or Backbone.load(cfg.backbone_config(), device=device)
+        self.backbone = backbone = self.backbone or Backbone.load(cfg.backbone, device=device)
         check_split(backbone)
         if resume is not None:
             resume.fingerprint.require_same(
