@@ -120,7 +120,8 @@ def leaf_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
     names = [f.name for f, _ in out]
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
-        raise TypeError(f"{cls.__name__}: options {clash} are declared twice (nested configs share one namespace)")
+        raise TypeError(f"{cls.__name__}: options {clash} are declared twice (nested configs share one "
+                        "namespace)")
     return out
 
 
@@ -137,8 +138,8 @@ def flatten_values(cls: type, values: dict[str, Any], where: str | None = None) 
         if isinstance(section, sub):
             section = {g.name: getattr(section, g.name) for g in dataclasses.fields(sub)}
         if not isinstance(section, dict):
-            raise UserError(f"section {f.name!r} must be a mapping of option names to values, got {section!r}",
-                            file=where, option=None if where else "--config")
+            raise UserError(f"section {f.name!r} must be a mapping of option names to values, got "
+                            f"{section!r}", file=where, option=None if where else "--config")
         inner = flatten_values(sub, {str(k).replace("-", "_"): v for k, v in section.items()}, where)
         known = {g.name for g, _ in leaf_fields(sub)}
         unknown = sorted(set(inner) - known)

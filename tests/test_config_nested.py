@@ -60,8 +60,8 @@ def run(*args) -> tuple[int, str]:
 
 
 def test_nested_fields_are_flat_options():
-    assert [f.name for f, _ in leaf_fields(JobConfig)] == ["model", "split", "mode", "remote", "threads", "epochs",
-                                                           "tags"]
+    names = [f.name for f, _ in leaf_fields(JobConfig)]
+    assert names == ["model", "split", "mode", "remote", "threads", "epochs", "tags"]
     code, out = run("--split", 1, "--mode", "b", "--num-threads", 2, "--epochs", 5, "--remote")
     assert code == 0, out
     assert json.loads(out) == {"part": {"model": None, "split": 1, "mode": "b", "remote": True, "threads": 2},
@@ -149,10 +149,10 @@ def test_the_commands_keep_their_flat_options(tmp_path):
     from llm_features.finetune import FinetuneConfig
     from ranker.config import ModelConfig, TrainConfig
 
-    for cls, section, inner in ((FinetuneConfig, "backbone", BackboneConfig),
-                                (EncodeConfig, "backbone", BackboneConfig), (TrainConfig, "model", ModelConfig)):
-        names = [f.name for f, _ in leaf_fields(cls)]
-        assert names[:len(inner.__dataclass_fields__)] == list(inner.__dataclass_fields__)  # same order as before
+    nesting = ((FinetuneConfig, BackboneConfig), (EncodeConfig, BackboneConfig), (TrainConfig, ModelConfig))
+    for cls, inner in nesting:
+        names, first = [f.name for f, _ in leaf_fields(cls)], list(inner.__dataclass_fields__)
+        assert names[:len(first)] == first  # the nested options first, as when the config inherited them
     ft = build_config(FinetuneConfig, {"backbone": {"split_layer": 2, "pooling": "last"}, "epochs": 1,
                                        "out": str(tmp_path)})
     assert (ft.backbone.split_layer, ft.backbone.pooling, ft.epochs) == (2, "last", 1)

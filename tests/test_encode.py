@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 import llm_features.encode as encode_mod
-from llm_features.backbone import Backbone, BackboneConfig
+from llm_features.backbone import Backbone
+from llm_features.config import config_from_options
 from llm_features.encode import EncodeConfig, encode
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, FingerprintMismatchError, ModelFingerprint
 from llm_features.ids import stable_id
@@ -62,9 +63,9 @@ def write_canonical(root: Path, events=EVENTS, items=ITEMS) -> Workspace:
     return ws
 
 
-def cfg_for(model: Path, root: Path, **backbone) -> EncodeConfig:
-    return EncodeConfig(backbone=BackboneConfig(model=model, **backbone), data_dir=root, progress=False,
-                        batch_size=4)
+def cfg_for(model: Path, root: Path, **kw) -> EncodeConfig:
+    """Options by name, the backbone's among them (``split_layer=1``)."""
+    return config_from_options(EncodeConfig, model=model, data_dir=root, progress=False, batch_size=4, **kw)
 
 
 def table_of(directory: Path, key: str, vec: str) -> dict[int, np.ndarray]:

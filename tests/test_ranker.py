@@ -108,6 +108,17 @@ def test_checkpoint_config_without_llm_mode_reads_as_dense() -> None:
     assert ModelConfig.from_dict({"llm_features": False, "recent_items_bag": None}).recent_items_bag is True
 
 
+def test_saved_train_config_is_nested_and_both_forms_read_back(checkpoints: dict[bool, Path]) -> None:
+    """ranker.json's train_config nests the network (``{"model": {...}, ...}``) since TrainConfig holds a
+    ModelConfig; ModelConfig.from_dict reads that form, the flat one written before, and the encoder's."""
+    payload = json.loads((checkpoints[False] / "ranker.json").read_text())
+    saved, encoder = payload["train_config"], payload["encoder"]["model"]
+    assert saved["model"]["llm_features"] is False and "llm_features" not in saved and saved["epochs"] == 4
+    want = ModelConfig(llm_features=False, llm_mode="interaction")
+    old_flat = {**{k: v for k, v in saved.items() if k != "model"}, **saved["model"]}
+    assert ModelConfig.from_dict(saved) == ModelConfig.from_dict(old_flat) == ModelConfig.from_dict(encoder) == want
+
+
 def test_early_stopping_keeps_the_best_valid_epoch(rows: pd.DataFrame, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
