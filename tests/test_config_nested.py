@@ -162,3 +162,29 @@ def test_the_commands_keep_their_flat_options(tmp_path):
     assert tr.model.llm_features is False and tr.model == ModelConfig(llm_features=False)
     with pytest.raises(ValueError, match="--trust-remote-code: is taken from the command line only"):
         build_config(EncodeConfig, {"backbone": {"trust_remote_code": True}}, where="x.yaml")
+
+
+def test_the_finetune_command_reads_a_backbone_section(tmp_path, monkeypatch):
+    """docs/cli.md's example: `llmfeat finetune --config` with a backbone: section, and the command
+    line still winning over it (the training itself stubbed out)."""
+    import llm_features.finetune.train as train_mod
+    from llm_features.cli import main
+
+    seen = {}
+
+    def fake_finetune(cfg):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train_mod, "finetune", fake_finetune)
+    conf = tmp_path / "ft.yaml"
+    conf.write_text("epochs: 1\nbackbone: {model: /models/Qwen2-0.5B, split_layer: 12, pooling: last}\n")
+    r = CliRunner().invoke(main, ["finetune", "--config", str(conf), "--split-layer", "6",
+                                  "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    bb = seen["cfg"].backbone
+    assert (str(bb.model), bb.split_layer, bb.pooling) == ("/models/Qwen2-0.5B", 6, "last")
+    assert seen["cfg"].epochs == 1
+    conf.write_text("backbone: {trust_remote_code: true}\n")
+    r = CliRunner().invoke(main, ["finetune", "--config", str(conf), "--out", str(tmp_path)])
+    assert r.exit_code == 1 and "--trust-remote-code: is taken from the command line only" in r.output
