@@ -272,7 +272,9 @@ def evil_model_dir(src: Path, dest: Path, marker: Path) -> Path:
 def edit_checkpoint(ckpt: Path, *, fingerprint_of: Path | None = None, **finetune_options) -> None:
     path = ckpt / "config.json"
     meta = json.loads(path.read_text())
-    meta["finetune"].update({k: str(v) if isinstance(v, Path) else v for k, v in finetune_options.items()})
+    for k, v in finetune_options.items():  # a backbone option in the backbone: section, as saved
+        section = meta["finetune"]["backbone"] if k in BackboneConfig.__dataclass_fields__ else meta["finetune"]
+        section[k] = str(v) if isinstance(v, Path) else v
     if fingerprint_of is not None:
         fp = {k: v for k, v in meta["fingerprint"].items() if k != "digest"}
         fp.update(model_name=str(fingerprint_of), weights_sha256=weights_sha256(fingerprint_of))
