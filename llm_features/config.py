@@ -251,12 +251,11 @@ def build_config(cls: type[T], values: dict[str, Any], where: str | None = None,
     ``checked`` came from the command line, which click has already checked. A nested config's
     values may be in its section or at the top level (:func:`flatten_values`)."""
     values = flatten_values(cls, values, where)
-    known = {f.name for f, _ in leaf_fields(cls)}
-    unknown = sorted(set(values) - known)
+    leaves = {f.name: (f, tp) for f, tp in leaf_fields(cls)}
+    unknown = sorted(set(values) - set(leaves))
     if unknown:
         raise UserError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}", file=where,
                         option=None if where else "--config")
-    leaves = {f.name: (f, tp) for f, tp in leaf_fields(cls)}
     checked_values = {name: _checked_value(name, leaves[name][1], leaves[name][0].metadata, value, where,
                                            name in checked) for name, value in values.items()}
     return _assemble(cls, checked_values)
@@ -310,8 +309,7 @@ def validate_config(cfg: Any, where: str | None = None) -> None:
         if _nested_type(hints[f.name]) is not None:
             validate_config(getattr(cfg, f.name), where)
             continue
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
-                and getattr(cfg, f.name) is None:
+        if _required(f) and getattr(cfg, f.name) is None:
             continue  # a required option the command itself reports
         check_value(f.name, hints[f.name], f.metadata, getattr(cfg, f.name), where)
 
