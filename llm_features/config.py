@@ -70,6 +70,15 @@ def threads_field(default: int | None = None, help: str = THREADS_HELP, aliases:
     return dataclasses.field(default=default, metadata={"help": help, "min": 1, "aliases": aliases})
 
 
+@dataclasses.dataclass
+class RuntimeArgs:
+    """Where and how a model stage runs (``--device``, ``--num-threads``), declared once and nested in
+    each stage's config (``cfg.runtime``)."""
+
+    device: str = device_field()
+    num_threads: int | None = threads_field()
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):

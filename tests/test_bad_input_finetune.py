@@ -199,12 +199,13 @@ class Killed(BaseException):
 
 def test_kill_between_checkpoint_files_resumes_from_the_last_complete_one(tiny_bert_dir, ws, tmp_path,
                                                                           monkeypatch):
+    from llm_features.config import RuntimeArgs
     from llm_features.finetune import FinetuneConfig, finetune
 
     opts = dict(backbone=BackboneConfig(model=tiny_bert_dir, split_layer=2), data_dir=ws, context_size=3,
                 targets_per_sequence=4, batch_size=16, eval_batch_size=64, head_hidden=8, warmup_steps=2,
-                log_every=0, device="cpu",
-                num_threads=1, epochs=1, save_every=2, lr=1e-3)
+                log_every=0, runtime=RuntimeArgs(device="cpu", num_threads=1), epochs=1, save_every=2,
+                lr=1e-3)
     full = finetune(FinetuneConfig(out=tmp_path / "full", **opts))
     assert full["steps"] > 4
     real = torch.save

@@ -145,6 +145,8 @@ def test_option_names_must_not_clash():
 
 def test_the_commands_keep_their_flat_options(tmp_path):
     from llm_features.backbone import BackboneConfig
+    from llm_features.config import RuntimeArgs
+    from llm_features.embed_users import EmbedUsersConfig
     from llm_features.encode import EncodeConfig
     from llm_features.finetune import FinetuneConfig
     from ranker.config import ModelConfig, TrainConfig
@@ -162,6 +164,12 @@ def test_the_commands_keep_their_flat_options(tmp_path):
     assert tr.model.llm_features is False and tr.model == ModelConfig(llm_features=False)
     with pytest.raises(ValueError, match="--trust-remote-code: is taken from the command line only"):
         build_config(EncodeConfig, {"backbone": {"trust_remote_code": True}}, where="x.yaml")
+    # --device and --num-threads: one RuntimeArgs in each model stage
+    enc = build_config(EncodeConfig, {"runtime": {"device": "cpu"}, "num_threads": 2})
+    assert enc.runtime == RuntimeArgs(device="cpu", num_threads=2)
+    for cls in (EncodeConfig, FinetuneConfig, EmbedUsersConfig):
+        names = [f.name for f, _ in leaf_fields(cls)]
+        assert names[names.index("device") + 1] == "num_threads"
 
 
 def test_the_finetune_command_reads_a_backbone_section(tmp_path, monkeypatch):

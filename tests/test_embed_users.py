@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 import llm_features.embed_users as eu
 from llm_features.backbone import Backbone, BackboneConfig
+from llm_features.config import RuntimeArgs
 from llm_features.embed_users import (
     CHECKPOINT_METADATA_KEY,
     CheckpointMismatchError,
@@ -126,8 +127,8 @@ def fresh_ws(setup, dest: Path, rows=None) -> Path:
 
 def cfg(setup, ws: Path, **kw) -> EmbedUsersConfig:
     kw.setdefault("every", 1)  # every event time: what these tests compare row by row (the default is 2)
-    return EmbedUsersConfig(checkpoint=kw.pop("checkpoint", setup["ckpt"]), data_dir=ws, device="cpu",
-                            num_threads=1, **kw)
+    return EmbedUsersConfig(checkpoint=kw.pop("checkpoint", setup["ckpt"]), data_dir=ws,
+                            runtime=RuntimeArgs(device="cpu", num_threads=1), **kw)
 
 
 @torch.inference_mode()

@@ -24,6 +24,7 @@ import torch
 from click.testing import CliRunner
 
 from llm_features.backbone import Backbone, BackboneConfig
+from llm_features.config import RuntimeArgs
 from llm_features.embed_users import EmbedUsersConfig, embed_users, read_user_embeddings
 from llm_features.encode import EncodeConfig, encode
 from llm_features.errors import UserError
@@ -76,12 +77,12 @@ def write_canonical(root: Path, rows, extra_items: dict[int, str] | None = None)
 
 
 def embed(ckpt: Path, ws: Path, cadence: str = "event", overwrite: bool = False) -> None:
-    embed_users(EmbedUsersConfig(checkpoint=ckpt, data_dir=ws, cadence=cadence, every=1, device="cpu",
-                                 num_threads=1, overwrite=overwrite))
+    embed_users(EmbedUsersConfig(checkpoint=ckpt, data_dir=ws, cadence=cadence, every=1,
+                                 runtime=RuntimeArgs(device="cpu", num_threads=1), overwrite=overwrite))
 
 
 def run_encode(ws: Path, bert) -> None:
-    encode(EncodeConfig(data_dir=ws, progress=False, num_threads=1), backbone=bert)
+    encode(EncodeConfig(data_dir=ws, progress=False, runtime=RuntimeArgs(num_threads=1)), backbone=bert)
 
 
 @pytest.fixture(scope="module")

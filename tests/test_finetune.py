@@ -356,9 +356,11 @@ def test_finetune_writes_checkpoint_and_metrics(tiny_bert_dir, tiny_workspace, t
 
 @pytest.mark.slow
 def test_checkpoints_of_the_old_flat_config_form_still_load(tiny_bert_dir, tiny_workspace, tmp_path):
-    """config.json's "finetune" section is nested ({"backbone": {...}, ...}) since the backbone options
-    moved into FinetuneConfig.backbone; checkpoints written before hold them flat, and load the same.
+    """config.json's "finetune" section is nested ({"backbone": {...}, "runtime": {...}, ...}) since
+    those options moved into FinetuneConfig.backbone and .runtime; checkpoints written before hold them
+    flat, and load the same, with the same checkpoint identity (what embed-users stamps its rows with).
     ``trust_remote_code`` is never read back, in either form."""
+    from llm_features.embed_users import checkpoint_identity
     from llm_features.finetune.checkpoint import build_model, read_checkpoint_config, save_checkpoint
 
     out = tmp_path / "ckpt"
@@ -370,16 +372,21 @@ def test_checkpoints_of_the_old_flat_config_form_still_load(tiny_bert_dir, tiny_
     nested = meta["finetune"]
     assert nested["backbone"]["split_layer"] == 2 and nested["backbone"]["max_tokens"] == 32
     assert "split_layer" not in nested and nested["context_size"] == 4
+    assert nested["runtime"] == {"device": "auto", "num_threads": None}
     assert read_checkpoint_config(out)[0] == cfg
     nested["backbone"]["trust_remote_code"] = True  # an edited file: ignored, the command line decides
     (out / "config.json").write_text(json.dumps(meta))
     assert read_checkpoint_config(out)[0] == cfg
+    identity = checkpoint_identity(out)["id"]
     # the form of the checkpoints written before: one key per option
-    meta["finetune"] = {**{k: v for k, v in nested.items() if k != "backbone"}, **nested["backbone"]}
+    meta["finetune"] = {k: v for k, v in nested.items() if not isinstance(v, dict)}
+    for section in ("backbone", "runtime"):
+        meta["finetune"].update(nested[section])
     assert meta["finetune"]["split_layer"] == 2 and meta["finetune"]["trust_remote_code"] is True
     (out / "config.json").write_text(json.dumps(meta))
     old, _, _ = read_checkpoint_config(out)
     assert old == cfg and old.backbone.trust_remote_code is False
+    assert checkpoint_identity(out)["id"] == identity
     model, loaded = load_finetuned(out, backbone=bb)
     assert loaded == cfg and model.backbone.split_layer == 2
 

@@ -139,6 +139,7 @@ def pipeline(root: Path, tiny_bert_dir: Path, ingest_kw: dict) -> Run:
     import torch
 
     from llm_features.backbone import BackboneConfig
+    from llm_features.config import RuntimeArgs
     from llm_features.embed_users import EmbedUsersConfig, embed_users
     from llm_features.encode import EncodeConfig, encode
     from llm_features.finetune import FinetuneConfig, finetune
@@ -162,7 +163,8 @@ def pipeline(root: Path, tiny_bert_dir: Path, ingest_kw: dict) -> Run:
     finetune(FinetuneConfig(backbone=tiny, data_dir=data, out=ft, context_size=8,
                             targets_per_sequence=16, batch_size=32, head_hidden=8, max_steps=4, warmup_steps=1,
                             log_every=0, num_threads=1))
-    embed_users(EmbedUsersConfig(checkpoint=ft, data_dir=data, device="cpu", every=4, num_threads=1))
+    embed_users(EmbedUsersConfig(checkpoint=ft, data_dir=data, every=4,
+                                 runtime=RuntimeArgs(device="cpu", num_threads=1)))
     materialize_all(store, Workspace.at(data))
     metrics = {}
     for name, llm in (("ranker_id_only", False), ("ranker_llm", True)):

@@ -230,6 +230,7 @@ def ml100k_both(tmp_path_factory, tiny_bert_dir):
     import torch
 
     from llm_features.backbone import Backbone, BackboneConfig
+    from llm_features.config import RuntimeArgs
     from llm_features.embed_users import EmbedUsersConfig, embed_users
     from llm_features.encode import EncodeConfig, encode
     from llm_features.finetune import FinetuneConfig
@@ -255,7 +256,8 @@ def ml100k_both(tmp_path_factory, tiny_bert_dir):
         model.query.normal_(0, 1.0)
         model.feedback.weight.normal_(0, 1.0)
     save_checkpoint(root / "ckpt", model, ckpt_cfg, item_dim=bb.fingerprint.hidden_size)
-    embed_users(EmbedUsersConfig(checkpoint=root / "ckpt", data_dir=data, device="cpu", every=20, num_threads=1))
+    embed_users(EmbedUsersConfig(checkpoint=root / "ckpt", data_dir=data, every=20,
+                                 runtime=RuntimeArgs(device="cpu", num_threads=1)))
     del bb, model
 
     entities = load_entities(data / "canonical" / "interactions.parquet", "test")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from llm_features.backbone import BackboneConfig
-from llm_features.config import data_dir_field, device_field, threads_field, validate_config
+from llm_features.config import RuntimeArgs, data_dir_field, validate_config
 from llm_features.errors import UserError
 
 
@@ -136,8 +136,7 @@ class FinetuneConfig:
     )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank.", "min": 1})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha.", "min": 1})
-    device: str = device_field()
-    num_threads: int | None = threads_field()
+    runtime: RuntimeArgs = field(default_factory=RuntimeArgs)
     log_every: int = field(default=50, metadata={"help": "Log the training loss every this many steps.",
         "min": 0})
     save_every: int = field(
