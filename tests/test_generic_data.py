@@ -162,7 +162,7 @@ def pipeline(root: Path, tiny_bert_dir: Path, ingest_kw: dict) -> Run:
     ft = root / "finetune"
     finetune(FinetuneConfig(backbone=tiny, data_dir=data, out=ft, context_size=8,
                             targets_per_sequence=16, batch_size=32, head_hidden=8, max_steps=4, warmup_steps=1,
-                            log_every=0, num_threads=1))
+                            log_every=0, runtime=RuntimeArgs(num_threads=1)))
     embed_users(EmbedUsersConfig(checkpoint=ft, data_dir=data, every=4,
                                  runtime=RuntimeArgs(device="cpu", num_threads=1)))
     materialize_all(store, Workspace.at(data))
