@@ -354,7 +354,6 @@ def test_finetune_writes_checkpoint_and_metrics(tiny_bert_dir, tiny_workspace, t
     assert m["train_rss_increase_mb"] == pytest.approx(m["train_peak_rss_mb"] - m["rss_before_train_mb"])
 
 
-@pytest.mark.slow
 def test_checkpoints_of_the_old_flat_config_form_still_load(tiny_bert_dir, tiny_workspace, tmp_path):
     """config.json's "finetune" section is nested ({"backbone": {...}, "runtime": {...}, ...}) since
     those options moved into FinetuneConfig.backbone and .runtime; checkpoints written before hold them
@@ -391,6 +390,7 @@ def test_checkpoints_of_the_old_flat_config_form_still_load(tiny_bert_dir, tiny_
     assert loaded == cfg and model.backbone.split_layer == 2
 
 
+@pytest.mark.slow
 def test_training_learns_the_signal(tiny_bert_dir, tiny_workspace, tmp_path):
     """Most users like one genre: a few epochs of DTI must lower the loss and beat chance on held-out data."""
     m = finetune(_cfg(tiny_bert_dir, tiny_workspace, tmp_path / "c", epochs=4, head_lr=3e-3))
