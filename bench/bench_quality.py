@@ -79,9 +79,10 @@ def prepare(source: Path, data_dir: Path) -> None:
 def tower(data_dir: Path, out: Path, reuse: bool, **options: Any) -> dict:
     """``llmfeat finetune`` with ``options``; a finished run with the same options is reused."""
     from llm_features.finetune import FinetuneConfig, finetune
-    from llm_features.finetune.checkpoint import config_to_dict
+    from llm_features.config import config_from_options
+    from llm_features.finetune.config import config_to_dict
 
-    cfg = FinetuneConfig(data_dir=data_dir, out=out, **{**TOWER, **options})
+    cfg = config_from_options(FinetuneConfig, data_dir=data_dir, out=out, **{**TOWER, **options})
     want = {k: v for k, v in config_to_dict(cfg).items() if k not in NON_SEMANTIC}
     if reuse and (out / "metrics.json").exists():
         m = json.loads((out / "metrics.json").read_text())
@@ -197,6 +198,7 @@ def rank(out: Path, entities: pd.DataFrame, source, seed: int, reuse: bool, inpu
     A finished run is reused only when its seed, options and ``inputs`` (what its features were
     made from: towers, snapshot cadence) are the same.
     """
+    from llm_features.config import config_from_options
     from ranker.config import EvaluateConfig, TrainConfig
     from ranker.train import evaluate, train
 
@@ -206,8 +208,8 @@ def rank(out: Path, entities: pd.DataFrame, source, seed: int, reuse: bool, inpu
     if not (reuse and pred.exists() and (out / "bench_stamp.json").exists()
             and (out / "bench_stamp.json").read_text() == stamp):
         shutil.rmtree(out / "eval-valid", ignore_errors=True)  # the blends' valid predictions of an older run
-        m = train(TrainConfig(out=out, seed=seed, progress=False, threads=1, **options), entities=entities,
-                  source=source)
+        m = train(config_from_options(TrainConfig, out=out, seed=seed, progress=False, threads=1, **options),
+                  entities=entities, source=source)
         evaluate(EvaluateConfig(checkpoint=out, split="test"), entities=entities, source=source)
         (out / "bench_stamp.json").write_text(stamp)
         (out / "bench_train.json").write_text(json.dumps({k: m.get(k) for k in (

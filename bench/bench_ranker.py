@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from llm_features.parquet_io import list_parts
-from ranker.config import EvaluateConfig, TrainConfig
+from ranker.config import EvaluateConfig, ModelConfig, TrainConfig
 from ranker.serve import Ranker
 from ranker.features import feature_columns
 from ranker.train import ENTITY_COLUMNS, PrefetchedSource, evaluate, feast_source, train, workspace_for
@@ -119,7 +119,7 @@ def main() -> None:
     fetch_seconds: dict[str, float] = {}
     sources: dict[str, PrefetchedSource] = {}
     for twin, model_kw in variants.items():
-        model_cfg = TrainConfig(**model_kw).model_config()
+        model_cfg = ModelConfig(**model_kw)
         service = model_cfg.feature_service
         if service not in sources:  # one point-in-time join per feature service (train + test rows)
             sources.clear()
@@ -133,7 +133,7 @@ def main() -> None:
         source = sources[service]
         for seed in args.seeds:
             cfg = TrainConfig(
-                **model_kw, repo=args.repo, data_dir=ws.root, out=args.runs / f"{twin}_seed{seed}",
+                model=model_cfg, repo=args.repo, data_dir=ws.root, out=args.runs / f"{twin}_seed{seed}",
                 epochs=args.epochs, batch_size=args.batch_size, seed=seed, threads=args.threads,
                 validate=False, progress=False,
             )

@@ -109,12 +109,13 @@ class _Choices(logging.Handler):
 
 
 def finetune_run(data: Path, out: Path, threads: int | None, args, choices: _Choices) -> dict:
+    from llm_features.config import RuntimeArgs
     from llm_features.finetune import FinetuneConfig, finetune
 
     shutil.rmtree(out, ignore_errors=True)
-    cfg = FinetuneConfig(data_dir=data, out=out, device="cpu", num_threads=threads, epochs=1,
-                         max_steps=args.steps, max_targets=args.max_targets, batch_size=args.batch_size,
-                         log_every=0)
+    cfg = FinetuneConfig(data_dir=data, out=out, runtime=RuntimeArgs(device="cpu", num_threads=threads),
+                         epochs=1, max_steps=args.steps, max_targets=args.max_targets,
+                         batch_size=args.batch_size, log_every=0)
     busy = busy_cores(seconds=0.5)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

@@ -45,7 +45,7 @@ REUSE_IGNORED = {"out", "log_every", "save_every", "resume", "eval_batch_size", 
 def _reusable(out: Path, data_dir: Path, opts: dict) -> bool:
     """``out`` holds a finished run with exactly these options (the finetune defaults filling the rest)."""
     from llm_features.finetune import FinetuneConfig
-    from llm_features.finetune.checkpoint import config_to_dict
+    from llm_features.finetune.config import config_to_dict
 
     try:
         m = json.loads((out / "metrics.json").read_text())

@@ -63,10 +63,6 @@ class BackboneConfig:
     attn_implementation: Literal["sdpa", "eager"] = field(default="sdpa", metadata={
         "help": "Attention kernel."})
 
-    def backbone_config(self) -> "BackboneConfig":
-        """The plain :class:`BackboneConfig` part of this (possibly extended) config."""
-        return BackboneConfig(**{name: getattr(self, name) for name in BackboneConfig.__dataclass_fields__})
-
 
 class ModelNotFoundError(UserError, FileNotFoundError):
     """The model directory does not exist."""

@@ -52,7 +52,7 @@ import pandas as pd
 import torch
 
 from llm_features.backbone import configure_threads
-from llm_features.config import data_dir_field, device_field, threads_field, validate_config
+from llm_features.config import RuntimeArgs, data_dir_field, validate_config
 from llm_features.devices import resolve_device
 from llm_features.distributed import barrier, init_from_env, sum_over_ranks
 from llm_features.errors import UserError
@@ -115,8 +115,7 @@ class EmbedUsersConfig:
         "help": "Users per part file (the unit a killed run resumes from).", "min": 1})
     overwrite: bool = field(default=False, metadata={
         "help": "Delete existing user_embeddings parts of another checkpoint (or stale ones) first."})
-    device: str = device_field()
-    num_threads: int | None = threads_field()
+    runtime: RuntimeArgs = field(default_factory=RuntimeArgs)
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Allow Python code from the checkpoint's model directory (off: only built-in architectures). "
                 "Taken from the command line only, never from the checkpoint or a --config file.",
@@ -240,9 +239,9 @@ def _open_run(cfg: EmbedUsersConfig, model: FinetuneModel | None, *, data_given:
     if cfg.every > 1 and cfg.cadence != "event":
         raise UserError(f"{cfg.every} applies to --cadence event only, not {cfg.cadence}", option="--every",
                         fix="Drop --every, or use --cadence event.")
-    device = resolve_device(cfg.device)  # under torchrun, cuda is this rank's GPU
+    device = resolve_device(cfg.runtime.device)  # under torchrun, cuda is this rank's GPU
     rank, world = init_from_env(device)
-    configure_threads(cfg.num_threads)
+    configure_threads(cfg.runtime.num_threads)
     _, trained_fp, meta = read_checkpoint_config(cfg.checkpoint)
     check_weights(cfg.checkpoint, meta)
     ws = Workspace.at(cfg.data_dir)

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from llm_features.atomic import write_json
 from llm_features.backbone import Backbone, BackboneConfig, configure_threads
-from llm_features.config import data_dir_field, device_field, threads_field, validate_config
+from llm_features.config import RuntimeArgs, data_dir_field, validate_config
 from llm_features.devices import resolve_device
 from llm_features.distributed import barrier, init_from_env, sum_over_ranks
 from llm_features.encode_inputs import (
@@ -54,15 +54,15 @@ ENCODE_REPORT = "encode_report.json"
 
 
 @dataclass
-class EncodeConfig(BackboneConfig):
+class EncodeConfig:
     """``llmfeat encode``: the backbone options plus where and how to encode."""
 
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data_dir: Path | None = data_dir_field()
     batch_size: int = field(default=64, metadata={"help": "Texts per forward pass.", "min": 1})
     part_size: int = field(default=4096, metadata={
         "help": "Texts per part file (the unit a killed run resumes from).", "min": 1})
-    device: str = device_field()
-    num_threads: int | None = threads_field()
+    runtime: RuntimeArgs = field(default_factory=RuntimeArgs)
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
 
@@ -244,12 +244,12 @@ def encode(
     """
     t0 = time.perf_counter()
     validate_config(cfg)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.runtime.device)
     rank, world = init_from_env(device)
     ws = Workspace.at(cfg.data_dir)
-    configure_threads(cfg.num_threads)
+    configure_threads(cfg.runtime.num_threads)
     texts = read_texts(ws)
-    bb = backbone or Backbone.load(cfg.backbone_config(), device=device)
+    bb = backbone or Backbone.load(cfg.backbone, device=device)
     fp = bb.fingerprint
     work = _plan(ws, fp, texts, rank, world)
     stats = _initial_stats(fp, texts, work)

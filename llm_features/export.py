@@ -165,7 +165,7 @@ def _check_inputs(cfg: ExportConfig) -> tuple[Path, Path, Path, Any, Any, dict[s
         raise UserError(f"--format {fmt}: {ckpt} was trained without --lora, so it has no LoRA adapter to "
                         "export", option="--format", fix="Use --format full (the default for it).")
 
-    base_dir = Path(ft.model) if ft.model is not None else default_model_dir()
+    base_dir = Path(ft.backbone.model) if ft.backbone.model is not None else default_model_dir()
     if not base_dir.is_dir():
         raise UserError(f"the checkpoint's base model directory {base_dir} does not exist", file=ckpt,
                         option="--checkpoint",

@@ -57,10 +57,11 @@ def _load_hf(base_dir: Path, ft, *, full_architecture: bool) -> nn.Module:
     import transformers
     from transformers import AutoConfig, AutoModel, PreTrainedModel
 
-    kwargs = dict(dtype=_DTYPES[ft.dtype], trust_remote_code=ft.trust_remote_code, local_files_only=True)
+    bb = ft.backbone
+    kwargs = dict(dtype=_DTYPES[bb.dtype], trust_remote_code=bb.trust_remote_code, local_files_only=True)
     cls = AutoModel
     if full_architecture:
-        archs = AutoConfig.from_pretrained(base_dir, trust_remote_code=ft.trust_remote_code,
+        archs = AutoConfig.from_pretrained(base_dir, trust_remote_code=bb.trust_remote_code,
                                            local_files_only=True).architectures or []
         named = getattr(transformers, archs[0], None) if archs else None
         if isinstance(named, type) and issubclass(named, PreTrainedModel):

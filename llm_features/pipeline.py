@@ -78,7 +78,7 @@ def stage_configs(cfg: PipelineConfig, data_dir: Path) -> dict[str, Any]:
     from llm_features.encode import EncodeConfig
     from llm_features.finetune import FinetuneConfig
     from llm_features.ingest import IngestConfig
-    from ranker.config import EvaluateConfig, TrainConfig
+    from ranker.config import EvaluateConfig, ModelConfig, TrainConfig
 
     small = cfg.size == "small"
     ft = FinetuneConfig(data_dir=data_dir, limit_users=cfg.finetune_users or (300 if small else None),
@@ -90,7 +90,7 @@ def stage_configs(cfg: PipelineConfig, data_dir: Path) -> dict[str, Any]:
         "embed_users": EmbedUsersConfig(checkpoint=ft.out, data_dir=data_dir, every=cfg.embed_every),
     }
     for name, llm in TWINS:
-        tr = TrainConfig(repo=cfg.repo, data_dir=data_dir, llm_features=llm,
+        tr = TrainConfig(model=ModelConfig(llm_features=llm), repo=cfg.repo, data_dir=data_dir,
                          epochs=min(cfg.ranker_epochs, 3) if small else cfg.ranker_epochs,
                          max_train_rows=100_000 if small else None, progress=cfg.progress)
         configs[f"ranker_{name}"] = tr
@@ -162,7 +162,7 @@ def _encode(run: _Run) -> None:
 
     with run.step("encode (shallow layers, each distinct text once)"):
         enc_cfg = run.configs["encode"]
-        run.backbone = Backbone.load(enc_cfg.backbone_config())
+        run.backbone = Backbone.load(enc_cfg.backbone)
         stats = encode(enc_cfg, backbone=run.backbone)
         run.echo(stats.summary())
         run.report["encode"] = stats.to_dict()

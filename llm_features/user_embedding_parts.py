@@ -21,8 +21,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llm_features.config import flatten_values
 from llm_features.errors import UserError
 from llm_features.finetune.checkpoint import CONFIG, WEIGHTS, file_sha256
+from llm_features.finetune.config import FinetuneConfig
 from llm_features.finetune.packing import UserHistories
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, ModelFingerprint
 from llm_features.parquet_io import embedding_array, file_metadata, list_parts, utc_us
@@ -56,7 +58,9 @@ def checkpoint_identity(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     meta = json.loads((path / CONFIG).read_text())
     weights = file_sha256(path / WEIGHTS)
-    options = {k: v for k, v in meta["finetune"].items() if k not in _NON_SEMANTIC}
+    # one key per option, whether the checkpoint nests them (backbone: {...}) or not (written before)
+    flat = flatten_values(FinetuneConfig, meta["finetune"], str(path / CONFIG))
+    options = {k: v for k, v in flat.items() if k not in _NON_SEMANTIC}
     identity = {"weights": weights, "options": options, "fingerprint": meta["fingerprint"]["digest"]}
     return {
         "id": payload_digest(identity, length=16),

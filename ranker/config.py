@@ -1,7 +1,8 @@
 """Typed configuration of the ranker: one dataclass per command, the model's fields shared.
 
-``ModelConfig`` holds what shapes the network; ``TrainConfig`` adds the data and optimisation
-fields of ``llmfeat ranker train``. The CLI options, a JSON/YAML ``--config`` file and a Python
+``ModelConfig`` holds what shapes the network; ``TrainConfig`` nests it (``cfg.model``, its
+fields still flat options: ``--llm-mode``) next to the data and optimisation fields of
+``llmfeat ranker train``. The CLI options, a JSON/YAML ``--config`` file and a Python
 call all build the same dataclass (see :mod:`llm_features.config`); numeric options carry their
 ranges as field metadata (``"min"``, ``"max"``, ``"min_open"``), checked on the command line, in a
 config file and by :func:`llm_features.config.validate_config` (``train`` and ``evaluate`` call it).
@@ -121,6 +122,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """The config a checkpoint saved: its encoder's ``model``, or a saved ``train_config`` (the
+        nested form, ``{"model": {...}, ...}``, or the flat one of checkpoints written before)."""
+        if isinstance(data.get("model"), dict):
+            data = data["model"]
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
         kwargs.setdefault("llm_mode", "dense")  # checkpoints written before the option existed
@@ -130,9 +135,10 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig(ModelConfig):
+class TrainConfig:
     """``llmfeat ranker train``: Feast point-in-time rows of the train split in, a checkpoint out."""
 
+    model: ModelConfig = field(default_factory=ModelConfig)
     repo: Path = field(default=Path("feast_repo"), metadata={"help": "Feast repository (feature_store.yaml)."})
     data_dir: Path | None = data_dir_field()
     out: Path | None = field(default=None, metadata={
@@ -190,16 +196,12 @@ class TrainConfig(ModelConfig):
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.epochs < 1:
             raise UserError(f"must be at least 1, got {self.epochs}", option="--epochs")
         if self.patience < 1:
             raise UserError(f"must be at least 1, got {self.patience}", option="--patience")
         if self.out is None:
-            self.out = default_checkpoint(self.repo, self.data_dir, self.llm_features)
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
+            self.out = default_checkpoint(self.repo, self.data_dir, self.model.llm_features)
 
 
 @dataclass

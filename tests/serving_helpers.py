@@ -58,14 +58,15 @@ def train_tiny_ranker(out: Path, fingerprint: str, dim: int = 8) -> Path:
     """A +LLM ranker trained on synthetic rows, recorded as trained on ``fingerprint``'s embeddings."""
     import torch
 
-    from ranker.config import TrainConfig
+    from ranker.config import ModelConfig, TrainConfig
     from tests.synthetic_rows import SyntheticFeatureSource, synthetic_rows
     from ranker.train import train
 
     torch.set_num_threads(1)
     rows = synthetic_rows(n_users=20, n_items=20, n_rows=600, dim=dim, seed=0)
     rows["user_id"] += 2
-    cfg = TrainConfig(out=out, epochs=1, batch_size=128, llm_mode="interaction", validate=False, progress=False)
+    cfg = TrainConfig(model=ModelConfig(llm_mode="interaction"), out=out, epochs=1, batch_size=128,
+                      validate=False, progress=False)
     train(cfg, entities=rows, source=SyntheticFeatureSource(rows))
     payload = json.loads((out / "ranker.json").read_text())
     payload["fingerprint"] = fingerprint  # trained on this workspace's embeddings, as `ranker train` records

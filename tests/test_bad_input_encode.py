@@ -25,6 +25,7 @@ import torch
 from bad_input import run_bad
 from test_encode import write_canonical
 
+from llm_features.backbone import BackboneConfig
 from llm_features.encode import EncodeConfig, encode
 
 
@@ -74,7 +75,8 @@ def test_config_value_outside_choices(tiny_bert_dir, ws, tmp_path):
     run_bad(enc(tiny_bert_dir, ws, "--config", conf), expect=r"encode\.json, --pooling: 'max' is not one of",
             unchanged=[ws])
     with pytest.raises(ValueError, match="--pooling"):  # the Python API checks the same
-        encode(EncodeConfig(model=tiny_bert_dir, data_dir=ws, pooling="max"))  # type: ignore[arg-type]
+        bad = BackboneConfig(model=tiny_bert_dir, pooling="max")  # type: ignore[arg-type]
+        encode(EncodeConfig(backbone=bad, data_dir=ws))
 
 
 def test_bad_device(tiny_bert_dir, ws):
@@ -85,7 +87,7 @@ def test_bad_device(tiny_bert_dir, ws):
 
 
 def test_embeddings_of_another_model(tiny_bert_dir, tiny_llama_dir, ws):
-    encode(EncodeConfig(model=tiny_bert_dir, data_dir=ws, progress=False))
+    encode(EncodeConfig(backbone=BackboneConfig(model=tiny_bert_dir), data_dir=ws, progress=False))
     run_bad(enc(tiny_llama_dir, ws), expect=r"was written by model fingerprint .* use a fresh --data-dir",
             unchanged=[ws])
 

@@ -199,11 +199,13 @@ class Killed(BaseException):
 
 def test_kill_between_checkpoint_files_resumes_from_the_last_complete_one(tiny_bert_dir, ws, tmp_path,
                                                                           monkeypatch):
+    from llm_features.config import RuntimeArgs
     from llm_features.finetune import FinetuneConfig, finetune
 
-    opts = dict(model=tiny_bert_dir, split_layer=2, data_dir=ws, context_size=3, targets_per_sequence=4,
-                batch_size=16, eval_batch_size=64, head_hidden=8, warmup_steps=2, log_every=0, device="cpu",
-                num_threads=1, epochs=1, save_every=2, lr=1e-3)
+    opts = dict(backbone=BackboneConfig(model=tiny_bert_dir, split_layer=2), data_dir=ws, context_size=3,
+                targets_per_sequence=4, batch_size=16, eval_batch_size=64, head_hidden=8, warmup_steps=2,
+                log_every=0, runtime=RuntimeArgs(device="cpu", num_threads=1), epochs=1, save_every=2,
+                lr=1e-3)
     full = finetune(FinetuneConfig(out=tmp_path / "full", **opts))
     assert full["steps"] > 4
     real = torch.save
@@ -271,7 +273,9 @@ def evil_model_dir(src: Path, dest: Path, marker: Path) -> Path:
 def edit_checkpoint(ckpt: Path, *, fingerprint_of: Path | None = None, **finetune_options) -> None:
     path = ckpt / "config.json"
     meta = json.loads(path.read_text())
-    meta["finetune"].update({k: str(v) if isinstance(v, Path) else v for k, v in finetune_options.items()})
+    for k, v in finetune_options.items():  # a backbone option in the backbone: section, as saved
+        section = meta["finetune"]["backbone"] if k in BackboneConfig.__dataclass_fields__ else meta["finetune"]
+        section[k] = str(v) if isinstance(v, Path) else v
     if fingerprint_of is not None:
         fp = {k: v for k, v in meta["fingerprint"].items() if k != "digest"}
         fp.update(model_name=str(fingerprint_of), weights_sha256=weights_sha256(fingerprint_of))

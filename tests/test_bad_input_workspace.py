@@ -229,6 +229,7 @@ def test_encode_refuses_an_item_embeddings_link_out_of_the_data_dir(tiny_bert_di
 
 def test_embed_users_overwrite_refuses_a_user_embeddings_link_out_of_the_data_dir(tiny_bert_dir, tmp_path):
     from llm_features.backbone import Backbone, BackboneConfig
+    from llm_features.config import RuntimeArgs
     from llm_features.embed_users import EmbedUsersConfig, embed_users
     from tests.test_embed_users import make_checkpoint, make_rows, make_workspace
 
@@ -236,7 +237,8 @@ def test_embed_users_overwrite_refuses_a_user_embeddings_link_out_of_the_data_di
     data = make_workspace(tmp_path / "data", bb, make_rows())
     ckpt = make_checkpoint(tmp_path / "ckpt", bb, tiny_bert_dir)
     other = make_checkpoint(tmp_path / "other", bb, tiny_bert_dir, seed=1)
-    embed_users(EmbedUsersConfig(checkpoint=other, data_dir=data, device="cpu", num_threads=1, cadence="last"))
+    embed_users(EmbedUsersConfig(checkpoint=other, data_dir=data, cadence="last",
+                                 runtime=RuntimeArgs(device="cpu", num_threads=1)))
     outside = tmp_path / "elsewhere"
     _link_out(data, "user_embeddings", outside)
     assert parquet_io.list_parts(outside)
@@ -271,14 +273,14 @@ def checkpoint(tmp_path_factory) -> Path:
     """An id-only ranker trained in a second on synthetic rows (no feature store)."""
     import torch
 
-    from ranker.config import TrainConfig
+    from ranker.config import ModelConfig, TrainConfig
     from tests.synthetic_rows import SyntheticFeatureSource, synthetic_rows
     from ranker.train import train
 
     torch.set_num_threads(1)
     rows = synthetic_rows(n_users=20, n_items=20, n_rows=400, dim=DIM, seed=0)
-    cfg = TrainConfig(llm_features=False, out=tmp_path_factory.mktemp("ranker") / "ckpt", epochs=1,
-                      batch_size=128, validate=False, progress=False)
+    cfg = TrainConfig(model=ModelConfig(llm_features=False), out=tmp_path_factory.mktemp("ranker") / "ckpt",
+                      epochs=1, batch_size=128, validate=False, progress=False)
     train(cfg, entities=rows, source=SyntheticFeatureSource(rows))
     return cfg.out
 

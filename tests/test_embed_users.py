@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 import llm_features.embed_users as eu
 from llm_features.backbone import Backbone, BackboneConfig
+from llm_features.config import RuntimeArgs
 from llm_features.embed_users import (
     CHECKPOINT_METADATA_KEY,
     CheckpointMismatchError,
@@ -95,8 +96,8 @@ def make_workspace(root: Path, bb: Backbone, rows) -> Path:
 
 
 def make_checkpoint(out: Path, bb: Backbone, tiny_bert_dir: Path, leakage: str = "windowed", seed: int = 0):
-    cfg = FinetuneConfig(model=tiny_bert_dir, split_layer=2, context_size=N, leakage=leakage, head_hidden=8,
-                         out=out)
+    cfg = FinetuneConfig(backbone=BackboneConfig(model=tiny_bert_dir, split_layer=2), context_size=N,
+                         leakage=leakage, head_hidden=8, out=out)
     torch.manual_seed(seed)
     model = build_model(cfg, bb, DIM)
     with torch.no_grad():  # non-trivial new parts (the deep layers are the tiny model's own)
@@ -126,8 +127,8 @@ def fresh_ws(setup, dest: Path, rows=None) -> Path:
 
 def cfg(setup, ws: Path, **kw) -> EmbedUsersConfig:
     kw.setdefault("every", 1)  # every event time: what these tests compare row by row (the default is 2)
-    return EmbedUsersConfig(checkpoint=kw.pop("checkpoint", setup["ckpt"]), data_dir=ws, device="cpu",
-                            num_threads=1, **kw)
+    return EmbedUsersConfig(checkpoint=kw.pop("checkpoint", setup["ckpt"]), data_dir=ws,
+                            runtime=RuntimeArgs(device="cpu", num_threads=1), **kw)
 
 
 @torch.inference_mode()

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 import llm_features.encode as encode_mod
 from llm_features.backbone import Backbone
+from llm_features.config import config_from_options
 from llm_features.encode import EncodeConfig, encode
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, FingerprintMismatchError, ModelFingerprint
 from llm_features.ids import stable_id
@@ -63,7 +64,8 @@ def write_canonical(root: Path, events=EVENTS, items=ITEMS) -> Workspace:
 
 
 def cfg_for(model: Path, root: Path, **kw) -> EncodeConfig:
-    return EncodeConfig(model=model, data_dir=root, progress=False, batch_size=4, **kw)
+    """Options by name, the backbone's among them (``split_layer=1``)."""
+    return config_from_options(EncodeConfig, model=model, data_dir=root, progress=False, batch_size=4, **kw)
 
 
 def table_of(directory: Path, key: str, vec: str) -> dict[int, np.ndarray]:
@@ -86,7 +88,7 @@ def test_encode_writes_each_distinct_text_once(tiny_bert_dir, tmp_path):
     assert stats.distinct_texts == stats.texts_encoded == 6  # 5 behaviour texts + the never-watched item
     assert stats.already_encoded == 0 and 0 < stats.padding_efficiency <= 1
 
-    bb = Backbone.load(cfg.backbone_config())
+    bb = Backbone.load(cfg.backbone)
     behaviors = table_of(ws.atomic_behavior_embeddings, "behavior_id", "behavior_embedding")
     assert set(behaviors) == set(behavior_texts)
     keys = sorted(behavior_texts)
@@ -253,7 +255,7 @@ def test_changed_item_text_is_reencoded_and_the_old_vector_dropped(tiny_bert_dir
     assert stats.stale_items == 2 and stats.item_rows_written == 2
     after = table_of(tmp_path / "item_embeddings", "item_id", "item_embedding")  # no duplicate item_id
     assert set(after) == set(ITEMS)
-    bb = Backbone.load(cfg.backbone_config())
+    bb = Backbone.load(cfg.backbone)
     fresh = bb.encode_texts([changed[2], changed[7]], batch_size=4).numpy()
     np.testing.assert_allclose(after[2], fresh[0], atol=1e-5)
     np.testing.assert_allclose(after[7], fresh[1], atol=1e-5)

@@ -24,6 +24,7 @@ import torch
 from click.testing import CliRunner
 
 from llm_features.backbone import Backbone, BackboneConfig
+from llm_features.config import RuntimeArgs
 from llm_features.embed_users import EmbedUsersConfig, embed_users, read_user_embeddings
 from llm_features.encode import EncodeConfig, encode
 from llm_features.errors import UserError
@@ -76,12 +77,12 @@ def write_canonical(root: Path, rows, extra_items: dict[int, str] | None = None)
 
 
 def embed(ckpt: Path, ws: Path, cadence: str = "event", overwrite: bool = False) -> None:
-    embed_users(EmbedUsersConfig(checkpoint=ckpt, data_dir=ws, cadence=cadence, every=1, device="cpu",
-                                 num_threads=1, overwrite=overwrite))
+    embed_users(EmbedUsersConfig(checkpoint=ckpt, data_dir=ws, cadence=cadence, every=1,
+                                 runtime=RuntimeArgs(device="cpu", num_threads=1), overwrite=overwrite))
 
 
 def run_encode(ws: Path, bert) -> None:
-    encode(EncodeConfig(data_dir=ws, progress=False, num_threads=1), backbone=bert)
+    encode(EncodeConfig(data_dir=ws, progress=False, runtime=RuntimeArgs(num_threads=1)), backbone=bert)
 
 
 @pytest.fixture(scope="module")
@@ -211,15 +212,15 @@ def test_point_in_time_read_sees_the_pushed_row_only_from_its_stamp(base, served
 
 
 def test_ranker_score_changes_after_an_event(base, served, tmp_path):
-    from ranker.config import TrainConfig
+    from ranker.config import ModelConfig, TrainConfig
     from ranker.serve import Ranker
     from tests.synthetic_rows import SyntheticFeatureSource, synthetic_rows
     from ranker.train import train
 
     torch.manual_seed(0)
     rows = synthetic_rows(n_users=20, n_items=10, n_rows=400, dim=32, signal=6.0, seed=0)
-    cfg = TrainConfig(llm_features=True, out=tmp_path / "ranker", epochs=1, batch_size=64, lr=3e-3, seed=0,
-                      llm_mode="interaction", threads=1)
+    cfg = TrainConfig(model=ModelConfig(llm_features=True, llm_mode="interaction"), out=tmp_path / "ranker",
+                      epochs=1, batch_size=64, lr=3e-3, seed=0, threads=1)
     train(cfg, entities=rows, source=SyntheticFeatureSource(rows))
     ranker = Ranker.load(cfg.out, store=served["store"])
     items = list(range(7))
@@ -235,7 +236,7 @@ def test_http_events_update_the_served_score(base, tmp_path, monkeypatch):
     """POST /events of `llmfeat serve` runs the EventProcessor: the user's next /score differs, a bad
     event is a 422 naming the field, and nothing needs a materialisation in between. (Its own copy
     of the data dir: the module's `served` copy is the other tests'.)"""
-    from ranker.config import ServeConfig, TrainConfig
+    from ranker.config import ModelConfig, ServeConfig, TrainConfig
     from ranker.serve import Ranker
     from ranker.service import TOKEN_ENV, create_app
     from tests.synthetic_rows import SyntheticFeatureSource, synthetic_rows
@@ -244,8 +245,8 @@ def test_http_events_update_the_served_score(base, tmp_path, monkeypatch):
 
     torch.manual_seed(0)
     rows = synthetic_rows(n_users=20, n_items=10, n_rows=400, dim=32, signal=6.0, seed=0)
-    tcfg = TrainConfig(llm_features=True, out=tmp_path / "ranker", epochs=1, batch_size=64, lr=3e-3, seed=0,
-                       llm_mode="interaction", threads=1)
+    tcfg = TrainConfig(model=ModelConfig(llm_features=True, llm_mode="interaction"), out=tmp_path / "ranker",
+                       epochs=1, batch_size=64, lr=3e-3, seed=0, threads=1)
     train(tcfg, entities=rows, source=SyntheticFeatureSource(rows))
     ws = Path(shutil.copytree(base["ws"], tmp_path / "ws"))
     repo = copy_repo(tmp_path / "feast_repo")
@@ -333,8 +334,8 @@ def test_token_level_checkpoint_pushes_what_embed_users_exports(base, tmp_path, 
     from llm_features.finetune import FinetuneConfig
     from llm_features.finetune.checkpoint import build_model, save_checkpoint
 
-    cfg = FinetuneConfig(model=tiny_bert_dir, split_layer=2, context_size=3, granularity="token",
-                         head_hidden=8, out=tmp_path / "token")
+    cfg = FinetuneConfig(backbone=BackboneConfig(model=tiny_bert_dir, split_layer=2), context_size=3,
+                         granularity="token", head_hidden=8, out=tmp_path / "token")
     torch.manual_seed(1)
     model = build_model(cfg, base["bert"], 32)
     with torch.no_grad():

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from llm_features.backbone import Backbone
+from llm_features.config import config_from_options
 from llm_features.cli import main
 from llm_features.errors import UserError
 from llm_features.export import HEAD_META, HEAD_WEIGHTS, ExportConfig, export
@@ -58,8 +59,10 @@ def doc_recipe() -> dict:
 
 def make_checkpoint(out: Path, model_dir: Path, item_dim: int, seed: int = 0, **options) -> Path:
     """A checkpoint whose every trained tensor differs visibly from the base model's (and from zero)."""
-    cfg = FinetuneConfig(model=model_dir, split_layer=2, context_size=N, head_hidden=8, out=out, **options)
-    bb = Backbone.load(cfg.backbone_config())  # fresh: build_model changes the deep stack in place
+    # the backbone's options (pooling) among ``options``
+    cfg = config_from_options(FinetuneConfig, model=model_dir, split_layer=2, context_size=N, head_hidden=8,
+                              out=out, **options)
+    bb = Backbone.load(cfg.backbone)  # fresh: build_model changes the deep stack in place
     torch.manual_seed(seed)
     model = build_model(cfg, bb, item_dim)
     with torch.no_grad():

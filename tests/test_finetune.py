@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from llm_features.backbone import Backbone, BackboneConfig
+from llm_features.config import config_from_options
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY
 from llm_features.finetune import FinetuneConfig, FinetuneModel, load_finetuned
 from llm_features.finetune.data import load_finetune_data
@@ -24,7 +25,7 @@ from llm_features.finetune.packing import (
     feedback_words,
     make_blocks,
 )
-from llm_features.finetune.checkpoint import config_to_dict
+from llm_features.finetune.config import config_to_dict
 from llm_features.finetune.train import finetune, predict
 from llm_features.metrics import roc_auc
 from llm_features.parquet_io import embedding_array, utc_us, write_part
@@ -293,10 +294,11 @@ def tiny_workspace(tmp_path_factory, backbones):
 
 
 def _cfg(tiny_bert_dir, root, out, **kw):
+    """Options by name; the backbone's (``pooling``) go to ``cfg.backbone``."""
     base = dict(model=tiny_bert_dir, split_layer=2, data_dir=root, out=out, context_size=4, targets_per_sequence=4,
                 batch_size=16, eval_batch_size=64, warmup_steps=2, head_hidden=16, log_every=0, lr=1e-3)
     base.update(kw)
-    return FinetuneConfig(**base)
+    return config_from_options(FinetuneConfig, **base)
 
 
 def test_load_finetune_data(tiny_workspace, backbones):
@@ -350,6 +352,42 @@ def test_finetune_writes_checkpoint_and_metrics(tiny_bert_dir, tiny_workspace, t
     assert m["steady_targets_per_s"] > 0 and m["steady_steps"] == max(0, m["steps"] - 2)
     assert 0 < m["rss_before_train_mb"] <= m["train_peak_rss_mb"] <= m["peak_rss_mb"] + 1
     assert m["train_rss_increase_mb"] == pytest.approx(m["train_peak_rss_mb"] - m["rss_before_train_mb"])
+
+
+def test_checkpoints_of_the_old_flat_config_form_still_load(tiny_bert_dir, tiny_workspace, tmp_path):
+    """config.json's "finetune" section is nested ({"backbone": {...}, "runtime": {...}, ...}) since
+    those options moved into FinetuneConfig.backbone and .runtime; checkpoints written before hold them
+    flat, and load the same, with the same checkpoint identity (what embed-users stamps its rows with).
+    ``trust_remote_code`` is never read back, in either form."""
+    from llm_features.embed_users import checkpoint_identity
+    from llm_features.finetune.checkpoint import build_model, read_checkpoint_config, save_checkpoint
+
+    out = tmp_path / "ckpt"
+    cfg = _cfg(tiny_bert_dir, tiny_workspace, out, pooling="mean", max_tokens=32)
+    bb = Backbone.load(cfg.backbone)
+    torch.manual_seed(0)
+    save_checkpoint(out, build_model(cfg, bb, bb.hidden_size), cfg, item_dim=bb.hidden_size)
+    meta = json.loads((out / "config.json").read_text())
+    nested = meta["finetune"]
+    assert nested["backbone"]["split_layer"] == 2 and nested["backbone"]["max_tokens"] == 32
+    assert "split_layer" not in nested and nested["context_size"] == 4
+    assert nested["runtime"] == {"device": "auto", "num_threads": None}
+    assert read_checkpoint_config(out)[0] == cfg
+    nested["backbone"]["trust_remote_code"] = True  # an edited file: ignored, the command line decides
+    (out / "config.json").write_text(json.dumps(meta))
+    assert read_checkpoint_config(out)[0] == cfg
+    identity = checkpoint_identity(out)["id"]
+    # the form of the checkpoints written before: one key per option
+    meta["finetune"] = {k: v for k, v in nested.items() if not isinstance(v, dict)}
+    for section in ("backbone", "runtime"):
+        meta["finetune"].update(nested[section])
+    assert meta["finetune"]["split_layer"] == 2 and meta["finetune"]["trust_remote_code"] is True
+    (out / "config.json").write_text(json.dumps(meta))
+    old, _, _ = read_checkpoint_config(out)
+    assert old == cfg and old.backbone.trust_remote_code is False
+    assert checkpoint_identity(out)["id"] == identity
+    model, loaded = load_finetuned(out, backbone=bb)
+    assert loaded == cfg and model.backbone.split_layer == 2
 
 
 @pytest.mark.slow

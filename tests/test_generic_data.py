@@ -138,13 +138,15 @@ class Run:
 def pipeline(root: Path, tiny_bert_dir: Path, ingest_kw: dict) -> Run:
     import torch
 
+    from llm_features.backbone import BackboneConfig
+    from llm_features.config import RuntimeArgs
     from llm_features.embed_users import EmbedUsersConfig, embed_users
     from llm_features.encode import EncodeConfig, encode
     from llm_features.finetune import FinetuneConfig, finetune
     from llm_features.ingest import IngestConfig, ingest
     from llm_features.store import apply_definitions, materialize_all, open_store
     from llm_features.workspace import Workspace
-    from ranker.config import TrainConfig
+    from ranker.config import ModelConfig, TrainConfig
     from ranker.serve import Ranker
     from ranker.train import train
 
@@ -153,19 +155,21 @@ def pipeline(root: Path, tiny_bert_dir: Path, ingest_kw: dict) -> Run:
     repo = Path(shutil.copytree(ROOT / "feast_repo", root / "feast_repo",
                                 ignore=shutil.ignore_patterns("data", "__pycache__")))
     report = ingest(IngestConfig(data_dir=data, recent_n=8, **ingest_kw))
-    encode(EncodeConfig(model=tiny_bert_dir, split_layer=2, data_dir=data, progress=False, batch_size=256))
+    tiny = BackboneConfig(model=tiny_bert_dir, split_layer=2)
+    encode(EncodeConfig(backbone=tiny, data_dir=data, progress=False, batch_size=256))
     store = open_store(repo, data)
     apply_definitions(store)
     ft = root / "finetune"
-    finetune(FinetuneConfig(model=tiny_bert_dir, split_layer=2, data_dir=data, out=ft, context_size=8,
+    finetune(FinetuneConfig(backbone=tiny, data_dir=data, out=ft, context_size=8,
                             targets_per_sequence=16, batch_size=32, head_hidden=8, max_steps=4, warmup_steps=1,
-                            log_every=0, num_threads=1))
-    embed_users(EmbedUsersConfig(checkpoint=ft, data_dir=data, device="cpu", every=4, num_threads=1))
+                            log_every=0, runtime=RuntimeArgs(num_threads=1)))
+    embed_users(EmbedUsersConfig(checkpoint=ft, data_dir=data, every=4,
+                                 runtime=RuntimeArgs(device="cpu", num_threads=1)))
     materialize_all(store, Workspace.at(data))
     metrics = {}
     for name, llm in (("ranker_id_only", False), ("ranker_llm", True)):
-        cfg = TrainConfig(repo=repo, data_dir=data, out=root / name, llm_features=llm, epochs=1, batch_size=64,
-                          progress=False, threads=1)
+        cfg = TrainConfig(model=ModelConfig(llm_features=llm), repo=repo, data_dir=data, out=root / name,
+                          epochs=1, batch_size=64, progress=False, threads=1)
         train(cfg)
         metrics[name] = json.loads((cfg.out / "metrics.json").read_text())
     inter = pd.read_parquet(data / "canonical/interactions.parquet", columns=["user_id", "item_id"])

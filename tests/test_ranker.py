@@ -37,8 +37,9 @@ def checkpoints(rows: pd.DataFrame, tmp_path_factory) -> dict[bool, Path]:
     torch.set_num_threads(1)
     out = {}
     for llm in (True, False):
-        cfg = TrainConfig(llm_features=llm, out=tmp_path_factory.mktemp(f"ranker_{llm}"), epochs=4,
-                          batch_size=128, lr=3e-3, seed=0, llm_mode="interaction")
+        cfg = TrainConfig(model=ModelConfig(llm_features=llm, llm_mode="interaction"),
+                          out=tmp_path_factory.mktemp(f"ranker_{llm}"), epochs=4, batch_size=128, lr=3e-3,
+                          seed=0)
         train(cfg, entities=rows, source=SyntheticFeatureSource(rows))
         out[llm] = cfg.out
     return out
@@ -107,11 +108,22 @@ def test_checkpoint_config_without_llm_mode_reads_as_dense() -> None:
     assert ModelConfig.from_dict({"llm_features": False, "recent_items_bag": None}).recent_items_bag is True
 
 
+def test_saved_train_config_is_nested_and_both_forms_read_back(checkpoints: dict[bool, Path]) -> None:
+    """ranker.json's train_config nests the network (``{"model": {...}, ...}``) since TrainConfig holds a
+    ModelConfig; ModelConfig.from_dict reads that form, the flat one written before, and the encoder's."""
+    payload = json.loads((checkpoints[False] / "ranker.json").read_text())
+    saved, encoder = payload["train_config"], payload["encoder"]["model"]
+    assert saved["model"]["llm_features"] is False and "llm_features" not in saved and saved["epochs"] == 4
+    want = ModelConfig(llm_features=False, llm_mode="interaction")
+    old_flat = {**{k: v for k, v in saved.items() if k != "model"}, **saved["model"]}
+    assert ModelConfig.from_dict(saved) == ModelConfig.from_dict(old_flat) == ModelConfig.from_dict(encoder) == want
+
+
 def test_early_stopping_keeps_the_best_valid_epoch(rows: pd.DataFrame, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    cfg = TrainConfig(llm_features=False, out=tmp_path / "es", epochs=6, patience=1, batch_size=128, lr=3e-2,
-                      sparse_lr=0.5, seed=0, progress=False)
+    cfg = TrainConfig(model=ModelConfig(llm_features=False), out=tmp_path / "es", epochs=6, patience=1,
+                      batch_size=128, lr=3e-2, sparse_lr=0.5, seed=0, progress=False)
     m = train(cfg, entities=rows, source=SyntheticFeatureSource(rows))
     aucs = [h["valid_auc"] for h in m["history"]]
     best = int(np.argmax(aucs))
@@ -236,8 +248,8 @@ def test_training_is_reproducible_whatever_order_the_join_returns(rows: pd.DataF
 
     weights = []
     for run in range(2):
-        cfg = TrainConfig(out=tmp_path / f"run{run}", epochs=1, batch_size=256, seed=3, validate=False,
-                          progress=False, llm_mode="interaction")
+        cfg = TrainConfig(model=ModelConfig(llm_mode="interaction"), out=tmp_path / f"run{run}", epochs=1,
+                          batch_size=256, seed=3, validate=False, progress=False)
         train(cfg, entities=rows[rows.split == "train"].iloc[:1500], source=shuffled)
         weights.append(load_file(str(cfg.out / "model.safetensors")))
     assert weights[0].keys() == weights[1].keys()
@@ -326,8 +338,8 @@ def test_serving_matches_offline_scores(rows: pd.DataFrame, checkpoints: dict[bo
 def test_two_rank_training_loads_unsharded(rows: pd.DataFrame, tmp_path: Path) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    cfg = TrainConfig(out=tmp_path / "ckpt", epochs=1, batch_size=64, lr=3e-3, threads=1, sharding="table_wise",
-                      llm_mode="interaction")
+    cfg = TrainConfig(model=ModelConfig(llm_mode="interaction"), out=tmp_path / "ckpt", epochs=1,
+                      batch_size=64, lr=3e-3, threads=1, sharding="table_wise")
     launch = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=2, run_id="ranker_test", rdzv_backend="c10d",
         rdzv_endpoint=str(tmp_path / "rdzv"), rdzv_configs={"store_type": "file"}, start_method="spawn",
@@ -349,14 +361,14 @@ TOWER_DIM = 32  # the tiny BERT's width: user and item vectors as the tower woul
 @pytest.fixture(scope="module")
 def tower(tiny_bert_dir: Path, tmp_path_factory) -> Path:
     """A real ``llmfeat finetune`` checkpoint directory (untrained tiny BERT tower)."""
-    from llm_features.backbone import Backbone
+    from llm_features.backbone import Backbone, BackboneConfig
     from llm_features.finetune import FinetuneConfig
     from llm_features.finetune.checkpoint import build_model, save_checkpoint
 
     out = tmp_path_factory.mktemp("tower")
-    cfg = FinetuneConfig(model=tiny_bert_dir, split_layer=2, head_hidden=16, out=out)
+    cfg = FinetuneConfig(backbone=BackboneConfig(model=tiny_bert_dir, split_layer=2), head_hidden=16, out=out)
     torch.manual_seed(0)
-    save_checkpoint(out, build_model(cfg, Backbone.load(cfg.backbone_config()), TOWER_DIM), cfg, item_dim=TOWER_DIM)
+    save_checkpoint(out, build_model(cfg, Backbone.load(cfg.backbone), TOWER_DIM), cfg, item_dim=TOWER_DIM)
     return out
 
 

@@ -392,7 +392,7 @@ def _interrupt_ranker(monkeypatch):
     import ranker.train
 
     # the id-only twin is done; the +LLM twin has written its checkpoint but is not evaluated yet
-    _fail_on_call(monkeypatch, ranker.train, "train", write_first=True, when=lambda cfg: cfg.llm_features)
+    _fail_on_call(monkeypatch, ranker.train, "train", write_first=True, when=lambda cfg: cfg.model.llm_features)
 
     def check(data_dir: Path, ref: Reference) -> None:
         assert (data_dir / "runs/ranker_id_only/demo_stamp.json").exists()

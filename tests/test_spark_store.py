@@ -230,6 +230,7 @@ def ml100k_both(tmp_path_factory, tiny_bert_dir):
     import torch
 
     from llm_features.backbone import Backbone, BackboneConfig
+    from llm_features.config import RuntimeArgs
     from llm_features.embed_users import EmbedUsersConfig, embed_users
     from llm_features.encode import EncodeConfig, encode
     from llm_features.finetune import FinetuneConfig
@@ -241,11 +242,13 @@ def ml100k_both(tmp_path_factory, tiny_bert_dir):
     root = tmp_path_factory.mktemp("spark_ml100k")
     data = root / "data"
     ingest(IngestConfig(source=ML100K, data_dir=data))
-    encode(EncodeConfig(model=tiny_bert_dir, split_layer=2, data_dir=data, progress=False, batch_size=256))
+    encode(EncodeConfig(backbone=BackboneConfig(model=tiny_bert_dir, split_layer=2), data_dir=data,
+                        progress=False, batch_size=256))
     # user embeddings from the real embed-users stage, with an untrained (random) tower: the values
     # only have to differ per user and per snapshot
     bb = Backbone.load(BackboneConfig(model=tiny_bert_dir, split_layer=2))
-    ckpt_cfg = FinetuneConfig(model=tiny_bert_dir, split_layer=2, context_size=8, head_hidden=8, out=root / "ckpt")
+    ckpt_cfg = FinetuneConfig(backbone=BackboneConfig(model=tiny_bert_dir, split_layer=2), context_size=8,
+                              head_hidden=8, out=root / "ckpt")
     torch.manual_seed(0)
     model = build_model(ckpt_cfg, bb, bb.fingerprint.hidden_size)
     with torch.no_grad():
@@ -253,7 +256,8 @@ def ml100k_both(tmp_path_factory, tiny_bert_dir):
         model.query.normal_(0, 1.0)
         model.feedback.weight.normal_(0, 1.0)
     save_checkpoint(root / "ckpt", model, ckpt_cfg, item_dim=bb.fingerprint.hidden_size)
-    embed_users(EmbedUsersConfig(checkpoint=root / "ckpt", data_dir=data, device="cpu", every=20, num_threads=1))
+    embed_users(EmbedUsersConfig(checkpoint=root / "ckpt", data_dir=data, every=20,
+                                 runtime=RuntimeArgs(device="cpu", num_threads=1)))
     del bb, model
 
     entities = load_entities(data / "canonical" / "interactions.parquet", "test")

@@ -63,7 +63,7 @@ def _parsed_config(tokens: list[str]):
     import click
 
     from llm_features.cli import main
-    from llm_features.config import build_config
+    from llm_features.config import build_config, leaf_fields
 
     cmd, args = main, list(tokens[1:])
     while isinstance(cmd, click.Group):
@@ -71,7 +71,7 @@ def _parsed_config(tokens: list[str]):
         cmd = cmd.get_command(None, name)
     params = cmd.make_context(name, args).params
     cls = _config_class(tokens)
-    values = {f.name: params[f.name] for f in dataclasses.fields(cls)}
+    values = {f.name: params[f.name] for f, _ in leaf_fields(cls)}
     return build_config(cls, values, checked=frozenset(values))
 
 
@@ -79,11 +79,19 @@ def _normalized(cfg, data_dir: Path) -> dict:
     """Field values with paths resolved (the working directory is the checkout) and the default data dir
     written out."""
     out = {}
+    for name, v in _options(cfg).items():
+        if name == "data_dir" and v is None:
+            v = data_dir
+        out[name] = Path(v).resolve() if isinstance(v, Path) else v
+    return out
+
+
+def _options(cfg) -> dict:
+    """Every option's value, keyed by its name (a nested config's fields in its place)."""
+    out = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        if f.name == "data_dir" and v is None:
-            v = data_dir
-        out[f.name] = Path(v).resolve() if isinstance(v, Path) else v
+        out.update(_options(v) if dataclasses.is_dataclass(v) else {f.name: v})
     return out
 
 
@@ -141,6 +149,7 @@ def test_readme_block_builds_the_demos_stage_configs(checkout_like):
 
 def test_demo_departs_from_stage_defaults_only_where_declared(checkout_like):
     """Every stage default is the demo's, except DEMO_ONLY (and, with --size small, SMALL_ONLY)."""
+    from llm_features.config import config_from_options
     from llm_features.pipeline import DEMO_ONLY, SMALL_ONLY, PipelineConfig, stage_configs
     from llm_features.workspace import resolve_data_dir
 
@@ -150,13 +159,14 @@ def test_demo_departs_from_stage_defaults_only_where_declared(checkout_like):
     for size in ("default", "small"):
         demo = stage_configs(PipelineConfig(size=size), data_dir)
         for key, cfg in demo.items():
-            given = {f: getattr(cfg, f) for f in identity if hasattr(cfg, f)}
+            options = _options(cfg)
+            given = {f: options[f] for f in identity if f in options}
             if key == "evaluate_id_only":  # the id-only twin's checkpoint is named (README: --checkpoint)
                 given["checkpoint"] = demo["ranker_id_only"].out
-            default = type(cfg)(**given)
+            default = config_from_options(type(cfg), **given)
             stage = "ranker" if key.startswith("ranker") else key
             allowed = set(DEMO_ONLY.get(stage, ())) | (set(SMALL_ONLY.get(stage, ())) if size == "small" else set())
-            diff = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+            diff = {name for name, v in options.items() if v != _options(default)[name]}
             assert diff <= allowed, f"{size} demo, {key}: {sorted(diff - allowed)} differ from the stage defaults"
             if size == "default":
                 assert diff == allowed, (key, diff)  # DEMO_ONLY names real departures only

@@ -39,10 +39,10 @@ from safetensors.torch import load_file, save_file
 
 from llm_features.atomic import atomic_path, write_json
 from llm_features.backbone import Backbone, default_model_dir, weights_sha256
-from llm_features.config import build_config
+from llm_features.config import build_config, config_dict
 from llm_features.errors import UserError
 from llm_features.fingerprint import FingerprintMismatchError, ModelFingerprint
-from llm_features.finetune.config import FinetuneConfig, config_to_dict
+from llm_features.finetune.config import FinetuneConfig
 from llm_features.finetune.model import FinetuneModel
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def _trainable_tensors(model: FinetuneModel) -> dict[str, torch.Tensor]:
 
 def _config_payload(model: FinetuneModel, cfg: FinetuneConfig, item_dim: int, tensors, weights: Path):
     return {
-        "finetune": config_to_dict(cfg),
+        "finetune": config_dict(cfg),  # nested: {"backbone": {...}, ...}; read_checkpoint_config takes both
         "fingerprint": model.backbone.fingerprint.to_dict(),
         "item_dim": item_dim,
         "hidden_size": model.backbone.hidden_size,
@@ -336,8 +336,7 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[FinetuneConfig, Mod
             or not isinstance(meta.get("fingerprint"), dict):
         raise UserError("not a finetune checkpoint config (no 'finetune' and 'fingerprint' sections)", file=file,
                         fix=fix)
-    values = {k: v for k, v in meta["finetune"].items() if k != "trust_remote_code"}
-    cfg = build_config(FinetuneConfig, values, str(file))
+    cfg = build_config(FinetuneConfig, _without_cli_only(meta["finetune"]), str(file))
     try:
         fp = ModelFingerprint.from_dict(meta["fingerprint"])
     except (TypeError, ValueError) as e:
@@ -348,11 +347,19 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[FinetuneConfig, Mod
     return cfg, fp, meta
 
 
+def _without_cli_only(values: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (the flat form of old checkpoints or the nested one) without ``trust_remote_code``."""
+    out = {k: v for k, v in values.items() if k != "trust_remote_code"}
+    if isinstance(out.get("backbone"), dict):
+        out["backbone"] = {k: v for k, v in out["backbone"].items() if k != "trust_remote_code"}
+    return out
+
+
 def check_model_files(cfg: FinetuneConfig, fp: ModelFingerprint, source: str | os.PathLike) -> None:
     """Before any model code or weights are loaded: the model directory ``cfg`` names holds the files
     the checkpoint ``source`` was trained on, and ``cfg`` describes the same split, pooling, token
     limit and dtype (a :class:`FingerprintMismatchError` otherwise)."""
-    model_dir = Path(cfg.model) if cfg.model is not None else default_model_dir()
+    model_dir = Path(cfg.backbone.model) if cfg.backbone.model is not None else default_model_dir()
     fix = "Restore that model directory, or retrain the checkpoint on this one."
     if not model_dir.is_dir():
         raise UserError(f"was trained on the model directory {model_dir}, which does not exist", file=source,
@@ -366,7 +373,7 @@ def check_model_files(cfg: FinetuneConfig, fp: ModelFingerprint, source: str | o
             f"was trained on model files of fingerprint {fp.digest} (weights {fp.weights_sha256[:12]}), but "
             f"{model_dir} now holds other files (weights {got[:12]})", file=source, fix=fix)
     for name in ("pooling", "max_tokens", "dtype", "split_layer"):
-        want, have = getattr(fp, name), getattr(cfg, name)
+        want, have = getattr(fp, name), getattr(cfg.backbone, name)
         if have is not None and have != want:
             raise FingerprintMismatchError(
                 f"its fingerprint {fp.digest} records {name}={want!r}, its options {name}={have!r}", file=source,
@@ -392,8 +399,7 @@ def load_finetuned(
     check_weights(path, meta)
     if backbone is None:
         check_model_files(cfg, fp, path / CONFIG)
-        bcfg = cfg.backbone_config()
-        bcfg.trust_remote_code = trust_remote_code
+        bcfg = dataclasses.replace(cfg.backbone, trust_remote_code=trust_remote_code)
         backbone = Backbone.load(bcfg, device=device)
     fp.require_same(backbone.fingerprint, lambda loaded, trained: f"{path} was trained on model fingerprint "
                     f"{trained}; the backbone loaded is {loaded}")

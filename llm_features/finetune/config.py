@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from llm_features.backbone import Backbone, BackboneConfig
-from llm_features.config import data_dir_field, device_field, threads_field, validate_config
+from llm_features.config import RuntimeArgs, config_dict, data_dir_field, validate_config
 from llm_features.errors import UserError
 
 if TYPE_CHECKING:
@@ -21,13 +20,14 @@ RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "log_every", "save_every",
 
 
 @dataclass
-class FinetuneConfig(BackboneConfig):
+class FinetuneConfig:
     """Train the deep layers and the CTR head (BAHE), with DTI or sliding-window packing.
 
-    The backbone fields (``model``, ``split_layer``, ``pooling``, ...) must describe the model that
+    ``backbone`` (``--model``, ``--split-layer``, ``--pooling``, ...) must describe the model that
     encoded the workspace's atomic behaviour and item embeddings.
     """
 
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data_dir: Path | None = data_dir_field()
     out: Path | None = field(default=None, metadata={
         "help": "Checkpoint directory to write (default: <data_dir>/runs/finetune, as in llmfeat demo)."})
@@ -144,8 +144,7 @@ class FinetuneConfig(BackboneConfig):
     )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank.", "min": 1})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha.", "min": 1})
-    device: str = device_field()
-    num_threads: int | None = threads_field()
+    runtime: RuntimeArgs = field(default_factory=RuntimeArgs)
     log_every: int = field(default=50, metadata={"help": "Log the training loss every this many steps.",
         "min": 0})
     save_every: int = field(
@@ -202,7 +201,8 @@ def check_finetune_config(cfg: FinetuneConfig) -> None:
 
 
 def config_to_dict(cfg: FinetuneConfig) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+    """The options of ``cfg``, one key per command-line option (``metrics.json``'s ``options``)."""
+    return config_dict(cfg, nested=False)
 
 
 def check_resume(cfg: FinetuneConfig, saved: ResumeSet) -> None:

@@ -101,7 +101,7 @@ class FinetuneRecipe:
         cfg = self.cfg
         # Everything that can refuse the run is checked before any model is loaded or any file written.
         check_finetune_config(cfg)
-        self.device = device = resolve_device(cfg.device)
+        self.device = device = resolve_device(cfg.runtime.device)
         self.resume = resume = load_resume_set(self.out) if cfg.resume else None
         if resume is not None:
             check_resume(cfg, resume)
@@ -113,9 +113,9 @@ class FinetuneRecipe:
                 raise UserError("not found", file=interactions, option="--data-dir",
                                 fix="Run `llmfeat ingest` and `llmfeat encode` for this data dir first.")
         self.rank, self.world = init_distributed(device)
-        configure_threads(cfg.num_threads)
+        configure_threads(cfg.runtime.num_threads)
         torch.manual_seed(cfg.seed)
-        self.backbone = backbone = self.backbone or Backbone.load(cfg.backbone_config(), device=device)
+        self.backbone = backbone = self.backbone or Backbone.load(cfg.backbone, device=device)
         check_split(backbone)
         if resume is not None:
             resume.fingerprint.require_same(

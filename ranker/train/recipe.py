@@ -59,7 +59,7 @@ def _train(cfg: TrainConfig, entities: pd.DataFrame | None, source: FeatureSourc
     world = dist.get_world_size() if dist.is_initialized() else 1
     configure_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model_cfg = cfg.model_config()
+    model_cfg = cfg.model
     started = time.perf_counter()
 
     ws = existing_workspace(cfg.repo, cfg.data_dir) if entities is None or source is None else None
