@@ -99,16 +99,9 @@ def write_predictions(path: Path, rows, labels, logits) -> None:
 
 def build_model(cfg: FinetuneConfig, backbone: Backbone, item_dim: int) -> FinetuneModel:
     """The model ``cfg`` describes, on top of ``backbone`` (LoRA adapters injected if asked)."""
-    model = FinetuneModel(
-        backbone,
-        granularity=cfg.granularity,
-        context_size=cfg.context_size,
-        leakage=cfg.leakage,
-        distance_bias=cfg.distance_bias,
-        item_dim=item_dim,
-        head_hidden=cfg.head_hidden,
-        attention=cfg.attention,
-    )
+    model = FinetuneModel(backbone, granularity=cfg.granularity, context_size=cfg.context_size, leakage=cfg.leakage,
+                          distance_bias=cfg.distance_bias, item_dim=item_dim, head_hidden=cfg.head_hidden,
+                          attention=cfg.attention)
     if cfg.dropout is not None:
         model.set_dropout(cfg.dropout)
     if cfg.lora:

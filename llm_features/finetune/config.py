@@ -41,18 +41,16 @@ class FinetuneConfig:
     context_size: int = field(
         default=30, metadata={"help": "n: strictly earlier interactions a target sees.", "min": 1}
     )
-    targets_per_sequence: int = field(default=128, metadata={"help": "k: targets packed per sequence (DTI).",
-        "min": 1})
+    targets_per_sequence: int = field(default=128, metadata={
+        "help": "k: targets packed per sequence (DTI).", "min": 1})
     leakage: Literal["windowed", "block", "isolated"] = field(
         default="isolated",
         metadata={"help": "How far back a context token may look: its own n-window, the whole packed block, "
                           "or only itself (isolated: exact DTI = sliding window for any k, so embed-users packs "
                           "k snapshots per sequence and serves the states the tower trained on)."},
     )
-    eval_targets_per_sequence: int | None = field(
-        default=None, metadata={"help": "k used for valid/test (default: the training k; 1 = sliding window).",
-            "min": 1}
-    )
+    eval_targets_per_sequence: int | None = field(default=None, metadata={
+        "help": "k used for valid/test (default: the training k; 1 = sliding window).", "min": 1})
     feedback: Literal["rating", "label"] = field(
         default="rating", metadata={"help": "Feedback f_j added to a context: the rating where known, or the label."}
     )
@@ -67,10 +65,8 @@ class FinetuneConfig:
                           "tiles that allow attention are computed) or auto (tiled where clearly cheaper: long "
                           "DTI rows). The same mask either way."},
     )
-    dropout: float | None = field(
-        default=None, metadata={"help": "Override the dropout probability of the deep layers (default: the model's).",
-            "min": 0.0, "max": 1.0}
-    )
+    dropout: float | None = field(default=None, metadata={
+        "help": "Override the dropout probability of the deep layers (default: the model's).", "min": 0.0, "max": 1.0})
     head_hidden: int = field(
         default=256, metadata={"help": "Hidden width of the CTR head MLP over [u, v, u*v].", "min": 1}
     )
