@@ -106,12 +106,25 @@ COMMON = {"source": "--source", "data_dir": "--data-dir", "quick": "--quick"}
 
 
 def _argparse_options(script: Path) -> set[str]:
-    """The option strings of every ``add_argument("--x", ...)`` call in a script."""
+    """The option strings of every ``add_argument("--x", ...)`` call in a script, and in the functions it
+    imports from the other modules of ``bench/`` (a shared parser such as ``workspace_parser``)."""
     import ast
 
-    calls = [n for n in ast.walk(ast.parse(script.read_text())) if isinstance(n, ast.Call)
-             and isinstance(n.func, ast.Attribute) and n.func.attr == "add_argument"]
-    return {a.value for c in calls for a in c.args if isinstance(a, ast.Constant) and isinstance(a.value, str)}
+    def options(tree: ast.AST) -> set[str]:
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+                 and isinstance(n.func, ast.Attribute) and n.func.attr == "add_argument"]
+        return {a.value for c in calls for a in c.args if isinstance(a, ast.Constant) and isinstance(a.value, str)}
+
+    tree = ast.parse(script.read_text())
+    found = options(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and (script.parent / f"{node.module}.py").is_file():
+            names = {a.name for a in node.names}
+            module = ast.parse((script.parent / f"{node.module}.py").read_text())
+            for fn in module.body:
+                if isinstance(fn, ast.FunctionDef) and fn.name in names:
+                    found |= options(fn)
+    return found
 
 
 def test_script_options_declare_exactly_the_common_options_each_script_parses() -> None:
@@ -133,8 +146,9 @@ def test_script_args_pass_only_the_declared_options(tmp_path: Path) -> None:
     src, ws = tmp_path / "ml-1m", tmp_path / "ws"
     assert script_args(BENCH / "bench_finetune.py", src, True, ws) == [
         "--source", str(src), "--data-dir", str(ws), "--quick"]
-    # bench_cost runs `llmfeat encode --data-dir ...` itself but takes no --data-dir
-    assert script_args(BENCH / "bench_cost.py", src, True, ws) == ["--quick"]
+    assert script_args(BENCH / "bench_cost.py", src, True, ws) == [
+        "--source", str(src), "--data-dir", str(ws), "--quick"]
+    assert script_args(BENCH / "bench_scale.py", src, True, ws) == ["--quick"]
     assert script_args(BENCH / "bench_ranker.py", src, True, None) == []
     with pytest.raises(click.ClickException, match="bench_new.py has no row in SCRIPT_OPTIONS"):
         script_args(tmp_path / "bench_new.py", src, False, ws)
