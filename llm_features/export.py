@@ -131,7 +131,7 @@ def _check_inputs(cfg: ExportConfig) -> tuple[Path, Path, Path, Any, Any, dict[s
 
     Returns (checkpoint, out, base model directory, finetune config, fingerprint, checkpoint metadata).
     """
-    from llm_features.backbone import default_model_dir
+    from llm_features.model_dir import default_model_dir
     from llm_features.finetune.checkpoint_files import CONFIG, WEIGHTS
     from llm_features.finetune.loading import read_checkpoint_config
 

@@ -18,13 +18,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from llm_features.backbone import Backbone, default_model_dir, weights_sha256
+from llm_features.backbone import Backbone
 from llm_features.config import build_config
 from llm_features.errors import UserError
 from llm_features.fingerprint import FingerprintMismatchError, ModelFingerprint
 from llm_features.finetune.checkpoint_files import CONFIG, WEIGHTS, file_sha256
 from llm_features.finetune.config import FinetuneConfig
 from llm_features.finetune.model import FinetuneModel, build_model
+from llm_features.model_dir import default_model_dir, weights_sha256
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> tuple[FinetuneConfig, ModelFingerprint, dict[str, Any]]:
