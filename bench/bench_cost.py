@@ -43,7 +43,7 @@ def text_token_lengths(data_dir: Path, limit_users: int, seed: int, workspace_ma
     """Token counts (untruncated, special tokens included) of the sampled users' distinct behaviour texts."""
     from transformers import AutoTokenizer
 
-    from llm_features.backbone import default_model_dir
+    from llm_features.model_dir import default_model_dir
     from llm_features.finetune.data import load_finetune_data
 
     data = load_finetune_data(data_dir, None, need_behavior_vectors=False, limit_users=limit_users, seed=seed)

@@ -101,7 +101,7 @@ def exact_states(data_dir: Path, towers: list[Path]) -> pd.DataFrame:
     interaction before the window, frozen through it), for the freshness diagnosis.
     """
     from llm_features.embed_users import compute_user_states
-    from llm_features.finetune.checkpoint import load_finetuned
+    from llm_features.finetune.loading import load_finetuned
     from llm_features.finetune.data import load_finetune_data
     from llm_features.finetune.packing import make_packer
     from llm_features.ids import user_fold

@@ -56,7 +56,7 @@ from llm_features.config import RuntimeArgs, data_dir_field, validate_config
 from llm_features.devices import resolve_device
 from llm_features.distributed import barrier, init_from_env, sum_over_ranks
 from llm_features.errors import UserError
-from llm_features.finetune.checkpoint import check_weights, load_finetuned, read_checkpoint_config
+from llm_features.finetune.loading import check_weights, load_finetuned, read_checkpoint_config
 from llm_features.finetune.data import FinetuneData, load_finetune_data
 from llm_features.finetune.model import FinetuneModel
 from llm_features.finetune.packing import UserHistories

@@ -131,8 +131,9 @@ def _check_inputs(cfg: ExportConfig) -> tuple[Path, Path, Path, Any, Any, dict[s
 
     Returns (checkpoint, out, base model directory, finetune config, fingerprint, checkpoint metadata).
     """
-    from llm_features.backbone import default_model_dir
-    from llm_features.finetune.checkpoint import CONFIG, WEIGHTS, read_checkpoint_config
+    from llm_features.model_dir import default_model_dir
+    from llm_features.finetune.checkpoint_files import CONFIG, WEIGHTS
+    from llm_features.finetune.loading import read_checkpoint_config
 
     from llm_features.config import validate_config
 
@@ -263,7 +264,7 @@ class _Layout:
 
 def _load_checkpoint(ckpt: Path):
     """(model, FinetuneConfig) of ``ckpt`` on the CPU; a :class:`UserError` when it cannot be loaded."""
-    from llm_features.finetune.checkpoint import load_finetuned
+    from llm_features.finetune.loading import load_finetuned
 
     try:
         return load_finetuned(ckpt, device="cpu")

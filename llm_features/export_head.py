@@ -62,7 +62,7 @@ USER_STATE_RECIPE = (
 def head_metadata(model, ft, fp, meta: dict[str, Any], ckpt: Path, base_dir: Path, architecture: str,
                   tensors: dict[str, Tensor], full: str | None, adapter: str | None) -> dict[str, Any]:
     """The ``llmfeat_head.json`` payload: what the extra tensors are and every option needed to use them."""
-    from llm_features.finetune.checkpoint import WEIGHTS, file_sha256
+    from llm_features.finetune.checkpoint_files import WEIGHTS, file_sha256
     from llm_features.finetune.packing import NUM_FEEDBACK
 
     bb = model.backbone

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from llm_features.config import flatten_values
 from llm_features.errors import UserError
-from llm_features.finetune.checkpoint import CONFIG, WEIGHTS, file_sha256
+from llm_features.finetune.checkpoint_files import CONFIG, WEIGHTS, file_sha256
 from llm_features.finetune.config import FinetuneConfig
 from llm_features.finetune.packing import UserHistories
 from llm_features.fingerprint import FINGERPRINT_METADATA_KEY, ModelFingerprint

@@ -134,7 +134,7 @@ class EventProcessor(_Validation, _Compute, _OfflineWrites, _OnlineWrites, _Data
         """The checkpoint's weights, the model it was trained on (the data dir's encode) and the serving
         identity of the exported user embeddings; returns the checkpoint's identity."""
         from llm_features.embed_users import checkpoint_identity
-        from llm_features.finetune.checkpoint import check_weights, read_checkpoint_config
+        from llm_features.finetune.loading import check_weights, read_checkpoint_config
 
         _, trained_fp, meta = read_checkpoint_config(self.checkpoint)
         check_weights(self.checkpoint, meta)
@@ -159,7 +159,7 @@ class EventProcessor(_Validation, _Compute, _OfflineWrites, _OnlineWrites, _Data
         """The fine-tuned model on ``device`` (refused when the checkpoint changed while it loaded)."""
         from llm_features.devices import resolve_device
         from llm_features.embed_users import checkpoint_identity
-        from llm_features.finetune.checkpoint import load_finetuned
+        from llm_features.finetune.loading import load_finetuned
 
         self.device = resolve_device(device)
         if num_threads is not None:

@@ -13,11 +13,13 @@ Modules, in data-flow order:
 - :mod:`~llm_features.finetune.optim`: AdamW and the learning-rate schedule;
 - :mod:`~llm_features.finetune.evaluation`: logits and AUC / LogLoss over blocks;
 - :mod:`~llm_features.finetune.train`: the recipe (:class:`FinetuneRecipe`: setup, train, evaluate, save, cleanup);
-- :mod:`~llm_features.finetune.checkpoint`: checkpoint files and :func:`load_finetuned`.
+- :mod:`~llm_features.finetune.checkpoint_files`: the files of a checkpoint directory, by name;
+- :mod:`~llm_features.finetune.checkpoint`: writing and resuming a run's checkpoint;
+- :mod:`~llm_features.finetune.loading`: a finished checkpoint checked and loaded (:func:`load_finetuned`).
 """
 
-from llm_features.finetune.checkpoint import load_finetuned
 from llm_features.finetune.config import FinetuneConfig
+from llm_features.finetune.loading import load_finetuned
 from llm_features.finetune.masks import SequenceLayout, allowed_attention, attention_bias, interaction_distance
 from llm_features.finetune.model import CTRHead, DistanceBias, FinetuneModel
 from llm_features.finetune.packing import (

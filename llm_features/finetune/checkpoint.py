@@ -1,31 +1,27 @@
-"""Fine-tuning checkpoints: the trainable weights, the options and the model fingerprint.
+"""Writing and resuming a fine-tuning run's checkpoint (``--out``; its files:
+:mod:`~llm_features.finetune.checkpoint_files`).
 
-A checkpoint directory (``--out``) holds
-
-- ``model.safetensors``: the parameters training changed (the deep stack, or its LoRA adapters;
-  the query token, feedback embedding, distance bias and CTR head),
-- ``config.json``: every :class:`FinetuneConfig` option, the backbone's fingerprint and the sha256
-  of the ``model.safetensors`` it goes with (written after the weights: a mixed pair is refused),
-- ``best_epoch.safetensors``: the weights of the epoch with the best valid AUC so far,
-- ``metrics.json``: what the run measured,
-- ``test_predictions.npz``: ``row`` (history row of each test target, in the order of
-  :class:`~llm_features.finetune.packing.UserHistories` for the same data options), ``label``
-  and ``logit``, to compare two runs target by target,
-- ``resume/ckpt-NNNNNN/``: the newest *resume set* (for ``--resume``): the weights, the config, the
-  trainer state (``trainer_state.pt``: optimizer, scheduler, data position and RNG states, tensors
-  and plain numbers only, loaded with ``torch.load(weights_only=True)``), the best epoch's weights
-  and a ``manifest.json`` with the sha256 of each. A set is written into a temporary directory and
-  committed by one directory rename, so a killed run leaves the previous set whole; ``--resume``
-  verifies the manifest and falls back to an older complete set, or refuses.
+:func:`save_checkpoint` writes ``model.safetensors`` and ``config.json`` (every
+:class:`FinetuneConfig` option, the backbone's fingerprint and the sha256 of the weights, written
+after them: a mixed pair is refused), and with a trainer state a *resume set* under
+``resume/ckpt-NNNNNN/``: the weights, the config, the trainer state (``trainer_state.pt``: optimizer,
+scheduler, data position and RNG states, tensors and plain numbers only, loaded with
+``torch.load(weights_only=True)``), the best epoch's weights and a ``manifest.json`` with the sha256
+of each. A set is written into a temporary directory and committed by one directory rename, so a
+killed run leaves the previous set whole; ``--resume`` (:func:`load_resume_set`) verifies the
+manifest and falls back to an older complete set, or refuses.
 
 Every file is written to a temporary name and renamed into place (``model.safetensors`` and
 ``config.json`` are hard links to the committed resume set's files where there is one).
+
+Using a finished checkpoint (:func:`load_finetuned`, :func:`read_checkpoint_config`, ...) lives in
+:mod:`~llm_features.finetune.loading`; those names, the file names and :func:`build_model` are
+re-exported here for older importers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -35,26 +31,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llm_features.atomic import atomic_path, write_json
-from llm_features.backbone import Backbone, default_model_dir, weights_sha256
-from llm_features.config import build_config, config_dict
+from llm_features.config import config_dict
 from llm_features.errors import UserError
-from llm_features.fingerprint import FingerprintMismatchError, ModelFingerprint
+from llm_features.fingerprint import ModelFingerprint
+from llm_features.finetune.checkpoint_files import (
+    BEST_WEIGHTS, CONFIG, MANIFEST, METRICS, RESUME_DIR, TEST_PREDICTIONS, TRAINER_STATE, WEIGHTS, file_sha256,
+)
 from llm_features.finetune.config import FinetuneConfig
-from llm_features.finetune.model import FinetuneModel
+from llm_features.finetune.loading import (
+    check_model_files, check_weights, load_finetuned, load_trainable, read_checkpoint_config,
+)
+from llm_features.finetune.model import FinetuneModel, build_model
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-TRAINER_STATE = "trainer_state.pt"
-BEST_WEIGHTS = "best_epoch.safetensors"
-METRICS = "metrics.json"
-TEST_PREDICTIONS = "test_predictions.npz"
-RESUME_DIR = "resume"
-MANIFEST = "manifest.json"
 RESUME_FORMAT = 1
 _SET_PREFIX = "ckpt-"
 _TMP_PREFIX = ".tmp-"
@@ -82,31 +75,11 @@ def link_into_place(src: Path, dest: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_predictions(path: Path, rows, labels, logits) -> None:
     """``[T]`` target rows, labels and logits to ``path`` (``.npz``), written atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, row=np.asarray(rows, np.int64), label=np.asarray(labels, np.float32),
                  logit=np.asarray(logits, np.float32))
-
-
-def build_model(cfg: FinetuneConfig, backbone: Backbone, item_dim: int) -> FinetuneModel:
-    """The model ``cfg`` describes, on top of ``backbone`` (LoRA adapters injected if asked)."""
-    model = FinetuneModel(backbone, granularity=cfg.granularity, context_size=cfg.context_size, leakage=cfg.leakage,
-                          distance_bias=cfg.distance_bias, item_dim=item_dim, head_hidden=cfg.head_hidden,
-                          attention=cfg.attention)
-    if cfg.dropout is not None:
-        model.set_dropout(cfg.dropout)
-    if cfg.lora:
-        model.apply_lora(cfg.lora_rank, cfg.lora_alpha)
-    return model
 
 
 def save_weights(path: Path, model: FinetuneModel) -> None:
@@ -305,133 +278,11 @@ def load_resume_set(out: str | os.PathLike) -> ResumeSet | None:
     return ResumeSet(path, cfg, fp, meta, state)
 
 
-def read_checkpoint_config(path: str | os.PathLike) -> tuple[FinetuneConfig, ModelFingerprint, dict[str, Any]]:
-    """The options, the fingerprint and the raw ``config.json`` of the checkpoint at ``path``, every
-    value checked like its command-line option (a :class:`UserError` naming the file).
-
-    ``trust_remote_code`` is never taken from the file: the command that loads the model decides.
-    """
-    path = Path(path)
-    file = path / CONFIG
-    fix = "Pass the directory `llmfeat finetune --out` wrote."
-    if not path.exists():
-        raise UserError("checkpoint directory does not exist", file=path, fix=fix)
-    if not path.is_dir():
-        raise UserError("not a checkpoint directory", file=path, fix=fix)
-    if not file.is_file():
-        raise UserError(f"no {CONFIG}: not a checkpoint `llmfeat finetune` wrote (or one still being written)",
-                        file=path, fix=fix)
-    try:
-        meta = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"not valid JSON ({e})", file=file, fix="The checkpoint is damaged: retrain it.") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("finetune"), dict) \
-            or not isinstance(meta.get("fingerprint"), dict):
-        raise UserError("not a finetune checkpoint config (no 'finetune' and 'fingerprint' sections)", file=file,
-                        fix=fix)
-    cfg = build_config(FinetuneConfig, _without_cli_only(meta["finetune"]), str(file))
-    try:
-        fp = ModelFingerprint.from_dict(meta["fingerprint"])
-    except (TypeError, ValueError) as e:
-        raise UserError(f"'fingerprint' is damaged ({e})", file=file, fix="Retrain the checkpoint.") from None
-    item_dim = meta.get("item_dim")
-    if isinstance(item_dim, bool) or not isinstance(item_dim, int) or item_dim < 1:
-        raise UserError(f"'item_dim' must be a positive integer, got {item_dim!r}", file=file, fix=fix)
-    return cfg, fp, meta
-
-
-def _without_cli_only(values: dict[str, Any]) -> dict[str, Any]:
-    """A saved config (the flat form of old checkpoints or the nested one) without ``trust_remote_code``."""
-    out = {k: v for k, v in values.items() if k != "trust_remote_code"}
-    if isinstance(out.get("backbone"), dict):
-        out["backbone"] = {k: v for k, v in out["backbone"].items() if k != "trust_remote_code"}
-    return out
-
-
-def check_model_files(cfg: FinetuneConfig, fp: ModelFingerprint, source: str | os.PathLike) -> None:
-    """Before any model code or weights are loaded: the model directory ``cfg`` names holds the files
-    the checkpoint ``source`` was trained on, and ``cfg`` describes the same split, pooling, token
-    limit and dtype (a :class:`FingerprintMismatchError` otherwise)."""
-    model_dir = Path(cfg.backbone.model) if cfg.backbone.model is not None else default_model_dir()
-    fix = "Restore that model directory, or retrain the checkpoint on this one."
-    if not model_dir.is_dir():
-        raise UserError(f"was trained on the model directory {model_dir}, which does not exist", file=source,
-                        fix=fix)
-    try:
-        got = weights_sha256(model_dir)
-    except FileNotFoundError:
-        got = "none"
-    if got != fp.weights_sha256:
-        raise FingerprintMismatchError(
-            f"was trained on model files of fingerprint {fp.digest} (weights {fp.weights_sha256[:12]}), but "
-            f"{model_dir} now holds other files (weights {got[:12]})", file=source, fix=fix)
-    for name in ("pooling", "max_tokens", "dtype", "split_layer"):
-        want, have = getattr(fp, name), getattr(cfg.backbone, name)
-        if have is not None and have != want:
-            raise FingerprintMismatchError(
-                f"its fingerprint {fp.digest} records {name}={want!r}, its options {name}={have!r}", file=source,
-                fix="The checkpoint was edited or is damaged: retrain it.")
-
-
-def load_finetuned(
-    path: str | os.PathLike, device: str | torch.device = "cpu", backbone: Backbone | None = None,
-    *, trust_remote_code: bool = False,
-) -> tuple[FinetuneModel, FinetuneConfig]:
-    """Rebuild a fine-tuned model from its checkpoint directory (the backbone is loaded from the config).
-
-    Everything that can refuse the checkpoint runs before any model code is loaded: its config,
-    whether ``model.safetensors`` is the one ``config.json`` was written with, and whether the model
-    directory holds the files it was trained on. ``trust_remote_code`` comes from the caller (the
-    command line), never from the checkpoint.
-
-    Raises :class:`FingerprintMismatchError` when the backbone differs from the one trained.
-    """
-    path = Path(path)
-    cfg, fp, meta = read_checkpoint_config(path)
-    weights = path / WEIGHTS
-    check_weights(path, meta)
-    if backbone is None:
-        check_model_files(cfg, fp, path / CONFIG)
-        bcfg = dataclasses.replace(cfg.backbone, trust_remote_code=trust_remote_code)
-        backbone = Backbone.load(bcfg, device=device)
-    fp.require_same(backbone.fingerprint, lambda loaded, trained: f"{path} was trained on model fingerprint "
-                    f"{trained}; the backbone loaded is {loaded}")
-    model = build_model(cfg, backbone, int(meta["item_dim"])).to(device)
-    load_trainable(model, weights)
-    return model.eval(), cfg
-
-
-def check_weights(path: Path, meta: dict[str, Any]) -> None:
-    """``model.safetensors`` exists and is the file ``config.json`` was written with (where it says)."""
-    weights = Path(path) / WEIGHTS
-    if not weights.is_file():
-        raise UserError(f"no {WEIGHTS}: not a checkpoint `llmfeat finetune` wrote (or one still being written)",
-                        file=path, fix="Pass the directory `llmfeat finetune --out` wrote.")
-    want = meta.get("weights_sha256")
-    if want is not None and file_sha256(weights) != want:
-        raise UserError(f"does not match {CONFIG}: the checkpoint was caught mid-write or mixed by hand",
-                        file=weights, fix="Rerun `llmfeat finetune` (with --resume to continue) to rewrite it.")
-
-
-def load_trainable(model: FinetuneModel, weights: Path) -> None:
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # noqa: BLE001 - safetensors' own error types
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(f"not a readable safetensors file ({first})", file=weights,
-                        fix="The checkpoint is damaged: retrain it.") from None
-    expected = set(model.trainable_state_dict())
-    if set(state) != expected:
-        raise UserError(
-            f"holds {len(state)} tensors, the model expects {len(expected)} "
-            f"(missing {sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]})",
-            file=weights, fix="It belongs to another model or options: use the checkpoint it was written with.",
-        )
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            if params[name].shape != value.shape:
-                raise UserError(f"tensor {name} has shape {tuple(value.shape)}, the model expects "
-                                f"{tuple(params[name].shape)}", file=weights,
-                                fix="It belongs to another model or options: use the checkpoint it was written with.")
-            params[name].copy_(value)
+__all__ = [
+    "RESUME_FORMAT", "ResumeSet", "link_into_place", "load_resume_set", "load_trainer_state", "restore_rng_state",
+    "resume_sets", "rng_state", "save_checkpoint", "save_weights", "verify_resume_set", "write_predictions",
+    # re-exported from their homes (checkpoint_files, loading, model), for older importers
+    "BEST_WEIGHTS", "CONFIG", "MANIFEST", "METRICS", "RESUME_DIR", "TEST_PREDICTIONS", "TRAINER_STATE", "WEIGHTS",
+    "build_model", "check_model_files", "check_weights", "file_sha256", "load_finetuned", "load_trainable",
+    "read_checkpoint_config",
+]

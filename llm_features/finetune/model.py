@@ -29,6 +29,7 @@ from torch import LongTensor, Tensor, nn
 
 from llm_features.backbone import Backbone
 from llm_features.attention import TiledBias, BiasedTiles
+from llm_features.finetune.config import FinetuneConfig
 from llm_features.finetune.masks import (
     DEFAULT_TILE,
     Leakage,
@@ -270,8 +271,20 @@ class FinetuneModel(nn.Module):
         return groups
 
 
+def build_model(cfg: FinetuneConfig, backbone: Backbone, item_dim: int) -> FinetuneModel:
+    """The model ``cfg`` describes, on top of ``backbone`` (LoRA adapters injected if asked)."""
+    model = FinetuneModel(backbone, granularity=cfg.granularity, context_size=cfg.context_size, leakage=cfg.leakage,
+                          distance_bias=cfg.distance_bias, item_dim=item_dim, head_hidden=cfg.head_hidden,
+                          attention=cfg.attention)
+    if cfg.dropout is not None:
+        model.set_dropout(cfg.dropout)
+    if cfg.lora:
+        model.apply_lora(cfg.lora_rank, cfg.lora_alpha)
+    return model
+
+
 def count_parameters(module: nn.Module, trainable: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
 
 
-__all__ = ["CTRHead", "DistanceBias", "FinetuneModel", "alibi_slopes", "count_parameters"]
+__all__ = ["CTRHead", "DistanceBias", "FinetuneModel", "alibi_slopes", "build_model", "count_parameters"]

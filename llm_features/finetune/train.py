@@ -30,17 +30,18 @@ from llm_features.distributed import init_from_env as init_distributed, round_ro
 from llm_features.errors import UserError
 from llm_features.finetune.batches import epoch_batches, split_blocks, split_targets, token_groups
 from llm_features.finetune.checkpoint import (
-    BEST_WEIGHTS, CONFIG, METRICS, TEST_PREDICTIONS, WEIGHTS, build_model, check_model_files, link_into_place,
-    load_resume_set, load_trainable, restore_rng_state, rng_state, save_checkpoint, save_weights,
+    link_into_place, load_resume_set, restore_rng_state, rng_state, save_checkpoint, save_weights,
 )
+from llm_features.finetune.checkpoint_files import BEST_WEIGHTS, CONFIG, METRICS, TEST_PREDICTIONS, WEIGHTS
 from llm_features.finetune.config import (
     FinetuneConfig, check_finetune_config, check_resume, check_split, config_to_dict,
 )
 from llm_features.finetune.data import FinetuneData, load_finetune_data
 from llm_features.finetune.ema import WeightAverage
 from llm_features.finetune.evaluation import evaluate, predict
+from llm_features.finetune.loading import check_model_files, load_trainable
 from llm_features.finetune.memory import ProcessPeakMemory, TrainingMemory, peak_rss_mb
-from llm_features.finetune.model import count_parameters
+from llm_features.finetune.model import build_model, count_parameters
 from llm_features.finetune.optim import make_optimizer, make_scheduler
 from llm_features.finetune.packing import Blocks, batch_indices, make_packer
 from llm_features.workspace import Workspace

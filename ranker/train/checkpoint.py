@@ -72,7 +72,8 @@ def resolve_tower(tower: Path | None, ws) -> tuple[dict[str, Any], int, dict[str
     from safetensors.torch import load_file
 
     from llm_features.embed_users import CHECKPOINT_METADATA_KEY, checkpoint_identity
-    from llm_features.finetune.checkpoint import WEIGHTS, read_checkpoint_config
+    from llm_features.finetune.checkpoint_files import WEIGHTS
+    from llm_features.finetune.loading import read_checkpoint_config
     from llm_features.parquet_io import file_metadata, list_parts
 
     exported = None
