@@ -15,6 +15,17 @@ def _f(x, fmt="{:.1f}", none="-"):
     return none if x is None else fmt.format(x)
 
 
+def _run_rows(runs: dict, columns: int, cells) -> list[str]:
+    """One table row per run: its key, then ``cells(run)``; a failed run's row says so."""
+    rows = []
+    for key, m in runs.items():
+        if "error" in m:
+            rows.append(f"| {key} | failed: {m['error']} |" + " |" * (columns - 2))
+        else:
+            rows.append("| " + " | ".join(str(c) for c in [key, *cells(m)]) + " |")
+    return rows
+
+
 def markdown(r: dict) -> str:
     s, rt, fl, mt = r["settings"], r["ratios"], r["floors"], r["meets_floor"]
     d, tg = r["finetune_defaults"], r["targets"]
@@ -54,13 +65,9 @@ def markdown(r: dict) -> str:
         "training MiB | peak RSS MiB |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, m in r["modes"].items():
-        if "error" in m:
-            lines.append(f"| {name} | failed: {m['error']} | | | | | | |")
-            continue
-        lines.append(f"| {name} | {m['options']['batch_size']} | {m['timed_steps']} | {m['targets_per_s']:.1f} | "
-                     f"{m['seconds_per_10k_targets']:.0f} | {_f(m['train_rss_increase_mb'], '{:.0f}')} | "
-                     f"{_f(m['rss_before_train_mb'], '{:.0f}')} | {m['peak_rss_mb']:.0f} |")
+    lines += _run_rows(r["modes"], 8, lambda m: [
+        m["options"]["batch_size"], m["timed_steps"], f"{m['targets_per_s']:.1f}", f"{m['seconds_per_10k_targets']:.0f}",
+        _f(m["train_rss_increase_mb"], "{:.0f}"), _f(m["rss_before_train_mb"], "{:.0f}"), f"{m['peak_rss_mb']:.0f}"])
     bs = s["batch_size"] or d["batch_size"]
     lines += [
         "",
@@ -75,13 +82,10 @@ def markdown(r: dict) -> str:
         "| valid AUC |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for kk, m in r["k_sweep"].items():
-        if "error" in m:
-            lines.append(f"| {kk} | failed: {m['error']} | | | | | | | |")
-            continue
-        lines.append(f"| {kk} | {m['train_sequences']} | {m['steps']} | {m['targets_per_s']:.1f} | "
-                     f"{m['seconds_per_10k_targets']:.0f} | {_f(m['train_rss_increase_mb'], '{:.0f}')} | "
-                     f"{m['test_auc']:.4f} | {m['test_logloss']:.4f} | {m['valid_auc']:.4f} |")
+    lines += _run_rows(r["k_sweep"], 9, lambda m: [
+        m["train_sequences"], m["steps"], f"{m['targets_per_s']:.1f}", f"{m['seconds_per_10k_targets']:.0f}",
+        _f(m["train_rss_increase_mb"], "{:.0f}"), f"{m['test_auc']:.4f}", f"{m['test_logloss']:.4f}",
+        f"{m['valid_auc']:.4f}"])
     if r["seeds"]:
         lines += ["", "Other seeds (initialisation, data order, dropout):", "",
                   "| run | targets/s | test AUC | valid AUC |", "| --- | ---: | ---: | ---: |"]
