@@ -42,13 +42,12 @@ from feast.data_source import DataSource
 from feast.types import Array, Bool, Float32, Float64, Int32, Int64, String
 
 from llm_features.attributes import read_attributes
+from llm_features.errors import shown_as_click_error
 from llm_features.feast_sources import table_path, table_schema
-from llm_features.offline_sources import configured_offline_store, parquet_source
+from llm_features.offline_sources import configured_offline_store, parquet_source, source_kind
 from llm_features.workspace import Workspace, default_data_dir
 
 REPO_DIR = Path(__file__).resolve().parent
-WORKSPACE = Workspace.at(default_data_dir(REPO_DIR))
-DATA_DIR = WORKSPACE.root
 # Who answers for these objects (feast's `owner`): put your team's address here.
 OWNER = "llmfeat"
 
@@ -56,22 +55,31 @@ OWNER = "llmfeat"
 # (whose first run starts at now - ttl) picks them up.
 TTL = timedelta(days=36525)
 DEFAULT_EMBEDDING_DIM = 384
-# FileSource for DuckDB (the default), SparkSource for the Spark offline store: the class the
-# configured offline store reads (llm_features/offline_sources.py says how the type is found).
-OFFLINE_STORE = configured_offline_store(REPO_DIR)
 
 
-def _embedding_dim() -> int:
-    if WORKSPACE.manifest.exists():
-        manifest = json.loads(WORKSPACE.manifest.read_text())
+def _embedding_dim(workspace: Workspace, fingerprint) -> int:
+    if workspace.manifest.exists():
+        manifest = json.loads(workspace.manifest.read_text())
         if manifest.get("embedding_dim"):
             return int(manifest["embedding_dim"])
-    fp = WORKSPACE.read_fingerprint()
-    return fp.hidden_size if fp is not None else DEFAULT_EMBEDDING_DIM
+    return fingerprint.hidden_size if fingerprint is not None else DEFAULT_EMBEDDING_DIM
 
 
-EMBEDDING_DIM = _embedding_dim()
-_FINGERPRINT = WORKSPACE.read_fingerprint()
+# What the definitions read from the data dir, all of it here. The plain `feast` CLI imports this
+# module too: a data dir it cannot read is shown there as llmfeat shows it (one or two lines, exit 1).
+with shown_as_click_error():
+    WORKSPACE = Workspace.at(default_data_dir(REPO_DIR))
+    # FileSource for DuckDB (the default), SparkSource for the Spark offline store: the class the
+    # configured offline store reads (llm_features/offline_sources.py says how the type is found).
+    OFFLINE_STORE = configured_offline_store(REPO_DIR)
+    source_kind(OFFLINE_STORE)  # one llmfeat declares sources for, or a clear error now
+    _FINGERPRINT = WORKSPACE.read_fingerprint()
+    EMBEDDING_DIM = _embedding_dim(WORKSPACE, _FINGERPRINT)
+    # the attributes ingest recorded (until ingest ran: placeholders without any, so no profile view)
+    _USERS_SCHEMA, _ITEMS_SCHEMA = table_schema(WORKSPACE, "users"), table_schema(WORKSPACE, "items")
+    _USER_ATTRIBUTES = read_attributes(_USERS_SCHEMA, "user")
+    _ITEM_ATTRIBUTES = read_attributes(_ITEMS_SCHEMA, "item")
+DATA_DIR = WORKSPACE.root
 # "none" until encode has written manifest.json; check_fingerprints then asks for a new `feast apply`.
 EMBEDDING_TAGS = _FINGERPRINT.as_tags() if _FINGERPRINT is not None else {"llmfeat_fingerprint": "none"}
 
@@ -81,9 +89,9 @@ def _part_dir_source(name: str, directory: Path) -> DataSource:
     return parquet_source(name, directory, OFFLINE_STORE)
 
 
-def _table_source(name: str, table: str) -> tuple[DataSource, pa.Schema]:
-    """A source over one canonical table (its placeholder until ingest ran), and the table's schema."""
-    return parquet_source(name, table_path(WORKSPACE, table), OFFLINE_STORE), table_schema(WORKSPACE, table)
+def _table_source(name: str, table: str) -> DataSource:
+    """A source over one canonical table (its placeholder until ingest ran)."""
+    return parquet_source(name, table_path(WORKSPACE, table), OFFLINE_STORE)
 
 
 def _feast_type(arrow_type: pa.DataType):
@@ -102,14 +110,14 @@ def _feast_type(arrow_type: pa.DataType):
     raise TypeError(f"no Feast type for arrow type {arrow_type}")
 
 
-def _profile_fields(schema: pa.Schema, entity: str, extra: tuple[str, ...] = ()) -> list[Field]:
+def _profile_fields(schema: pa.Schema, attributes: list, extra: tuple[str, ...] = ()) -> list[Field]:
     """The attributes ingest recorded for this table (``llm_features.attributes``), typed from the table
     itself (e.g. occupation is an int code in ML-1M and a string in ML-100K) and tagged with their kind,
     which is what the ranker builds its features from; then the ``extra`` columns it has, untagged."""
     fields = [
         Field(name=a.name, dtype=_feast_type(schema.field(a.name).type), tags=a.tags(),
               description=a.describe())
-        for a in read_attributes(schema, entity)
+        for a in attributes
     ]
     return fields + [Field(name=c, dtype=_feast_type(schema.field(c).type)) for c in extra if c in schema.names]
 
@@ -145,9 +153,8 @@ atomic_behavior_embeddings_source = _part_dir_source(
 item_embeddings_source = _part_dir_source("item_embeddings_source", WORKSPACE.item_embeddings)
 user_embeddings_source = _part_dir_source("user_embeddings_source", WORKSPACE.user_embeddings)
 user_recent_behaviors_source = _part_dir_source("user_recent_behaviors_source", WORKSPACE.user_recent_behaviors)
-# (until ingest ran: a placeholder without attributes, so no user_profile / item_profile view)
-users_source, _users_schema = _table_source("users_source", "users")
-items_source, _items_schema = _table_source("items_source", "items")
+users_source = _table_source("users_source", "users")
+items_source = _table_source("items_source", "items")
 
 
 def _push_source(view: str, batch_source: DataSource) -> PushSource:
@@ -216,7 +223,7 @@ user_profile = FeatureView(
     name="user_profile",
     entities=[user],
     ttl=TTL,
-    schema=_profile_fields(_users_schema, "user"),
+    schema=_profile_fields(_USERS_SCHEMA, _USER_ATTRIBUTES),
     source=users_source,
     online=True,
     owner=OWNER,
@@ -228,7 +235,7 @@ item_profile = FeatureView(
     name="item_profile",
     entities=[item],
     ttl=TTL,
-    schema=_profile_fields(_items_schema, "item", extra=("title",)),
+    schema=_profile_fields(_ITEMS_SCHEMA, _ITEM_ATTRIBUTES, extra=("title",)),
     source=items_source,
     online=True,
     owner=OWNER,

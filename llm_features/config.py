@@ -42,7 +42,7 @@ from typing import Any, Callable, Literal, TypeVar, get_args, get_origin
 
 import click
 
-from llm_features.errors import UserError
+from llm_features.errors import UserError, shown_as_click_error
 
 T = TypeVar("T")
 
@@ -356,6 +356,10 @@ def dataclass_options(cls: type[T]) -> Callable[[Callable[..., Any]], Callable[.
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(*args: Any, config_file: Path | None = None, **kwargs: Any) -> Any:
+            with shown_as_click_error():  # the command line's boundary: the library raises plain UserErrors
+                return run(*args, config_file=config_file, **kwargs)
+
+        def run(*args: Any, config_file: Path | None, **kwargs: Any) -> Any:
             ctx = click.get_current_context()
             where = str(config_file) if config_file else None
             values = flatten_values(cls, load_config_file(config_file), where) if config_file else {}

@@ -134,3 +134,17 @@ def test_llmfeat_feast_apply_registers_what_plain_feast_apply_does(tmp_path):
     plain = _registered(open_store(repo, repo / "data"))  # the plain CLI's registry: the yaml's <repo>/data
     ours = _registered(open_store(repo, data))
     assert plain["views"] and plain == ours
+
+
+def test_plain_feast_cli_shows_a_bad_setting_as_a_one_line_error(tmp_path):
+    """The plain `feast` CLI imports the definitions; what they cannot read is shown as llmfeat shows
+    it (`Error: ...`, exit 1), not as a traceback."""
+    repo = copy_repo(tmp_path / "feast_repo")
+    data = tmp_path / "data"
+    write_synthetic_workspace(data)
+    env = {**os.environ, "LLMFEAT_DATA_DIR": str(data), "LLMFEAT_OFFLINE_STORE": "nosuchstore"}
+    res = subprocess.run([str(FEAST), "apply"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    assert "Traceback" not in out, out
+    assert "Error: offline_store.type: offline store type 'nosuchstore' has no data source mapping" in out, out

@@ -15,6 +15,8 @@ import warnings
 
 import click
 
+from llm_features.errors import shown_as_click_error
+
 # name -> module that defines `command`
 COMMANDS: dict[str, str] = {
     "init": "llm_features.cli.init",
@@ -33,10 +35,12 @@ COMMANDS: dict[str, str] = {
 
 
 def _exit_1(fn):
-    """Bad usage exits with 1 like every other bad input (click's own convention is 2)."""
+    """Bad usage exits with 1 like every other bad input (click's own convention is 2), and a
+    :class:`~llm_features.errors.UserError` from the library is shown as a click error."""
     def wrapped(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with shown_as_click_error():
+                return fn(*args, **kwargs)
         except click.UsageError as e:
             e.exit_code = 1
             raise
